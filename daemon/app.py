@@ -1,0 +1,129 @@
+"""Assembles the daemon in dependency order and runs it until told to stop.
+
+store -> providers -> runtime -> task group {dispatcher, control socket, signals}.
+Shutdown is one ordered, bounded, logged sequence, here and nowhere else: stop
+intake, drain running attempts for `shutdown_grace_s`, requeue the rest, close the
+services, let the store commit what is pending and checkpoint."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import anyio
+import structlog
+
+from daemon import __version__, systemd
+from daemon.analyzers import build_analyzers
+from daemon.config import Config, redacted
+from daemon.control.server import ControlServer
+from daemon.errors import StartupError
+from daemon.intake.submit import Intake
+from daemon.live import Live
+from daemon.providers.openai import OpenAIProvider
+from daemon.providers.simulated import serve_simulated
+from daemon.queue import Dispatcher
+from daemon.runtime import Runtime
+from daemon.store.store import Store
+from daemon.worker import Worker
+
+log = structlog.get_logger("vigil.app")
+
+
+class StateDirLocked(StartupError):
+    """Another daemon uses this state directory."""
+
+
+@asynccontextmanager
+async def _state_lock(state_dir: Path) -> AsyncIterator[None]:
+    """One daemon per state directory: a second one would be a second writer."""
+    await anyio.Path(state_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "vigil.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateDirLocked(
+                f"another vigil daemon is using {state_dir} (lock held on vigil.lock)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+async def _open_providers(config: Config, stack: AsyncExitStack) -> dict[str, OpenAIProvider]:
+    providers: dict[str, OpenAIProvider] = {}
+    for name, cfg in config.providers.items():
+        base_url = None
+        if cfg.kind == "simulated":
+            _, base_url = await stack.enter_async_context(serve_simulated(cfg.simulate))
+        providers[name] = await stack.enter_async_context(OpenAIProvider(name, cfg, base_url))
+    return providers
+
+
+async def _watch_signals(rt: Runtime, force: anyio.CancelScope) -> None:
+    """The one owner of signals: the first TERM/INT drains, a second one forces."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if rt.stopping:
+                log.warning("daemon.forced_stop", signal=name)
+                force.cancel()
+                return
+            log.info("daemon.stop_requested", signal=name)
+            rt.request_stop()
+
+
+async def run_daemon(config: Config) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    started = time.monotonic()
+    async with _state_lock(config.state_dir), Store(config.db_path) as store:
+        if any(store.recovered.values()):
+            log.warning("store.recovered", **store.recovered)
+        async with AsyncExitStack() as stack:
+            providers = await _open_providers(config, stack)
+            rt = _build_runtime(config, store, providers)
+            control = ControlServer(rt, config.socket_path, config.daemon.socket_group)
+            async with anyio.create_task_group() as tg:
+                await tg.start(rt.dispatcher.run)
+                await tg.start(control.run)
+                tg.start_soon(_watch_signals, rt, tg.cancel_scope)
+                systemd.notify("READY=1")
+                log.info(
+                    "daemon.started",
+                    pid=os.getpid(),
+                    version=__version__,
+                    socket=str(control.path),
+                    db=str(store.path),
+                    jobs=dict(store.counts),
+                    config=redacted(config),
+                )
+                while not rt.stopping:
+                    await rt.stop_requested.wait()
+                systemd.notify("STOPPING=1")
+                rt.intake.closed_reason = "the daemon is shutting down"
+                grace = config.daemon.shutdown_grace_s
+                log.info("daemon.draining", running=len(rt.dispatcher.active), grace_s=grace)
+                requeued = await rt.dispatcher.drain(grace)
+                tg.cancel_scope.cancel()
+    log.info(
+        "daemon.stopped",
+        requeued=requeued,
+        jobs=dict(store.counts),
+        accepted=rt.intake.accepted,
+        finished=rt.dispatcher.finished,
+        uptime_s=round(time.monotonic() - started, 1),
+    )
+    return 0
+
+
+def _build_runtime(config: Config, store: Store, providers: dict[str, OpenAIProvider]) -> Runtime:
+    live = Live(config, build_analyzers(config))
+    worker = Worker(live, providers)
+    dispatcher = Dispatcher(store, worker.attempt, max_concurrency=config.queue.max_concurrency)
+    return Runtime(live, store, providers, Intake(store, live), dispatcher)

@@ -1,0 +1,195 @@
+"""`vigil demo`: the daemon against the built-in simulated API, fed the sample
+documents shipped with the package, with a live progress line and a summary.
+
+The daemon runs as a real subprocess and the demo talks to it over the control
+socket like any other client, so what it shows is what a user gets."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from daemon.cli import render
+from daemon.cli.client_commands import TERMINAL, poll_counts
+from daemon.config import load_config
+from daemon.control.client import ControlClient, DaemonUnavailable
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 40.0
+ROUNDS = 3  # enough requests to run past the simulated API's per-minute budget
+
+
+def add_parser(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "demo", help="run the daemon on sample documents against a simulated API"
+    )
+    parser.add_argument("--dir", help="state directory (default: a new temporary one)")
+    parser.add_argument(
+        "--keep", action="store_true", help="leave the daemon running to explore afterwards"
+    )
+    parser.set_defaults(func=run_demo)
+
+
+def demo_config() -> Path:
+    return Path(str(resources.files("daemon.data") / "demo.toml"))
+
+
+def samples() -> list[tuple[str, str]]:
+    folder = resources.files("daemon.data") / "samples"
+    return sorted(
+        (entry.name, entry.read_text(encoding="utf-8"))
+        for entry in folder.iterdir()
+        if entry.name.endswith(".txt")
+    )
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    state_dir = Path(args.dir).resolve() if args.dir else Path(tempfile.mkdtemp(prefix="vigil-"))
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNTIME_DIRECTORY", "VIGIL_SOCKET")}
+    env["STATE_DIRECTORY"] = str(state_dir)
+    config_file = demo_config()
+    os.environ["STATE_DIRECTORY"] = str(state_dir)
+    config = load_config(config_file)  # fails here, with exit 78, if the file is broken
+    log_path = state_dir / "vigil.log"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    print(f"vigil demo: state in {state_dir}", file=sys.stderr)
+    with log_path.open("ab") as log_file:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", "--config", str(config_file)],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    from daemon.cli.main import run_async
+
+    try:
+        code = run_async(lambda: _drive(config.socket_path, daemon, log_path))
+    except BaseException:
+        daemon.kill()
+        daemon.wait()
+        raise
+    if args.keep and code == 0:
+        print(
+            f"\nThe daemon keeps running (pid {daemon.pid}). Try:\n"
+            f"  export VIGIL_SOCKET={config.socket_path}\n"
+            f"  vigil status\n  vigil jobs --state failed\n  vigil show <ID>\n"
+            f"Stop it with: kill {daemon.pid}"
+        )
+        return 0
+    return _stop(daemon) or code
+
+
+def _stop(daemon: subprocess.Popen[bytes]) -> int:
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        rc = daemon.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon.wait()
+        print("vigil demo: the daemon did not stop in time; killed", file=sys.stderr)
+        return 1
+    if rc != 0:
+        print(f"vigil demo: the daemon exited with {rc}", file=sys.stderr)
+    return rc
+
+
+async def wait_ready(path: Path, daemon: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Ready means the socket answers: the daemon creates it only once the store is up."""
+    with anyio.fail_after(START_TIMEOUT_S):
+        while True:
+            if daemon.poll() is not None:
+                raise DaemonUnavailable(
+                    f"the daemon exited with {daemon.returncode} before it was ready; "
+                    f"see {log_path}"
+                )
+            try:
+                async with ControlClient(path) as client:
+                    await client.call("ping")
+                    return
+            except DaemonUnavailable:
+                await anyio.sleep(0.1)
+
+
+async def _drive(path: Path, daemon: subprocess.Popen[bytes], log_path: Path) -> int:
+    await wait_ready(path, daemon, log_path)
+    docs = await anyio.to_thread.run_sync(samples)
+    analyzers = ("summarize", "classify", "keywords")
+    jobs = [
+        {"analyzer": a, "input": {"text": text, "filename": name, "round": r}}
+        for r in range(ROUNDS)
+        for a in analyzers
+        for name, text in docs
+    ]
+    started = time.monotonic()
+    async with ControlClient(path) as client:
+        submitted = await client.call("submit", jobs=jobs)
+        ids: list[str] = submitted["ids"]
+        print(
+            f"submitted {len(ids)} jobs ({len(docs)} documents x {len(analyzers)} analyzers)",
+            file=sys.stderr,
+        )
+        line = render.ProgressLine()
+        try:
+            async for counts in poll_counts(client, ids, interval_s=0.25):
+                status = await client.call("status")
+                line.update(_progress(counts, status, len(ids), time.monotonic() - started))
+        finally:
+            line.close()
+        status = await client.call("status")
+    wall_s = time.monotonic() - started
+    _summary(counts, status, len(ids), wall_s, path, log_path)
+    return 0
+
+
+def _progress(counts: dict[str, int], status: dict[str, Any], total: int, elapsed: float) -> str:
+    done = sum(counts.get(s, 0) for s in TERMINAL)
+    sim: dict[str, Any] = next(iter(status["providers"].values()), {})
+    rate = done / elapsed if elapsed > 0 else 0.0
+    return (
+        f"{render.bar(done, total, 24)} {done}/{total}  failed {counts.get('failed', 0)}  "
+        f"retries {status['attempts'].get('retried', 0)}  429s {sim.get('rate_limited', 0)}  "
+        f"{rate:.1f} jobs/s"
+    )
+
+
+def _summary(
+    counts: dict[str, int],
+    status: dict[str, Any],
+    total: int,
+    wall_s: float,
+    socket: Path,
+    log_path: Path,
+) -> None:
+    print()
+    render.table(
+        ["jobs", *TERMINAL, "wall time"],
+        [[total, *(counts.get(s, 0) for s in TERMINAL), f"{wall_s:.1f} s"]],
+    )
+    print()
+    render.table(
+        ["provider", "requests", "by status", "429s", "avg ms", "tokens in/out"],
+        [
+            [
+                name,
+                p["requests"],
+                " ".join(f"{k}:{v}" for k, v in sorted(p["by_status"].items())),
+                p["rate_limited"],
+                p["avg_latency_ms"],
+                f"{p['tokens_in']}/{p['tokens_out']}",
+            ]
+            for name, p in status["providers"].items()
+        ],
+    )
+    print(f"\ndatabase: {status['store']['path']}\nsocket:   {socket}\nlog:      {log_path}")

@@ -1,0 +1,292 @@
+"""Vigil's configuration: one frozen msgspec Struct tree decoded from TOML.
+
+Parsing is pure and cheap (no files opened but the config itself, no sockets), so
+SIGHUP can re-run it and hand components the new values. Every error names the key
+path (`$.analyzers.summarize.max_tokens`) and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import string
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+PositiveInt = Annotated[int, Meta(gt=0)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+Rate = Annotated[float, Meta(ge=0, le=1)]
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=64)]
+
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8470"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key path and why."""
+
+
+class Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Shared base: immutable, and an unknown key (a typo) is an error."""
+
+
+class DaemonConfig(Base, frozen=True):
+    state_dir: str = ""
+    socket: str = ""
+    socket_group: str = ""
+    shutdown_grace_s: NonNegFloat = 30.0
+
+
+class HttpConfig(Base, frozen=True):
+    listen: str = DEFAULT_HTTP_LISTEN
+    token_env: str = "VIGIL_HTTP_TOKEN"
+
+
+class QueueConfig(Base, frozen=True):
+    max_concurrency: PositiveInt = 64
+    max_backlog: PositiveInt = 1_000_000
+    max_input_bytes: PositiveInt = 1_048_576
+    backoff_base_s: NonNegFloat = 1.0
+    backoff_max_s: NonNegFloat = 300.0
+
+
+class LogConfig(Base, frozen=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class WatchdogConfig(Base, frozen=True):
+    block_threshold_ms: PositiveInt = 250
+    max_rss_mb: NonNegInt = 0
+
+
+class SimulateConfig(Base, frozen=True):
+    """How the built-in simulated OpenAI-compatible API behaves (kind = "simulated")."""
+
+    latency_ms: NonNegFloat = 200.0
+    latency_sigma: NonNegFloat = 0.5
+    requests_per_minute: NonNegInt = 0
+    tokens_per_minute: NonNegInt = 0
+    error_rate: Rate = 0.0
+    hang_rate: Rate = 0.0
+    seed: int | None = None
+
+
+class PriceConfig(Base, frozen=True):
+    """USD per million tokens, so usage can carry a cost."""
+
+    prompt_per_mtok: NonNegFloat = 0.0
+    completion_per_mtok: NonNegFloat = 0.0
+
+
+class ProviderConfig(Base, frozen=True):
+    kind: Literal["openai", "simulated"]
+    base_url: str = ""
+    api_key_env: str = ""
+    max_concurrency: PositiveInt = 16
+    requests_per_minute: NonNegInt = 0
+    tokens_per_minute: NonNegInt = 0
+    timeout_s: PositiveFloat = 60.0
+    max_connections: PositiveInt = 100
+    prices: PriceConfig | None = None
+    simulate: SimulateConfig = SimulateConfig()
+
+
+class AnalyzerConfig(Base, frozen=True):
+    provider: str = ""
+    model: str = ""
+    system: str = ""
+    prompt: str = ""
+    max_tokens: PositiveInt = 512
+    temperature: Annotated[float, Meta(ge=0, le=2)] = 0.0
+    output: Literal["text", "json"] = "text"
+    required_keys: list[str] = []
+    max_attempts: Annotated[int, Meta(ge=1, le=100)] = 5
+    timeout_s: PositiveFloat = 120.0
+    handler: str = ""
+
+
+class SpoolConfig(Base, frozen=True):
+    dir: str
+    analyzer: str
+    glob: str = "*.txt"
+
+
+class IntakeConfig(Base, frozen=True):
+    spool: SpoolConfig | None = None
+
+
+class Config(Base, frozen=True):
+    daemon: DaemonConfig = DaemonConfig()
+    http: HttpConfig = HttpConfig()
+    queue: QueueConfig = QueueConfig()
+    log: LogConfig = LogConfig()
+    watchdog: WatchdogConfig = WatchdogConfig()
+    providers: dict[Name, ProviderConfig] = {}
+    analyzers: dict[Name, AnalyzerConfig] = {}
+    intake: IntakeConfig = IntakeConfig()
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.daemon.state_dir)
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "vigil.db"
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.daemon.socket)
+
+
+_HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_LISTEN_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+def template_fields(template: str) -> list[str]:
+    """The `{field}` names a prompt template needs, in order, without repeats.
+
+    Only plain names: a format spec or `{a.b}` would reach into the input's values,
+    which come from clients."""
+    names: list[str] = []
+    for _, field, spec, conversion in string.Formatter().parse(template):
+        if field is None:
+            continue
+        if not field.isidentifier() or spec or conversion:
+            raise ValueError(f"placeholder {{{field}}} must be a plain {{name}}")
+        if field not in names:
+            names.append(field)
+    return names
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split "host:port" (IPv6 in brackets); raises ValueError naming the problem."""
+    match = _LISTEN_RE.match(listen)
+    if not match or not 0 <= int(match.group(2)) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {listen!r}")
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
+def _check(config: Config) -> list[str]:
+    """Cross-field rules a Struct cannot express; each problem names its key path."""
+    problems: list[str] = []
+    if config.http.listen:
+        try:
+            parse_listen(config.http.listen)
+        except ValueError as exc:
+            problems.append(f"$.http.listen: {exc}")
+    for name, provider in config.providers.items():
+        path = f"$.providers.{name}"
+        if provider.kind == "openai" and not provider.base_url:
+            problems.append(f'{path}.base_url: required for kind = "openai"')
+        if provider.base_url and not provider.base_url.startswith(("http://", "https://")):
+            problems.append(f"{path}.base_url: must start with http:// or https://")
+    for name, analyzer in config.analyzers.items():
+        path = f"$.analyzers.{name}"
+        if analyzer.handler:
+            if not _HANDLER_RE.match(analyzer.handler):
+                problems.append(f'{path}.handler: expected "package.module:function"')
+            if analyzer.prompt:
+                problems.append(f"{path}: set either `handler` or `prompt`, not both")
+            if analyzer.provider and analyzer.provider not in config.providers:
+                problems.append(f"{path}.provider: no provider named {analyzer.provider!r}")
+            continue
+        if not analyzer.prompt:
+            problems.append(f"{path}.prompt: required (or set `handler`)")
+        if not analyzer.model:
+            problems.append(f"{path}.model: required for a prompt analyzer")
+        if analyzer.provider not in config.providers:
+            problems.append(f"{path}.provider: no provider named {analyzer.provider!r}")
+        if analyzer.required_keys and analyzer.output != "json":
+            problems.append(f'{path}.required_keys: only valid with output = "json"')
+        try:
+            template_fields(analyzer.prompt)
+        except ValueError as exc:
+            problems.append(f"{path}.prompt: bad template: {exc}")
+    spool = config.intake.spool
+    if spool is not None and spool.analyzer not in config.analyzers:
+        problems.append(f"$.intake.spool.analyzer: no analyzer named {spool.analyzer!r}")
+    return problems
+
+
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
+    """Fill defaults from the environment ($STATE_DIRECTORY, $RUNTIME_DIRECTORY)."""
+    state_dir = config.daemon.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    state = Path(state_dir) if state_dir else Path("vigil-data")
+    if not state.is_absolute():
+        state = (base_dir / state) if config.daemon.state_dir else Path.cwd() / state
+    socket = config.daemon.socket
+    if not socket:
+        runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        socket = str(Path(runtime) / "vigil.sock") if runtime else str(state / "vigil.sock")
+    elif not Path(socket).is_absolute():
+        socket = str(base_dir / socket)
+    daemon = msgspec.structs.replace(config.daemon, state_dir=str(state), socket=socket)
+    return msgspec.structs.replace(config, daemon=daemon)
+
+
+def parse_config(text: str | bytes, *, base_dir: Path | None = None) -> Config:
+    """Decode and validate TOML text; relative paths resolve against `base_dir`."""
+    try:
+        raw = tomllib.loads(text.decode() if isinstance(text, bytes) else text)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"not valid TOML: {exc}") from None
+    try:
+        config = msgspec.convert(raw, type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_locate(raw, exc)) from None
+    problems = _check(config)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return _resolve_paths(config, base_dir or Path.cwd())
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and parse a config file; None means an empty config (all defaults)."""
+    if path is None:
+        return parse_config(b"")
+    file = Path(path)
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {file}: {exc.strerror}") from None
+    try:
+        return parse_config(data, base_dir=file.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
+
+
+def _reword(message: str, prefix: str = "$") -> str:
+    """msgspec says `... - at `$.a.b``; we lead with the path, as every other error does."""
+    match = re.match(r"^(.*) - at `\$(.*)`$", message)
+    if match:
+        return f"{prefix}{match.group(2)}: {match.group(1)}"
+    return f"{prefix}: {message}"
+
+
+_NAMED_SECTIONS: dict[str, type[Base]] = {"providers": ProviderConfig, "analyzers": AnalyzerConfig}
+
+
+def _locate(raw: dict[str, object], exc: msgspec.ValidationError) -> str:
+    """msgspec reports dict entries as `[...]`; find which named entry is at fault."""
+    for section, entry_type in _NAMED_SECTIONS.items():
+        entries = raw.get(section)
+        if f"$.{section}[...]" not in str(exc) or not isinstance(entries, dict):
+            continue
+        for name, value in entries.items():
+            try:
+                msgspec.convert(value, type=entry_type)
+            except msgspec.ValidationError as inner:
+                return _reword(str(inner), f"$.{section}.{name}")
+    return _reword(str(exc))
+
+
+def redacted(config: Config) -> dict[str, object]:
+    """The config as plain data for the start log line; it holds no secrets by design
+    (keys live in the environment), but the variable names are all it shows."""
+    return msgspec.to_builtins(config)  # type: ignore[no-any-return]

@@ -1,0 +1,175 @@
+"""What each control command does. Each takes typed args and returns plain data;
+failures are CommandErrors with a code, so every surface reports them alike."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from daemon.control.protocol import CommandError
+from daemon.intake.submit import IntakeClosed, SubmitError
+from daemon.jobs import Job, State
+from daemon.runtime import Runtime
+from daemon.store.store import BacklogFull, InvalidTransition, JobNotFound, StoreError
+
+
+class Args(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class NoArgs(Args, frozen=True):
+    pass
+
+
+class SubmitArgs(Args, frozen=True):
+    jobs: Any
+
+
+class JobsArgs(Args, frozen=True):
+    state: State | None = None
+    analyzer: str | None = None
+    limit: Annotated[int, Meta(ge=1, le=10_000)] = 50
+    before: str | None = None
+
+
+class IdArgs(Args, frozen=True):
+    id: str
+
+
+class RetryArgs(Args, frozen=True):
+    id: str | None = None
+    failed: bool = False
+
+
+class PurgeArgs(Args, frozen=True):
+    older_than_s: Annotated[float, Meta(ge=0)] = 0.0
+
+
+class ProgressArgs(Args, frozen=True):
+    ids: Annotated[list[str], Meta(max_length=100_000)]
+
+
+def job_data(job: Job) -> dict[str, Any]:
+    data: dict[str, Any] = msgspec.to_builtins(job)
+    return data
+
+
+async def status(rt: Runtime, _: NoArgs) -> Any:
+    return rt.status()
+
+
+async def submit(rt: Runtime, args: SubmitArgs) -> Any:
+    submitted = await rt.intake.submit(args.jobs, source="socket")
+    return {
+        "ids": [s.id for s in submitted],
+        "created": sum(s.created for s in submitted),
+        "existing": sum(not s.created for s in submitted),
+    }
+
+
+async def jobs(rt: Runtime, args: JobsArgs) -> Any:
+    found = await rt.store.list_jobs(
+        state=args.state, analyzer=args.analyzer, limit=args.limit, before=args.before
+    )
+    return {"jobs": [job_data(j) for j in found]}
+
+
+async def show(rt: Runtime, args: IdArgs) -> Any:
+    job = await rt.store.get(args.id)
+    if job is None:
+        raise JobNotFound(args.id)
+    attempts = await rt.store.attempts(args.id)
+    return {"job": job_data(job), "attempts": msgspec.to_builtins(attempts)}
+
+
+async def retry(rt: Runtime, args: RetryArgs) -> Any:
+    if (args.id is None) == (not args.failed):
+        raise CommandError("bad_args", "give either a job id or failed: true")
+    ids = None if args.failed else [args.id or ""]
+    n = await rt.store.retry(ids, max_backlog=rt.config.queue.max_backlog)
+    return {"requeued": n}
+
+
+async def cancel(rt: Runtime, args: IdArgs) -> Any:
+    was = await rt.store.cancel(args.id)
+    if was == "running":
+        rt.dispatcher.cancel_running(args.id)
+    return {"id": args.id, "was": was, "state": "canceled"}
+
+
+async def purge(rt: Runtime, args: PurgeArgs) -> Any:
+    return {"deleted": await rt.store.purge(args.older_than_s)}
+
+
+async def pause(rt: Runtime, _: NoArgs) -> Any:
+    rt.dispatcher.set_paused(True)
+    return {"state": rt.state}
+
+
+async def resume(rt: Runtime, _: NoArgs) -> Any:
+    """Resume starting attempts, and lift providers paused by a refused key or an
+    exhausted quota (the operator says it is fixed)."""
+    lifted = [name for name, p in rt.providers.items() if p.paused_reason]
+    for name in lifted:
+        rt.providers[name].resume()
+    rt.dispatcher.set_paused(False)
+    return {"state": rt.state, "providers_resumed": lifted}
+
+
+async def progress(rt: Runtime, args: ProgressArgs) -> Any:
+    states = await rt.store.states_of(args.ids)
+    counts: dict[str, int] = {}
+    for state in states.values():
+        counts[state] = counts.get(state, 0) + 1
+    return {"counts": counts, "unknown": len(args.ids) - len(states)}
+
+
+async def ping(rt: Runtime, _: NoArgs) -> Any:
+    return {"pong": True, "pid": rt.status()["pid"]}
+
+
+Handler = Callable[[Runtime, Any], Awaitable[Any]]
+COMMANDS: dict[str, tuple[type[Args], Handler]] = {
+    "status": (NoArgs, status),
+    "submit": (SubmitArgs, submit),
+    "jobs": (JobsArgs, jobs),
+    "show": (IdArgs, show),
+    "retry": (RetryArgs, retry),
+    "cancel": (IdArgs, cancel),
+    "purge": (PurgeArgs, purge),
+    "pause": (NoArgs, pause),
+    "resume": (NoArgs, resume),
+    "progress": (ProgressArgs, progress),
+    "ping": (NoArgs, ping),
+}
+
+
+async def execute(rt: Runtime, cmd: str, raw_args: dict[str, Any]) -> Any:
+    """Run one command; every expected failure comes out as a CommandError."""
+    entry = COMMANDS.get(cmd)
+    if entry is None:
+        raise CommandError(
+            "unknown_command", f"unknown command {cmd!r} (known: {', '.join(sorted(COMMANDS))})"
+        )
+    args_type, handler = entry
+    try:
+        args = msgspec.convert(raw_args, args_type)
+    except msgspec.ValidationError as exc:
+        raise CommandError("bad_args", f"{cmd}: {exc}") from None
+    try:
+        return await handler(rt, args)
+    except SubmitError as exc:
+        raise CommandError("invalid_job", str(exc), msgspec.to_builtins(exc.errors)) from None
+    except BacklogFull as exc:
+        raise CommandError("backlog_full", str(exc), {"retry_after_s": 5}) from None
+    except IntakeClosed as exc:
+        raise CommandError("intake_closed", str(exc)) from None
+    except JobNotFound as exc:
+        raise CommandError("not_found", str(exc)) from None
+    except InvalidTransition as exc:
+        raise CommandError("invalid_state", str(exc)) from None
+    except StoreError as exc:
+        raise CommandError("store_error", str(exc)) from None

@@ -1,0 +1,173 @@
+"""The control socket: a Unix stream socket, mode 0600, peers checked by uid.
+
+A client can send anything; the answer is always a well-formed reply or a closed
+connection, and the daemon never dies of it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+from pathlib import Path
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import SocketAttribute, SocketStream, TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from daemon.control.commands import execute
+from daemon.control.protocol import (
+    MAX_LINE_BYTES,
+    CommandError,
+    ErrorBody,
+    Reply,
+    RequestId,
+    encode_line,
+    request_decoder,
+)
+from daemon.errors import StartupError
+from daemon.runtime import Runtime
+
+log = structlog.get_logger("vigil.control")
+MAX_CONNECTIONS = 256
+IDLE_TIMEOUT_S = 3600.0
+
+
+class SocketInUse(StartupError):
+    """Another process is serving the control socket."""
+
+
+def _peer_uid_gid(stream: SocketStream) -> tuple[int, int] | None:
+    sock = stream.extra(SocketAttribute.raw_socket)
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, gid = struct.unpack("3i", creds)
+    return uid, gid
+
+
+async def _prepare_path(path: Path) -> None:
+    """Refuse to steal a live socket; remove a stale one left by a dead process."""
+    apath = anyio.Path(path)
+    await apath.parent.mkdir(parents=True, exist_ok=True)
+    if not await apath.exists():
+        return
+    try:
+        stream = await anyio.connect_unix(path)
+    except OSError:
+        await apath.unlink(missing_ok=True)
+        return
+    await stream.aclose()
+    raise SocketInUse(f"another process is serving {path}")
+
+
+class ControlServer:
+    def __init__(self, runtime: Runtime, path: Path, group: str = "") -> None:
+        self._rt = runtime
+        self.path = path
+        self._group = group
+        self._connections = 0
+        self._uid = os.getuid()
+        self._gid: int | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await _prepare_path(self.path)
+        mode = 0o660 if self._group else 0o600
+        listener = await anyio.create_unix_listener(self.path, mode=mode)
+        if self._group:
+            import grp
+
+            self._gid = grp.getgrnam(self._group).gr_gid
+            os.chown(self.path, -1, self._gid)
+        try:
+            async with listener, anyio.create_task_group() as tg:
+                task_status.started()
+                await listener.serve(self._handle, task_group=tg)
+        finally:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    def _allowed(self, stream: SocketStream) -> bool:
+        peer = _peer_uid_gid(stream)
+        if peer is None:
+            return True
+        uid, gid = peer
+        return uid in (0, self._uid) or (self._gid is not None and gid == self._gid)
+
+    async def _handle(self, stream: SocketStream) -> None:
+        async with stream:
+            if self._connections >= MAX_CONNECTIONS:
+                await self._send_error(stream, None, "busy", "too many control connections")
+                return
+            if not self._allowed(stream):
+                await self._send_error(stream, None, "forbidden", "peer not allowed")
+                return
+            self._connections += 1
+            try:
+                await self._serve(stream)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass  # the client went away mid-reply
+            finally:
+                self._connections -= 1
+
+    async def _serve(self, stream: SocketStream) -> None:
+        reader = BufferedByteReceiveStream(stream)
+        while True:
+            try:
+                with anyio.fail_after(IDLE_TIMEOUT_S):
+                    line = await reader.receive_until(b"\n", MAX_LINE_BYTES)
+            except (anyio.IncompleteRead, anyio.EndOfStream, TimeoutError):
+                return
+            except anyio.DelimiterNotFound:
+                await self._send_error(
+                    stream,
+                    None,
+                    "line_too_long",
+                    f"request line longer than {MAX_LINE_BYTES} bytes",
+                )
+                return  # the rest of that line cannot be re-synchronised
+            if not line.strip():
+                continue
+            await stream.send(await self._reply(line))
+
+    async def _reply(self, line: bytes) -> bytes:
+        try:
+            request = request_decoder.decode(line)
+        except msgspec.DecodeError as exc:
+            return encode_line(
+                Reply(_guess_id(line), False, error=ErrorBody("bad_request", f"bad request: {exc}"))
+            )
+        try:
+            data = await execute(self._rt, request.cmd, request.args)
+        except CommandError as exc:
+            return encode_line(
+                Reply(request.id, False, error=ErrorBody(exc.code, exc.message, exc.details))
+            )
+        except Exception as exc:  # a bug in one command must not take the daemon down
+            log.exception("control.command_failed", cmd=request.cmd)
+            return encode_line(
+                Reply(
+                    request.id, False, error=ErrorBody("internal", f"{type(exc).__name__}: {exc}")
+                )
+            )
+        return encode_line(Reply(request.id, True, data=data))
+
+    @staticmethod
+    async def _send_error(stream: SocketStream, rid: RequestId, code: str, message: str) -> None:
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            await stream.send(encode_line(Reply(rid, False, error=ErrorBody(code, message))))
+
+
+def _guess_id(line: bytes) -> RequestId:
+    """Echo the id of a request whose other parts are wrong, when it can be read."""
+    try:
+        value = msgspec.json.decode(line)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(value, dict):
+        rid = value.get("id")
+        if isinstance(rid, str) or (isinstance(rid, int) and abs(rid) < 2**63):
+            return rid
+    return None

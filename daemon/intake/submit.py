@@ -1,0 +1,133 @@
+"""Turning what a client sent into committed jobs, the same way for every intake.
+
+Validation happens before anything is written, and a batch is inserted in one
+transaction: a request is accepted whole or refused whole, never half written."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from daemon.jobs import JobIds, JobSubmit
+from daemon.live import Live
+from daemon.store.store import NewJob, Store, Submitted
+
+MAX_JOBS_PER_REQUEST = 10_000
+
+
+class FieldError(msgspec.Struct, frozen=True):
+    index: int | None
+    field: str
+    message: str
+
+
+class SubmitError(Exception):
+    """The submission is invalid; `errors` names each field at fault."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        first = errors[0]
+        where = f"job {first.index}: " if first.index is not None else ""
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        super().__init__(f"{where}{first.field}: {first.message}{more}")
+        self.errors = errors
+
+
+class IntakeClosed(Exception):
+    """The daemon is draining or stopping and takes no new work."""
+
+
+def _convert(raw: Any, index: int | None) -> JobSubmit | FieldError:
+    try:
+        return msgspec.convert(raw, JobSubmit)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        message, _, path = text.partition(" - at `$")
+        field = path.rstrip("`").lstrip(".") or "job"
+        if message.startswith("Object missing required field"):
+            field = message.split("`")[1]
+            message = "required"
+        return FieldError(index, field, message)
+
+
+class Intake:
+    """Validates and submits jobs; reads the live analyzers and limits on each call,
+    so a reload applies to the next request."""
+
+    def __init__(self, store: Store, live: Live) -> None:
+        self._store = store
+        self._live = live
+        self._ids = JobIds()
+        self.closed_reason: str | None = None
+        self.accepted = 0
+
+    def validate(self, raw: Any, source: str) -> list[NewJob]:
+        items, single = (raw, False) if isinstance(raw, list) else ([raw], True)
+        if not items:
+            raise SubmitError([FieldError(None, "jobs", "empty list")])
+        if len(items) > MAX_JOBS_PER_REQUEST:
+            raise SubmitError(
+                [
+                    FieldError(
+                        None,
+                        "jobs",
+                        f"{len(items)} jobs; at most {MAX_JOBS_PER_REQUEST} per request",
+                    )
+                ]
+            )
+        analyzers = self._live.analyzers
+        limits = self._live.config.queue
+        jobs: list[NewJob] = []
+        errors: list[FieldError] = []
+        for i, item in enumerate(items):
+            index = None if single else i
+            converted = _convert(item, index)
+            if isinstance(converted, FieldError):
+                errors.append(converted)
+                continue
+            analyzer = analyzers.get(converted.analyzer)
+            if analyzer is None:
+                known = ", ".join(sorted(analyzers)) or "none configured"
+                errors.append(
+                    FieldError(
+                        index,
+                        "analyzer",
+                        f"unknown analyzer {converted.analyzer!r} (known: {known})",
+                    )
+                )
+                continue
+            size = len(msgspec.json.encode(converted.input))
+            if size > limits.max_input_bytes:
+                errors.append(
+                    FieldError(
+                        index,
+                        "input",
+                        f"{size} bytes; the limit is {limits.max_input_bytes} "
+                        "(queue.max_input_bytes)",
+                    )
+                )
+                continue
+            errors.extend(FieldError(index, f, m) for f, m in analyzer.problems(converted.input))
+            jobs.append(
+                NewJob(
+                    id=self._ids.new(),
+                    analyzer=converted.analyzer,
+                    input=converted.input,
+                    priority=converted.priority,
+                    idempotency_key=converted.idempotency_key,
+                    max_attempts=analyzer.config.max_attempts,
+                    source=source,
+                )
+            )
+        if errors:
+            raise SubmitError(errors)
+        return jobs
+
+    async def submit(self, raw: Any, source: str) -> list[Submitted]:
+        """Validate, then commit; returns only once the jobs are durable."""
+        if self.closed_reason:
+            raise IntakeClosed(f"not accepting jobs: {self.closed_reason}")
+        jobs = self.validate(raw, source)
+        submitted = await self._store.submit(jobs, max_backlog=self._live.config.queue.max_backlog)
+        self.accepted += sum(s.created for s in submitted)
+        return submitted

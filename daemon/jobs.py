@@ -1,0 +1,99 @@
+"""Job records: what a client submits, what the store keeps, and their ids."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Literal
+
+import msgspec
+
+State = Literal["queued", "running", "succeeded", "failed", "canceled"]
+STATES: tuple[State, ...] = ("queued", "running", "succeeded", "failed", "canceled")
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+
+
+class JobSubmit(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A job as a client sends it; only `analyzer` and `input` are required."""
+
+    analyzer: str
+    input: dict[str, Any]
+    priority: int = 0
+    idempotency_key: str | None = None
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    type: str
+    message: str
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float | None = None
+
+    def __add__(self, other: Usage) -> Usage:
+        cost = (
+            None
+            if self.cost is None and other.cost is None
+            else ((self.cost or 0.0) + (other.cost or 0.0))
+        )
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            cost=cost,
+        )
+
+
+class Attempt(msgspec.Struct, frozen=True, kw_only=True):
+    n: int
+    started_at: float
+    finished_at: float | None = None
+    outcome: str = "running"
+    http_status: int | None = None
+    error: ErrorInfo | None = None
+    latency_ms: float | None = None
+
+
+class Job(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    analyzer: str
+    input: dict[str, Any]
+    priority: int
+    idempotency_key: str | None
+    state: State
+    attempts: int
+    max_attempts: int
+    not_before: float
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    result: Any
+    error: ErrorInfo | None
+    usage: Usage | None
+    source: str
+
+
+class JobIds:
+    """UUIDv7 ids: time-ordered, so `ORDER BY id` is submission order, and unique
+    across restarts without coordination. Monotonic within one process: in the same
+    millisecond (or after a clock step back) the 74 random bits count up instead."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ms = 0
+        self._rand = 0
+
+    def new(self) -> str:
+        with self._lock:
+            ms = time.time_ns() // 1_000_000
+            if ms > self._ms:
+                self._ms, self._rand = ms, int.from_bytes(os.urandom(10), "big") >> 8
+            else:
+                self._rand += 1
+            ms, rand = self._ms, self._rand
+        rand_a, rand_b = (rand >> 62) & 0xFFF, rand & ((1 << 62) - 1)
+        value = (ms << 80) | (0x7 << 76) | (rand_a << 64) | (0x2 << 62) | rand_b
+        h = f"{value:032x}"
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

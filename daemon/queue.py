@@ -1,0 +1,131 @@
+"""The dispatcher: moves ready jobs from the store into running attempts.
+
+Jobs wait in SQLite, not in memory: the dispatcher claims only as many as there are
+free slots (`queue.max_concurrency`), so what is held in memory is bounded by that
+number however large the backlog grows. Each claimed job runs in a task of the
+dispatcher's own task group, under a cancel scope that `cancel` and shutdown use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from daemon.jobs import Job
+from daemon.store.store import AttemptEnd, Store, StoreError
+
+log = structlog.get_logger("vigil.queue")
+POLL_S = 1.0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        execute: Callable[[Job], Awaitable[AttemptEnd]],
+        *,
+        max_concurrency: int,
+    ) -> None:
+        self._store = store
+        self._execute = execute
+        self.max_concurrency = max_concurrency
+        self.paused = False
+        self.active: dict[str, tuple[Job, anyio.CancelScope]] = {}
+        self._stopping = False
+        self._idle = anyio.Event()
+        self.finished = 0
+        self.outcomes: Counter[str] = Counter()  # attempt ends: succeeded, retried, failed
+
+    def set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        self._store.wakeup.notify()
+
+    def set_max_concurrency(self, value: int) -> None:
+        self.max_concurrency = value
+        self._store.wakeup.notify()
+
+    def cancel_running(self, job_id: str) -> bool:
+        entry = self.active.get(job_id)
+        if entry is None:
+            return False
+        entry[1].cancel()
+        return True
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            task_status.started()
+            while not self._stopping:
+                free = self.max_concurrency - len(self.active)
+                if self.paused or free <= 0:
+                    await self._store.wakeup.wait(POLL_S)
+                    continue
+                try:
+                    jobs = await self._store.claim(free)
+                except StoreError as exc:
+                    log.error("queue.claim_failed", error=str(exc))
+                    await anyio.sleep(POLL_S)
+                    continue
+                for job in jobs:
+                    scope = anyio.CancelScope()
+                    self.active[job.id] = (job, scope)
+                    tg.start_soon(self._run_one, job, scope, name=f"job {job.id}")
+                if not jobs:
+                    await self._store.wakeup.wait(await self._until_next_retry())
+            # Stopping: running attempts belong to drain(); wait for them here.
+            if self.active:
+                await self._idle.wait()
+
+    async def _until_next_retry(self) -> float:
+        wake = await self._store.next_wake()
+        if wake is None:
+            return POLL_S
+        return min(POLL_S, max(0.01, wake - time.time()))
+
+    async def _run_one(self, job: Job, scope: anyio.CancelScope) -> None:
+        try:
+            with scope:
+                end = await self._execute(job)
+            with anyio.CancelScope(shield=True):
+                if scope.cancelled_caught:
+                    if self._stopping:
+                        await self._store.requeue([job], "daemon shutting down")
+                    # else: `cancel` already marked it canceled in the store.
+                else:
+                    new = await self._store.finish(job, end)
+                    self.outcomes["retried" if new == "queued" else str(new)] += 1
+        except anyio.get_cancelled_exc_class():
+            # Cancelled from outside (forced stop): give the attempt back.
+            with anyio.CancelScope(shield=True):
+                await self._store.requeue([job], "daemon stopped")
+            raise
+        except StoreError as exc:
+            # The job stays `running` in the database; recovery retries it.
+            log.error("job.record_failed", job_id=job.id, error=str(exc))
+        finally:
+            self.active.pop(job.id, None)
+            self.finished += 1
+            self._store.wakeup.notify()
+            if self._stopping and not self.active:
+                self._idle.set()
+
+    async def drain(self, grace_s: float) -> int:
+        """Stop claiming, let running attempts finish for up to `grace_s`, then cancel
+        and requeue the rest; returns how many were cut short."""
+        self._stopping = True
+        self._store.wakeup.notify()
+        if not self.active:
+            self._idle.set()
+        with anyio.move_on_after(grace_s):
+            await self._idle.wait()
+        cut = len(self.active)
+        if cut:
+            log.warning("queue.drain_timeout", grace_s=grace_s, requeued=cut)
+            for _, scope in list(self.active.values()):
+                scope.cancel()
+            await self._idle.wait()
+        return cut

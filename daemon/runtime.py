@@ -1,0 +1,98 @@
+"""The running daemon's shared state: what observers (control commands, status)
+read, and the few levers they pull. It owns nothing; app.py builds and runs it."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon import __version__
+from daemon.config import Config
+from daemon.intake.submit import Intake
+from daemon.jobs import STATES
+from daemon.live import Live
+from daemon.providers.openai import OpenAIProvider
+from daemon.queue import Dispatcher
+from daemon.store.store import Store
+from daemon.wakeup import Wakeup
+
+
+@dataclass
+class Runtime:
+    live: Live
+    store: Store
+    providers: dict[str, OpenAIProvider]
+    intake: Intake
+    dispatcher: Dispatcher
+    started_at: float = field(default_factory=time.time)
+    stop_requested: Wakeup = field(default_factory=Wakeup)
+    stopping: bool = False
+
+    @property
+    def config(self) -> Config:
+        return self.live.config
+
+    def request_stop(self) -> None:
+        self.stopping = True
+        self.stop_requested.notify()
+
+    @property
+    def state(self) -> str:
+        if self.stopping:
+            return "stopping"
+        if self.intake.closed_reason:
+            return "draining"
+        return "paused" if self.dispatcher.paused else "running"
+
+    def status(self) -> dict[str, Any]:
+        """The status every surface shows (socket, CLI, later HTTP)."""
+        counts = self.store.counts
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "state": self.state,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "jobs": {state: counts[state] for state in STATES},
+            "queue": {
+                "max_concurrency": self.dispatcher.max_concurrency,
+                "active": len(self.dispatcher.active),
+                "max_backlog": self.config.queue.max_backlog,
+                "paused": self.dispatcher.paused,
+                "accepted": self.intake.accepted,
+                "finished": self.dispatcher.finished,
+            },
+            "attempts": dict(self.dispatcher.outcomes),
+            "providers": {name: provider_status(p) for name, p in self.providers.items()},
+            "store": {
+                "path": str(self.store.path),
+                "commits": self.store.commits,
+                "commit_errors": self.store.commit_errors,
+                "last_error": self.store.last_error,
+            },
+            "socket": self.config.daemon.socket,
+        }
+
+
+def provider_status(provider: OpenAIProvider) -> dict[str, Any]:
+    stats = provider.stats
+    limits = provider.limits
+    return {
+        "kind": provider.config.kind,
+        "base_url": provider.base_url,
+        "paused": provider.paused_reason,
+        "in_flight": stats.in_flight,
+        "requests": stats.requests,
+        "by_status": stats.by_status,
+        "rate_limited": stats.rate_limited,
+        "cooldown_s": round(limits.cooldown_left(), 3),
+        "tokens_in": stats.prompt_tokens,
+        "tokens_out": stats.completion_tokens,
+        "avg_latency_ms": round(stats.latency_ms_total / stats.requests, 1)
+        if stats.requests
+        else None,
+        "max_concurrency": provider.config.max_concurrency,
+        "requests_per_minute": limits.requests.per_minute,
+        "tokens_per_minute": limits.tokens.per_minute,
+    }

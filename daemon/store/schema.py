@@ -1,0 +1,80 @@
+"""The database schema as numbered migrations, tracked in `PRAGMA user_version`.
+
+Append, never edit: a database at version N gets migrations N+1.. applied in order,
+each in its own transaction, so an interrupted upgrade leaves a consistent version.
+"""
+
+from __future__ import annotations
+
+import aiosqlite
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: jobs and their attempts.
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        analyzer TEXT NOT NULL,
+        input TEXT NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0,
+        idempotency_key TEXT UNIQUE,
+        state TEXT NOT NULL CHECK (state IN
+            ('queued', 'running', 'succeeded', 'failed', 'canceled')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL,
+        not_before REAL NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        result TEXT,
+        error_type TEXT,
+        error_message TEXT,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        cost REAL,
+        source TEXT NOT NULL
+    ) WITHOUT ROWID;
+    -- Picking the next job: queued, highest priority first, oldest first, not
+    -- before its retry time. not_before rides in the index so no row is read
+    -- to skip a waiting retry.
+    CREATE INDEX jobs_pick ON jobs (state, priority DESC, id, not_before);
+    -- The earliest waiting retry, so the dispatcher knows when to wake up.
+    CREATE INDEX jobs_wake ON jobs (state, not_before);
+    CREATE INDEX jobs_analyzer ON jobs (analyzer, state);
+    CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        n INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        outcome TEXT NOT NULL DEFAULT 'running',
+        http_status INTEGER,
+        error_type TEXT,
+        error_message TEXT,
+        latency_ms REAL
+    );
+    CREATE INDEX attempts_job ON attempts (job_id, n);
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(Exception):
+    """The database was written by a newer Vigil; refusing to touch it."""
+
+
+async def migrate(db: aiosqlite.Connection) -> int:
+    """Bring the database to SCHEMA_VERSION; returns the version it started at."""
+    async with db.execute("PRAGMA user_version") as cursor:
+        row = await cursor.fetchone()
+    start = int(row[0]) if row else 0
+    if start > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"database schema version {start} is newer than this Vigil ({SCHEMA_VERSION})"
+        )
+    for version in range(start + 1, SCHEMA_VERSION + 1):
+        script = MIGRATIONS[version - 1]
+        await db.executescript(
+            f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {version}; COMMIT;"
+        )
+    return start

@@ -1,0 +1,648 @@
+"""The job store: SQLite in WAL mode with a single group-committing writer.
+
+Every write goes through one task that gathers what is waiting into one transaction
+(group commit): a thousand concurrent submits cost one fsync, not a thousand, and
+there is never more than one writer to contend for the lock. A caller's `await`
+returns only once its write is committed, which is what makes an acknowledgement to
+a client a promise. Reads use a second connection, which WAL lets run beside writes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import aiosqlite
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+
+from daemon.jobs import STATES, Attempt, ErrorInfo, Job, State, Usage
+from daemon.store.schema import migrate
+from daemon.wakeup import Wakeup
+
+Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
+PROCESS_DIED = ErrorInfo("ProcessDied", "process died during the attempt")
+_JOB_COLUMNS = (
+    "id, analyzer, input, priority, idempotency_key, state, attempts, max_attempts, "
+    "not_before, created_at, started_at, finished_at, result, error_type, error_message, "
+    "prompt_tokens, completion_tokens, cost, source"
+)
+
+
+class StoreError(Exception):
+    """The database refused a write (full, read-only, locked, corrupt)."""
+
+
+class BacklogFull(Exception):
+    """Intake would push the queued backlog past `queue.max_backlog`."""
+
+    def __init__(self, queued: int, limit: int) -> None:
+        super().__init__(f"backlog full: {queued} jobs queued, limit {limit}")
+        self.queued = queued
+        self.limit = limit
+
+
+class JobNotFound(Exception):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+
+
+class InvalidTransition(Exception):
+    """The job is not in a state that allows the asked-for change."""
+
+
+class NewJob(msgspec.Struct, frozen=True, kw_only=True):
+    """A validated job ready to be inserted."""
+
+    id: str
+    analyzer: str
+    input: dict[str, Any]
+    priority: int
+    idempotency_key: str | None
+    max_attempts: int
+    source: str
+
+
+class Submitted(msgspec.Struct, frozen=True):
+    id: str
+    created: bool
+
+
+class AttemptEnd(msgspec.Struct, frozen=True, kw_only=True):
+    """How an attempt ended; the worker decides, the store records it atomically."""
+
+    outcome: Literal["succeeded", "error", "timeout", "canceled"]
+    result: Any = None
+    usage: Usage | None = None
+    http_status: int | None = None
+    error: ErrorInfo | None = None
+    latency_ms: float | None = None
+    retry_at: float | None = None  # set: requeue for then; unset on failure: dead letter
+
+
+@dataclass
+class _Tx:
+    """Per-batch bookkeeping: state moves are applied to the counters only on commit."""
+
+    pending: Counter[str] = field(default_factory=Counter)
+    current: Counter[str] = field(default_factory=Counter)
+
+    def move(self, old: str | None, new: str | None, n: int = 1) -> None:
+        if old:
+            self.current[old] -= n
+        if new:
+            self.current[new] += n
+
+
+WriteOp = Callable[[aiosqlite.Connection, _Tx], Awaitable[Any]]
+
+
+@dataclass
+class _Pending:
+    op: WriteOp
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+def _row_to_job(row: sqlite3.Row | tuple[Any, ...]) -> Job:
+    (
+        jid,
+        analyzer,
+        inp,
+        priority,
+        key,
+        state,
+        attempts,
+        max_attempts,
+        not_before,
+        created,
+        started,
+        finished,
+        result,
+        etype,
+        emsg,
+        ptok,
+        ctok,
+        cost,
+        source,
+    ) = row
+    usage = (
+        Usage(prompt_tokens=ptok or 0, completion_tokens=ctok or 0, cost=cost)
+        if ptok is not None or ctok is not None
+        else None
+    )
+    return Job(
+        id=jid,
+        analyzer=analyzer,
+        input=msgspec.json.decode(inp),
+        priority=priority,
+        idempotency_key=key,
+        state=state,
+        attempts=attempts,
+        max_attempts=max_attempts,
+        not_before=not_before,
+        created_at=created,
+        started_at=started,
+        finished_at=finished,
+        result=msgspec.json.decode(result) if result is not None else None,
+        error=ErrorInfo(etype, emsg or "") if etype else None,
+        usage=usage,
+        source=source,
+    )
+
+
+class Store(anyio.AsyncContextManagerMixin):
+    """Owns the database connections and the writer task for the daemon's lifetime."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: Synchronous = "FULL",
+        max_batch: int = 1024,
+        max_waiting_writes: int = 8192,
+    ) -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._max_batch = max_batch
+        self._send, self._receive = anyio.create_memory_object_stream[_Pending](max_waiting_writes)
+        self.counts: Counter[str] = Counter(dict.fromkeys(STATES, 0))
+        self.recovered: dict[str, int] = {}
+        self.wakeup = Wakeup()  # a commit made jobs ready (others may poke it too)
+        self.commits = 0
+        self.commit_errors = 0
+        self.commit_seconds = 0.0
+        self.last_error: str | None = None
+        self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        async with (
+            aiosqlite.connect(self.path, isolation_level=None) as db,
+            aiosqlite.connect(self.path, isolation_level=None) as reader,
+        ):
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute(f"PRAGMA synchronous = {self._synchronous}")
+            await db.execute("PRAGMA foreign_keys = ON")
+            await db.execute("PRAGMA busy_timeout = 5000")
+            await reader.execute("PRAGMA busy_timeout = 5000")
+            await reader.execute("PRAGMA query_only = ON")
+            await migrate(db)
+            self._db, self._reader = db, reader
+            self.recovered = await self._recover(db)
+            await self._load_counts(db)
+            try:
+                async with anyio.create_task_group() as tg:
+                    await tg.start(self._write_loop)
+                    try:
+                        yield self
+                    finally:
+                        # Let every accepted write land before the connection closes.
+                        self._send.close()
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._db = self._reader = None
+
+    # -- the writer -------------------------------------------------------------
+
+    async def _write(self, op: WriteOp) -> Any:
+        """Queue a write and wait until it is committed; raises what the op raised."""
+        pending = _Pending(op)
+        try:
+            await self._send.send(pending)
+        except anyio.ClosedResourceError:
+            raise StoreError("the store is closing") from None
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    async def _write_loop(self, *, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        async with self._receive:
+            async for first in self._receive:
+                batch = [first]
+                while len(batch) < self._max_batch:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                # A batch commits or rolls back whole, even if shutdown cancels us.
+                with anyio.CancelScope(shield=True):
+                    await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        assert self._db is not None
+        db = self._db
+        tx = _Tx()
+        isolate = len(batch) > 1
+        started = time.perf_counter()
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            for item in batch:
+                before = Counter(tx.current)
+                if isolate:
+                    await db.execute("SAVEPOINT op")
+                try:
+                    item.result = await item.op(db, tx)
+                except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
+                    if not isolate or _is_fatal(exc):
+                        raise
+                    item.error = StoreError(str(exc))
+                except Exception as exc:
+                    item.error = exc
+                if item.error is not None:
+                    tx.current = before
+                    if isolate:
+                        await db.execute("ROLLBACK TO op")
+                if isolate:
+                    await db.execute("RELEASE op")
+            await db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self.commit_errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            for item in batch:
+                item.result, item.error = None, StoreError(f"database write failed: {exc}")
+        else:
+            self.commits += 1
+            self.commit_seconds += time.perf_counter() - started
+            self.last_error = None
+            self.counts.update(tx.current)
+            if tx.current["queued"] > 0:
+                self.wakeup.notify()
+        for item in batch:
+            item.done.set()
+
+    # -- start-up ---------------------------------------------------------------
+
+    async def _recover(self, db: aiosqlite.Connection) -> dict[str, int]:
+        """Attempts cut off by a dead process count; their jobs retry or dead-letter."""
+        now = time.time()
+        await db.execute("BEGIN IMMEDIATE")
+        await db.execute(
+            "UPDATE attempts SET outcome = 'crashed', finished_at = ?, error_type = ?, "
+            "error_message = ? WHERE outcome = 'running'",
+            (now, PROCESS_DIED.type, PROCESS_DIED.message),
+        )
+        failed = await db.execute(
+            "UPDATE jobs SET state = 'failed', finished_at = ?, error_type = ?, "
+            "error_message = ? WHERE state = 'running' AND attempts >= max_attempts",
+            (now, PROCESS_DIED.type, PROCESS_DIED.message),
+        )
+        requeued = await db.execute(
+            "UPDATE jobs SET state = 'queued', not_before = 0, error_type = ?, "
+            "error_message = ? WHERE state = 'running'",
+            (PROCESS_DIED.type, PROCESS_DIED.message),
+        )
+        await db.execute("COMMIT")
+        return {"requeued": requeued.rowcount, "failed": failed.rowcount}
+
+    async def _load_counts(self, db: aiosqlite.Connection) -> None:
+        async with db.execute("SELECT state, count(*) FROM jobs GROUP BY state") as cur:
+            for state, n in await cur.fetchall():
+                self.counts[state] = n
+
+    # -- writes -----------------------------------------------------------------
+
+    async def submit(self, jobs: Sequence[NewJob], *, max_backlog: int) -> list[Submitted]:
+        """Insert jobs in one transaction; a repeated idempotency key returns the
+        first job. All or nothing: over the backlog bound, nothing is inserted."""
+
+        async def op(db: aiosqlite.Connection, tx: _Tx) -> list[Submitted]:
+            queued = self.counts["queued"] + tx.current["queued"]
+            if queued + len(jobs) > max_backlog:
+                raise BacklogFull(queued, max_backlog)
+            now = time.time()
+            out: list[Submitted] = []
+            for job in jobs:
+                cur = await db.execute(
+                    "INSERT INTO jobs (id, analyzer, input, priority, idempotency_key, "
+                    "state, max_attempts, created_at, source) "
+                    "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?) "
+                    "ON CONFLICT (idempotency_key) DO NOTHING",
+                    (
+                        job.id,
+                        job.analyzer,
+                        msgspec.json.encode(job.input).decode(),
+                        job.priority,
+                        job.idempotency_key,
+                        job.max_attempts,
+                        now,
+                        job.source,
+                    ),
+                )
+                if cur.rowcount == 1:
+                    tx.move(None, "queued")
+                    out.append(Submitted(job.id, True))
+                    continue
+                async with db.execute(
+                    "SELECT id FROM jobs WHERE idempotency_key = ?", (job.idempotency_key,)
+                ) as found:
+                    row = await found.fetchone()
+                assert row is not None
+                out.append(Submitted(row[0], False))
+            return out
+
+        result: list[Submitted] = await self._write(op)
+        return result
+
+    async def claim(self, limit: int) -> list[Job]:
+        """Move up to `limit` ready jobs to `running`, counting the attempt now, so a
+        crash during it is counted too."""
+
+        async def op(db: aiosqlite.Connection, tx: _Tx) -> list[Job]:
+            now = time.time()
+            async with db.execute(
+                f"UPDATE jobs SET state = 'running', attempts = attempts + 1, "
+                f"started_at = coalesce(started_at, ?) WHERE id IN ("
+                f"SELECT id FROM jobs WHERE state = 'queued' AND not_before <= ? "
+                f"ORDER BY priority DESC, id LIMIT ?) RETURNING {_JOB_COLUMNS}",
+                (now, now, limit),
+            ) as cur:
+                jobs = [_row_to_job(row) for row in await cur.fetchall()]
+            await db.executemany(
+                "INSERT INTO attempts (job_id, n, started_at) VALUES (?, ?, ?)",
+                [(job.id, job.attempts, now) for job in jobs],
+            )
+            tx.move("queued", "running", len(jobs))
+            jobs.sort(key=lambda j: (-j.priority, j.id))
+            return jobs
+
+        result: list[Job] = await self._write(op)
+        return result
+
+    async def finish(self, job: Job, end: AttemptEnd) -> State | None:
+        """Record an attempt's end and move the job on. Guarded on (running, attempt
+        number), so only the attempt that owns the job can record its result: a
+        result is recorded exactly once. Returns the job's new state (None: the job
+        had already moved on, e.g. canceled)."""
+
+        async def op(db: aiosqlite.Connection, tx: _Tx) -> State | None:
+            now = time.time()
+            error = end.error
+            await db.execute(
+                "UPDATE attempts SET finished_at = ?, outcome = ?, http_status = ?, "
+                "error_type = ?, error_message = ?, latency_ms = ? "
+                "WHERE job_id = ? AND n = ? AND outcome = 'running'",
+                (
+                    now,
+                    end.outcome,
+                    end.http_status,
+                    error.type if error else None,
+                    error.message if error else None,
+                    end.latency_ms,
+                    job.id,
+                    job.attempts,
+                ),
+            )
+            usage = end.usage
+            new: State
+            if end.outcome == "succeeded":
+                new = "succeeded"
+            elif end.retry_at is not None and job.attempts < job.max_attempts:
+                new = "queued"
+            else:
+                new = "failed"
+            cur = await db.execute(
+                "UPDATE jobs SET state = ?, not_before = ?, finished_at = ?, result = ?, "
+                "error_type = ?, error_message = ?, "
+                "prompt_tokens = coalesce(prompt_tokens, 0) + ?, "
+                "completion_tokens = coalesce(completion_tokens, 0) + ?, "
+                "cost = CASE WHEN ? IS NULL THEN cost ELSE coalesce(cost, 0) + ? END "
+                "WHERE id = ? AND state = 'running' AND attempts = ?",
+                (
+                    new,
+                    end.retry_at or 0.0,
+                    None if new == "queued" else now,
+                    None if end.result is None else msgspec.json.encode(end.result).decode(),
+                    error.type if error else None,
+                    error.message if error else None,
+                    usage.prompt_tokens if usage else 0,
+                    usage.completion_tokens if usage else 0,
+                    usage.cost if usage else None,
+                    usage.cost if usage else None,
+                    job.id,
+                    job.attempts,
+                ),
+            )
+            if cur.rowcount != 1:
+                return None
+            tx.move("running", new)
+            return new
+
+        result: State | None = await self._write(op)
+        return result
+
+    async def requeue(self, jobs: Iterable[Job], reason: str) -> int:
+        """Give back attempts cut short by our own shutdown: they do not count."""
+        rows = [(job.id, job.attempts) for job in jobs]
+
+        async def op(db: aiosqlite.Connection, tx: _Tx) -> int:
+            now = time.time()
+            moved = 0
+            for job_id, n in rows:
+                cur = await db.execute(
+                    "UPDATE jobs SET state = 'queued', attempts = attempts - 1, "
+                    "not_before = 0 WHERE id = ? AND state = 'running' AND attempts = ?",
+                    (job_id, n),
+                )
+                if cur.rowcount == 1:
+                    moved += 1
+                    await db.execute(
+                        "UPDATE attempts SET outcome = 'interrupted', finished_at = ?, "
+                        "error_type = 'Interrupted', error_message = ? "
+                        "WHERE job_id = ? AND n = ? AND outcome = 'running'",
+                        (now, reason, job_id, n),
+                    )
+            tx.move("running", "queued", moved)
+            return moved
+
+        result: int = await self._write(op)
+        return result
+
+    async def cancel(self, job_id: str) -> State:
+        """Cancel a queued or running job; returns the state it was in."""
+
+        async def op(db: aiosqlite.Connection, tx: _Tx) -> State:
+            state = await self._state_of(db, job_id)
+            if state not in ("queued", "running"):
+                raise InvalidTransition(
+                    f"job {job_id} is {state}; only queued or running jobs can be canceled"
+                )
+            now = time.time()
+            await db.execute(
+                "UPDATE jobs SET state = 'canceled', finished_at = ? WHERE id = ?",
+                (now, job_id),
+            )
+            await db.execute(
+                "UPDATE attempts SET outcome = 'canceled', finished_at = ? "
+                "WHERE job_id = ? AND outcome = 'running'",
+                (now, job_id),
+            )
+            tx.move(state, "canceled")
+            return state
+
+        result: State = await self._write(op)
+        return result
+
+    async def retry(self, job_ids: Sequence[str] | None, *, max_backlog: int) -> int:
+        """Put failed or canceled jobs back in the queue with a fresh attempt budget;
+        `None` retries every failed job."""
+
+        async def op(db: aiosqlite.Connection, tx: _Tx) -> int:
+            if job_ids is not None:
+                for job_id in job_ids:
+                    state = await self._state_of(db, job_id)
+                    if state not in ("failed", "canceled"):
+                        raise InvalidTransition(
+                            f"job {job_id} is {state}; only failed or canceled jobs retry"
+                        )
+            where, params = (
+                ("state = 'failed'", ())
+                if job_ids is None
+                else (f"id IN ({','.join('?' * len(job_ids))})", tuple(job_ids))
+            )
+            async with db.execute(
+                f"SELECT state, count(*) FROM jobs WHERE {where} GROUP BY state", params
+            ) as cur:
+                moving: dict[str, int] = {row[0]: row[1] for row in await cur.fetchall()}
+            total = sum(moving.values())
+            queued = self.counts["queued"] + tx.current["queued"]
+            if queued + total > max_backlog:
+                raise BacklogFull(queued, max_backlog)
+            await db.execute(
+                f"UPDATE jobs SET state = 'queued', attempts = 0, not_before = 0, "
+                f"finished_at = NULL WHERE {where}",
+                params,
+            )
+            for old, n in moving.items():
+                tx.move(old, "queued", n)
+            return total
+
+        result: int = await self._write(op)
+        return result
+
+    async def purge(self, older_than_s: float) -> int:
+        """Delete finished jobs (and their attempts) that ended before the cut-off."""
+        cutoff = time.time() - older_than_s
+
+        async def op(db: aiosqlite.Connection, tx: _Tx) -> int:
+            async with db.execute(
+                "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'canceled') "
+                "AND finished_at <= ? RETURNING state",
+                (cutoff,),
+            ) as cur:
+                gone = Counter(row[0] for row in await cur.fetchall())
+            for state, n in gone.items():
+                tx.move(state, None, n)
+            return sum(gone.values())
+
+        result: int = await self._write(op)
+        return result
+
+    @staticmethod
+    async def _state_of(db: aiosqlite.Connection, job_id: str) -> State:
+        async with db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        state: State = row[0]
+        return state
+
+    # -- reads ------------------------------------------------------------------
+
+    @property
+    def _read(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise StoreError("the store is not open")
+        return self._reader
+
+    async def get(self, job_id: str) -> Job | None:
+        async with self._read.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return _row_to_job(row) if row else None
+
+    async def attempts(self, job_id: str) -> list[Attempt]:
+        async with self._read.execute(
+            "SELECT n, started_at, finished_at, outcome, http_status, error_type, "
+            "error_message, latency_ms FROM attempts WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [
+            Attempt(
+                n=n,
+                started_at=s,
+                finished_at=f,
+                outcome=o,
+                http_status=h,
+                error=ErrorInfo(et, em or "") if et else None,
+                latency_ms=lat,
+            )
+            for n, s, f, o, h, et, em, lat in rows
+        ]
+
+    async def list_jobs(
+        self,
+        *,
+        state: str | None = None,
+        analyzer: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[Job]:
+        """Newest first; `before` is the last id of the previous page (a cursor)."""
+        clauses, params = [], []
+        for column, value in (("state", state), ("analyzer", analyzer)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if before is not None:
+            clauses.append("id < ?")
+            params.append(before)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        async with self._read.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        ) as cur:
+            return [_row_to_job(row) for row in await cur.fetchall()]
+
+    async def states_of(self, job_ids: Sequence[str]) -> dict[str, State]:
+        """Current state of each id (unknown ids are left out)."""
+        out: dict[str, State] = {}
+        for i in range(0, len(job_ids), 500):
+            chunk = job_ids[i : i + 500]
+            async with self._read.execute(
+                f"SELECT id, state FROM jobs WHERE id IN ({','.join('?' * len(chunk))})",
+                tuple(chunk),
+            ) as cur:
+                out.update({row[0]: row[1] for row in await cur.fetchall()})
+        return out
+
+    async def next_wake(self) -> float | None:
+        """When the earliest waiting retry becomes ready (unix time), if any."""
+        async with self._read.execute(
+            "SELECT min(not_before) FROM jobs WHERE state = 'queued'"
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+
+def _is_fatal(exc: sqlite3.Error) -> bool:
+    """Errors that spoil the whole transaction, not only the one operation."""
+    text = str(exc).lower()
+    return any(word in text for word in ("full", "readonly", "read-only", "disk i/o", "locked"))

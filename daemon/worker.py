@@ -1,0 +1,136 @@
+"""One attempt of one job: analyzer -> provider -> outcome, and the retry decision."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping
+
+import anyio
+import structlog
+
+from daemon.analyzers import Calls, Provider
+from daemon.backoff import backoff_s
+from daemon.jobs import ErrorInfo, Job
+from daemon.live import Live
+from daemon.providers.base import OutputInvalid, ProviderError
+from daemon.store.store import AttemptEnd
+
+log = structlog.get_logger("vigil.worker")
+
+
+class Worker:
+    """Runs attempts against the live analyzers and providers (read on each call, so
+    a reload applies to the next attempt)."""
+
+    def __init__(
+        self, live: Live, providers: Mapping[str, Provider], rng: random.Random | None = None
+    ) -> None:
+        self._live = live
+        self._providers = providers
+        self._rng = rng or random.Random()
+
+    async def attempt(self, job: Job) -> AttemptEnd:
+        """Never raises but for cancellation: every failure becomes an AttemptEnd."""
+        started = time.monotonic()
+        analyzer = self._live.analyzers.get(job.analyzer)
+        structlog.contextvars.bind_contextvars(
+            job_id=job.id, analyzer=job.analyzer, attempt=job.attempts
+        )
+        try:
+            if analyzer is None:
+                return self._failed(
+                    job,
+                    started,
+                    ErrorInfo(
+                        "UnknownAnalyzer", f"analyzer {job.analyzer!r} is no longer configured"
+                    ),
+                    retryable=False,
+                )
+            calls = Calls(self._providers, self._live.prices())
+            try:
+                with anyio.fail_after(analyzer.config.timeout_s):
+                    out = await analyzer.run(job, calls)
+            except TimeoutError:
+                return self._failed(
+                    job,
+                    started,
+                    ErrorInfo("Timeout", f"attempt exceeded {analyzer.config.timeout_s:g} s"),
+                    retryable=True,
+                    outcome="timeout",
+                )
+            except ProviderError as exc:
+                return self._failed(
+                    job,
+                    started,
+                    ErrorInfo(exc.kind, str(exc)),
+                    retryable=exc.retryable,
+                    status=exc.status,
+                    hint_s=exc.retry_after_s,
+                )
+            except OutputInvalid as exc:
+                return self._failed(
+                    job,
+                    started,
+                    ErrorInfo("OutputInvalid", str(exc)),
+                    retryable=False,
+                    status=calls.http_status,
+                )
+            except Exception as exc:  # a handler's bug must not kill the daemon
+                log.warning("job.handler_error", exc_info=True)
+                return self._failed(
+                    job, started, ErrorInfo(type(exc).__name__, str(exc)[:1000]), retryable=True
+                )
+            latency_ms = (time.monotonic() - started) * 1000
+            log.info("job.attempt", outcome="succeeded", latency_ms=round(latency_ms, 1))
+            return AttemptEnd(
+                outcome="succeeded",
+                result=out.result,
+                usage=out.usage,
+                http_status=out.http_status,
+                latency_ms=latency_ms,
+            )
+        finally:
+            structlog.contextvars.unbind_contextvars("job_id", "analyzer", "attempt")
+
+    def _failed(
+        self,
+        job: Job,
+        started: float,
+        error: ErrorInfo,
+        *,
+        retryable: bool,
+        status: int | None = None,
+        hint_s: float | None = None,
+        outcome: str = "error",
+    ) -> AttemptEnd:
+        latency_ms = (time.monotonic() - started) * 1000
+        retry_at = None
+        retry_in = None
+        if retryable and job.attempts < job.max_attempts:
+            limits = self._live.config.queue
+            retry_in = backoff_s(
+                job.attempts,
+                base_s=limits.backoff_base_s,
+                max_s=limits.backoff_max_s,
+                hint_s=hint_s,
+                rng=self._rng,
+            )
+            retry_at = time.time() + retry_in
+        log.info(
+            "job.attempt",
+            outcome=outcome,
+            error_type=error.type,
+            error=error.message,
+            http_status=status,
+            latency_ms=round(latency_ms, 1),
+            retry_in_s=None if retry_in is None else round(retry_in, 2),
+            final=retry_at is None,
+        )
+        return AttemptEnd(
+            outcome="timeout" if outcome == "timeout" else "error",
+            error=error,
+            http_status=status,
+            latency_ms=latency_ms,
+            retry_at=retry_at,
+        )

@@ -1,0 +1,41 @@
+"""Shared fixtures: the anyio backend, clean logging, and a real daemon subprocess."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from tests.daemon_proc import DaemonProcess
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """aiohttp and aiosqlite are asyncio-only; anyio runs on asyncio."""
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Each test starts from structlog's defaults, whatever the previous one set."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Any]:
+    """Start `vigil run` subprocesses with a given config; all are killed at the end."""
+    started: list[DaemonProcess] = []
+
+    def start(config: str, *, name: str = "d", env: dict[str, str] | None = None) -> DaemonProcess:
+        proc = DaemonProcess.start(tmp_path / name, config, env=env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()

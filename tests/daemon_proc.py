@@ -1,0 +1,214 @@
+"""The daemon as a real subprocess, and the CLI run the way a user runs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+START_TIMEOUT_S = 30.0
+CLI_TIMEOUT_S = 120.0
+
+
+def sim_config(
+    *,
+    error_rate: float = 0.0,
+    latency_ms: float = 5.0,
+    hang_rate: float = 0.0,
+    api_rpm: int = 0,
+    max_attempts: int = 5,
+    timeout_s: float = 10.0,
+    max_concurrency: int = 32,
+    grace_s: float = 10.0,
+    max_backlog: int = 1_000_000,
+    extra: str = "",
+) -> str:
+    """A daemon config against the built-in simulated API."""
+    return f"""
+[daemon]
+shutdown_grace_s = {grace_s}
+
+[http]
+listen = ""
+
+[queue]
+max_concurrency = {max_concurrency}
+max_backlog = {max_backlog}
+backoff_base_s = 0.05
+backoff_max_s = 0.5
+
+[log]
+format = "json"
+
+[providers.sim]
+kind = "simulated"
+max_concurrency = 16
+timeout_s = {timeout_s}
+
+[providers.sim.simulate]
+latency_ms = {latency_ms}
+latency_sigma = 0.2
+error_rate = {error_rate}
+hang_rate = {hang_rate}
+requests_per_minute = {api_rpm}
+seed = 1
+
+[analyzers.summarize]
+provider = "sim"
+model = "sim-small"
+system = "You summarize."
+prompt = "Summarize:\\n\\n{{text}}"
+max_tokens = 50
+max_attempts = {max_attempts}
+timeout_s = {timeout_s}
+
+[analyzers.classify]
+provider = "sim"
+model = "sim-small"
+prompt = "Classify {{text}} for {{audience}}"
+max_tokens = 100
+output = "json"
+required_keys = ["sentiment"]
+max_attempts = {max_attempts}
+{extra}
+"""
+
+
+def run_cli(
+    *args: str,
+    socket_path: Path | None = None,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m daemon ARGS` as a user would; never hangs past CLI_TIMEOUT_S."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("VIGIL_CONFIG", None)
+    if socket_path is not None:
+        full_env["VIGIL_SOCKET"] = str(socket_path)
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=CLI_TIMEOUT_S,
+    )
+
+
+@dataclass
+class DaemonProcess:
+    state_dir: Path
+    config_path: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str]
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state_dir / "vigil.sock"
+
+    @classmethod
+    def start(
+        cls, state_dir: Path, config: str, *, env: dict[str, str] | None = None
+    ) -> DaemonProcess:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        config_path = state_dir / "vigil.toml"
+        config_path.write_text(config)
+        full_env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RUNTIME_DIRECTORY", "VIGIL_SOCKET", "VIGIL_CONFIG")
+        }
+        full_env.update(env or {})
+        full_env["STATE_DIRECTORY"] = str(state_dir)
+        daemon = cls(state_dir, config_path, None, state_dir / "daemon.log", full_env)  # type: ignore[arg-type]
+        daemon.restart()
+        return daemon
+
+    def restart(self) -> None:
+        """Start (again) on the same state directory and wait until it answers."""
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "daemon", "run", "--config", str(self.config_path)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                self.call("ping")
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"daemon not ready in {START_TIMEOUT_S} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def events(self) -> list[dict[str, Any]]:
+        """The daemon's JSON log lines, parsed (non-JSON lines skipped)."""
+        out = []
+        for line in self.log_path.read_bytes().splitlines():
+            try:
+                value = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(value, dict):
+                out.append(value)
+        return out
+
+    def send_raw(self, data: bytes, *, timeout_s: float = 10.0) -> bytes:
+        """Send raw bytes on the control socket and read the first reply line."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(str(self.socket_path))
+            sock.sendall(data)
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+            return buf
+
+    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        line = msgspec.json.encode({"id": 1, "cmd": cmd, "args": args}) + b"\n"
+        reply: dict[str, Any] = msgspec.json.decode(self.send_raw(line))
+        return reply
+
+    def call(self, cmd: str, **args: Any) -> Any:
+        reply = self.request(cmd, **args)
+        if not reply["ok"]:
+            raise AssertionError(f"{cmd} failed: {reply['error']}")
+        return reply["data"]
+
+    def wait_all_terminal(self, timeout_s: float = 120.0) -> dict[str, int]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            jobs: dict[str, int] = self.call("status")["jobs"]
+            if jobs["queued"] == 0 and jobs["running"] == 0:
+                return jobs
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"jobs not finished in {timeout_s} s: {jobs}")
+            time.sleep(0.1)
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
