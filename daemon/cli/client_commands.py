@@ -27,10 +27,14 @@ class UsageError(Exception):
 Command = Callable[[ControlClient, argparse.Namespace], Awaitable[int]]
 
 
-def _runner(command: Command) -> Callable[[argparse.Namespace], int]:
+def _runner(
+    command: Command, check: Callable[[argparse.Namespace], None] | None
+) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from daemon.cli.main import run_async, socket_path
 
+        if check is not None:
+            check(args)  # usage errors before any connection attempt
         path = socket_path(args)
 
         async def go() -> int:
@@ -109,11 +113,14 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-async def submit(client: ControlClient, args: argparse.Namespace) -> int:
+def _check_submit(args: argparse.Namespace) -> None:
     if args.input is None and not args.files and args.jsonl is None:
         raise UsageError("submit needs --input JSON, files, or --jsonl FILE|-")
     if args.analyzer is None and (args.files or args.input is not None):
         raise UsageError("-a/--analyzer is required with --input and files")
+
+
+async def submit(client: ControlClient, args: argparse.Namespace) -> int:
     ids: list[str] = []
     created = 0
     sent = 0
@@ -256,9 +263,12 @@ async def show(client: ControlClient, args: argparse.Namespace) -> int:
     return 0
 
 
-async def retry(client: ControlClient, args: argparse.Namespace) -> int:
+def _check_retry(args: argparse.Namespace) -> None:
     if (args.id is None) == (not args.failed):
         raise UsageError("retry needs a job ID or --failed")
+
+
+async def retry(client: ControlClient, args: argparse.Namespace) -> int:
     data = await client.call("retry", **({"failed": True} if args.failed else {"id": args.id}))
     _done(args, data, f"requeued {data['requeued']} job(s)")
     return 0
@@ -296,17 +306,22 @@ def _done(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def add_parsers(sub: Any) -> None:
-    def command(name: str, func: Command, help: str) -> argparse.ArgumentParser:
+    def command(
+        name: str,
+        func: Command,
+        help: str,
+        check: Callable[[argparse.Namespace], None] | None = None,
+    ) -> argparse.ArgumentParser:
         from daemon.cli.main import add_common
 
         parser: argparse.ArgumentParser = sub.add_parser(name, help=help)
         add_common(parser)
         parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-        parser.set_defaults(func=_runner(func))
+        parser.set_defaults(func=_runner(func, check))
         return parser
 
     command("status", status, "show the daemon's state and figures")
-    p = command("submit", submit, "submit jobs")
+    p = command("submit", submit, "submit jobs", _check_submit)
     p.add_argument("-a", "--analyzer", help="analyzer for --input, files and --jsonl lines")
     p.add_argument("--input", help="one input object as JSON")
     p.add_argument("--jsonl", metavar="FILE|-", help="one input (or, without -a, job) a line")
@@ -321,7 +336,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--before", metavar="ID", help="page: jobs older than this id")
     p = command("show", show, "show a job, its attempts and result")
     p.add_argument("id")
-    p = command("retry", retry, "requeue a failed or canceled job, or all failed")
+    p = command("retry", retry, "requeue a failed or canceled job, or all failed", _check_retry)
     p.add_argument("id", nargs="?")
     p.add_argument("--failed", action="store_true")
     p = command("cancel", cancel, "cancel a queued or running job")

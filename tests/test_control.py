@@ -1,0 +1,140 @@
+"""The control socket and CLI against bad input: clear errors, and the daemon serves on."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from daemon.control.protocol import MAX_LINE_BYTES
+from tests.daemon_proc import DaemonProcess, run_cli, sim_config
+
+StartDaemon = Callable[..., DaemonProcess]
+
+
+@pytest.fixture
+def daemon(start_daemon: StartDaemon) -> Iterator[DaemonProcess]:
+    """One daemon for a test, paused so submitted jobs stay put."""
+    proc = start_daemon(sim_config())
+    proc.call("pause")
+    yield proc
+
+
+def _error(reply: dict[str, object]) -> dict[str, object]:
+    assert reply["ok"] is False, reply
+    error = reply["error"]
+    assert isinstance(error, dict)
+    return error
+
+
+def test_unknown_analyzer_is_named(daemon: DaemonProcess) -> None:
+    """An unknown analyzer is refused with its name and the known ones."""
+    error = _error(daemon.request("submit", jobs={"analyzer": "nope", "input": {}}))
+    assert error["code"] == "invalid_job"
+    assert "nope" in str(error["message"]) and "summarize" in str(error["message"])
+
+
+def test_missing_template_field_is_named(daemon: DaemonProcess) -> None:
+    """Input missing a field the prompt needs names that field."""
+    error = _error(daemon.request("submit", jobs={"analyzer": "classify", "input": {"text": "x"}}))
+    assert "input.audience" in str(error["message"])
+
+
+def test_non_object_input_is_refused(daemon: DaemonProcess) -> None:
+    """Input that is not an object is refused, naming `input`."""
+    error = _error(daemon.request("submit", jobs={"analyzer": "summarize", "input": [1, 2]}))
+    assert "input" in str(error["message"]) and "object" in str(error["message"])
+
+
+def test_a_bad_job_in_a_list_rejects_the_whole_list(daemon: DaemonProcess) -> None:
+    """Nothing is half written: one bad job refuses the batch, by its index."""
+    jobs = [{"analyzer": "summarize", "input": {"text": "ok"}}, {"analyzer": "summarize"}]
+    error = _error(daemon.request("submit", jobs=jobs))
+    assert "job 1" in str(error["message"])
+    assert error["details"] == [{"index": 1, "field": "input", "message": "required"}]
+    assert daemon.call("status")["jobs"]["queued"] == 0
+
+
+def test_oversize_input_names_the_limit(daemon: DaemonProcess) -> None:
+    """Input larger than queue.max_input_bytes is refused, naming the setting."""
+    big = {"analyzer": "summarize", "input": {"text": "x" * 1_100_000}}
+    error = _error(daemon.request("submit", jobs=big))
+    assert "queue.max_input_bytes" in str(error["message"])
+
+
+def test_malformed_json_line_gets_an_error_and_the_connection_serves_on(
+    daemon: DaemonProcess,
+) -> None:
+    """Bad JSON gets a bad_request reply; the next request on the same socket works."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(daemon.socket_path))
+        sock.sendall(b'{"id": 7, "cmd": \n{"id": 8, "cmd": "ping"}\n')
+        reader = sock.makefile("rb")
+        first = msgspec.json.decode(reader.readline())
+        second = msgspec.json.decode(reader.readline())
+    assert first["ok"] is False and first["error"]["code"] == "bad_request"
+    assert second == {"id": 8, "ok": True, "data": {"pong": True, "pid": daemon.proc.pid}}
+
+
+def test_unknown_command_and_bad_args(daemon: DaemonProcess) -> None:
+    """Unknown commands and wrongly typed args get named errors."""
+    error = _error(daemon.request("frobnicate"))
+    assert error["code"] == "unknown_command" and "frobnicate" in str(error["message"])
+    error = _error(daemon.request("jobs", limit="many"))
+    assert error["code"] == "bad_args" and "limit" in str(error["message"])
+    wrong_type = msgspec.json.decode(daemon.send_raw(b'{"id": 1, "cmd": 5}\n'))
+    assert wrong_type["ok"] is False and wrong_type["id"] == 1
+
+
+def test_oversize_line_gets_an_error(daemon: DaemonProcess) -> None:
+    """A line over the limit is answered with line_too_long; the daemon serves on."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(daemon.socket_path))
+        chunk = b"x" * 65536
+        sent = 0
+        try:
+            while sent <= MAX_LINE_BYTES:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = sock.makefile("rb").readline()
+    assert msgspec.json.decode(reply)["error"]["code"] == "line_too_long"
+    assert daemon.call("ping")["pong"] is True
+
+
+def test_socket_is_private(daemon: DaemonProcess) -> None:
+    """The control socket is mode 0600."""
+    mode = stat.S_IMODE(os.stat(daemon.socket_path).st_mode)
+    assert mode == 0o600
+
+
+def test_cli_without_daemon_exits_69_naming_the_socket(tmp_path: Path) -> None:
+    """No daemon: exit 69 (EX_UNAVAILABLE) and the socket path tried."""
+    path = tmp_path / "nothing.sock"
+    out = run_cli("status", socket_path=path)
+    assert out.returncode == 69
+    assert str(path) in out.stderr
+
+
+def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
+    """Usage errors exit 2."""
+    assert run_cli("frobnicate").returncode == 2
+    out = run_cli("submit", "--input", "{}", socket_path=tmp_path / "x.sock")
+    assert out.returncode == 2 and "--analyzer" in out.stderr
+
+
+def test_cli_reports_field_errors(daemon: DaemonProcess) -> None:
+    """The CLI prints the daemon's error and exits 1."""
+    out = run_cli(
+        "submit", "-a", "classify", "--input", '{"text": "x"}', socket_path=daemon.socket_path
+    )
+    assert out.returncode == 1
+    assert "input.audience" in out.stderr
