@@ -82,7 +82,10 @@ async def _watch_signals(rt: Runtime, force: anyio.CancelScope) -> None:
 async def run_daemon(config: Config) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     started = time.monotonic()
-    async with _state_lock(config.state_dir), Store(config.db_path) as store:
+    async with (
+        _state_lock(config.state_dir),
+        Store(config.db_path, synchronous=config.daemon.synchronous) as store,
+    ):
         if any(store.recovered.values()):
             log.warning("store.recovered", **store.recovered)
         async with AsyncExitStack() as stack:
@@ -103,6 +106,12 @@ async def run_daemon(config: Config) -> int:
                     jobs=dict(store.counts),
                     config=redacted(config),
                 )
+                if config.intake.spool is not None:
+                    log.warning(
+                        "intake.spool_unsupported",
+                        dir=config.intake.spool.dir,
+                        reason="spool intake arrives in a later release",
+                    )
                 while not rt.stopping:
                     await rt.stop_requested.wait()
                 systemd.notify("STOPPING=1")

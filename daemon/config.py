@@ -40,6 +40,8 @@ class DaemonConfig(Base, frozen=True):
     socket: str = ""
     socket_group: str = ""
     shutdown_grace_s: NonNegFloat = 30.0
+    # FULL: a committed job survives power loss; NORMAL: only a process crash.
+    synchronous: Literal["NORMAL", "FULL", "EXTRA"] = "FULL"
 
 
 class HttpConfig(Base, frozen=True):

@@ -142,3 +142,50 @@ max_attempts = 5
     assert shown["job"]["attempts"] == 1
     assert shown["job"]["error"]["type"] == "OutputInvalid"
     assert "no_such_key" in shown["job"]["error"]["message"]
+
+
+def test_python_handler_calls_go_through_the_provider(start_daemon: StartDaemon) -> None:
+    """A `handler = "pkg.mod:func"` analyzer runs; its calls' usage adds up."""
+    extra = """
+[analyzers.combo]
+handler = "tests.handlers:two_calls"
+provider = "sim"
+model = "sim-small"
+max_tokens = 40
+"""
+    daemon = start_daemon(sim_config(extra=extra))
+    before = daemon.call("status")["providers"]["sim"]["requests"]
+    data = daemon.call("submit", jobs={"analyzer": "combo", "input": {"text": "hello"}})
+    daemon.wait_all_terminal(timeout_s=60)
+    job = daemon.call("show", id=data["ids"][0])["job"]
+    assert job["state"] == "succeeded", job["error"]
+    assert job["result"]["job"] == job["id"]
+    assert job["result"]["summary"] and job["result"]["labels"]
+    assert daemon.call("status")["providers"]["sim"]["requests"] - before == 2
+    assert job["usage"]["prompt_tokens"] > 0 and job["usage"]["completion_tokens"] > 0
+
+
+def test_logs_carry_job_fields_and_never_the_key(start_daemon: StartDaemon) -> None:
+    """Job log lines carry job_id/analyzer/attempt; the API key appears nowhere."""
+    secret = "sk-test-4f9a8b7c6d5e4f3a2b1c"
+    config = sim_config(error_rate=0.3).replace(
+        'kind = "simulated"', 'kind = "simulated"\napi_key_env = "VIGIL_TEST_KEY"'
+    )
+    daemon = start_daemon(config, env={"VIGIL_TEST_KEY": secret})
+    daemon.call("submit", jobs=[{"analyzer": "summarize", "input": {"text": "x"}}] * 20)
+    daemon.wait_all_terminal(timeout_s=60)
+    status = run_cli("status", "--json", socket_path=daemon.socket_path)
+    assert daemon.terminate() == 0
+
+    events = daemon.events()
+    started = next(e for e in events if e["event"] == "daemon.started")
+    assert started["pid"] == daemon.proc.pid and started["version"]
+    assert started["config"]["providers"]["sim"]["api_key_env"] == "VIGIL_TEST_KEY"
+    attempts = [e for e in events if e["event"] == "job.attempt"]
+    assert len(attempts) >= 20
+    assert all({"job_id", "analyzer", "attempt"} <= e.keys() for e in attempts)
+    assert any(e["outcome"] == "error" for e in attempts)
+    stopped = next(e for e in events if e["event"] == "daemon.stopped")
+    assert stopped["jobs"]["succeeded"] + stopped["jobs"]["failed"] == 20
+    assert secret not in daemon.log_path.read_text()
+    assert secret not in status.stdout

@@ -1,0 +1,14 @@
+"""A Python handler analyzer used by the end-to-end tests (imported by the daemon)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from daemon.analyzers import HandlerContext
+
+
+async def two_calls(input: dict[str, Any], ctx: HandlerContext) -> dict[str, Any]:
+    """Two LLM calls through the throttled provider, combined into one result."""
+    summary = await ctx.complete(f"Summarize: {input['text']}")
+    labels = await ctx.complete(f"Label: {input['text']}", json_mode=True, max_tokens=100)
+    return {"summary": summary, "labels": labels, "job": ctx.job.id}
