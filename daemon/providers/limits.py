@@ -28,8 +28,9 @@ class TokenBucket:
 
     def configure(self, per_minute: int) -> None:
         self._refill()
+        # Switched on from unlimited: nothing was spent from it, so it starts full.
+        self.level = float(per_minute) if not self.per_minute else min(self.level, per_minute)
         self.per_minute = per_minute
-        self.level = min(self.level, float(per_minute))
 
     def _refill(self) -> None:
         now = self._clock()
@@ -110,7 +111,13 @@ class ProviderLimits:
             await self._wait_cooldown()
             wait = max(self.requests.reserve(1), self.tokens.reserve(estimated_tokens))
             if wait > 0:
-                await anyio.sleep(wait)
+                try:
+                    await anyio.sleep(wait)
+                except anyio.get_cancelled_exc_class():
+                    # Never sent: give the reservation back to the callers behind us.
+                    self.requests.refund(1)
+                    self.tokens.refund(estimated_tokens)
+                    raise
             # A 429 that arrived while we waited still applies.
             await self._wait_cooldown()
             yield

@@ -4,7 +4,9 @@ LiteLLM...), one long-lived aiohttp session per provider behind its limits."""
 from __future__ import annotations
 
 import io
+import math
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator
@@ -57,17 +59,44 @@ class ProviderStats(msgspec.Struct, kw_only=True):
     latency_ms_total: float = 0.0
 
 
+MAX_HINT_S = 300.0
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration_s(text: str) -> float | None:
+    """OpenAI's reset durations: "120ms", "1.5s", "6m0s", "1h2m3s"."""
+    text = text.strip()
+    parts = _DURATION_RE.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def _bounded(value: float) -> float | None:
+    """A hint we can act on: finite, and capped, so `inf` cannot stall a provider."""
+    return min(max(0.0, value), MAX_HINT_S) if math.isfinite(value) else None
+
+
 def retry_after_s(headers: Any) -> float | None:
-    """The server's wait hint: `retry-after-ms`, then `retry-after` (seconds)."""
+    """The server's wait hint: `retry-after-ms`, then `retry-after` (seconds), then
+    the longest `x-ratelimit-reset-*` duration."""
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
         if value is None:
             continue
         try:
-            return max(0.0, float(value) * scale)
+            hint = _bounded(float(value) * scale)
         except ValueError:
             continue
-    return None
+        if hint is not None:
+            return hint
+    resets = [
+        parse_duration_s(headers.get(name, ""))
+        for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+    ]
+    known = [r for r in resets if r is not None]
+    return _bounded(max(known)) if known else None
 
 
 class OpenAIProvider(anyio.AsyncContextManagerMixin):
@@ -124,11 +153,12 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
                 retryable=True,
                 retry_after_s=30.0,
             )
+        headers = self._headers()  # a missing key fails before taking budget
         estimate = request.estimated_tokens()
         async with self.limits.slot(estimate):
             self.stats.in_flight += 1
             try:
-                completion = await self._post(request)
+                completion = await self._post(request, headers)
             finally:
                 self.stats.in_flight -= 1
         used = completion.prompt_tokens + completion.completion_tokens
@@ -136,7 +166,7 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
             self.limits.tokens.refund(estimate - used)
         return completion
 
-    async def _post(self, request: ChatRequest) -> Completion:
+    async def _post(self, request: ChatRequest, headers: dict[str, str]) -> Completion:
         assert self._session is not None, "provider used outside its context"
         body: dict[str, Any] = {
             "model": request.model,
@@ -154,11 +184,11 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
                     f"{self.base_url}/chat/completions",
                     # A stream, not bytes: aiohttp warns about large bytes bodies.
                     data=io.BytesIO(msgspec.json.encode(body)),
-                    headers=self._headers(),
+                    headers=headers,
                 ) as response:
-                    raw = await response.content.read(MAX_RESPONSE_BYTES + 1)
+                    raw = await _read_bounded(response, MAX_RESPONSE_BYTES + 1)
                     status = response.status
-                    headers = response.headers
+                    answer_headers = response.headers
         except TimeoutError:
             self._count("timeout")
             raise ProviderError(
@@ -173,7 +203,7 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
         self.stats.latency_ms_total += latency_ms
         self._count(str(status))
         if status != 200:
-            raise self._http_error(status, headers, raw)
+            raise self._http_error(status, answer_headers, raw)
         if len(raw) > MAX_RESPONSE_BYTES:
             raise ProviderError("answer larger than 8 MiB", kind="BadResponse", status=status)
         try:
@@ -201,6 +231,9 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
 
     def _http_error(self, status: int, headers: Any, raw: bytes) -> ProviderError:
         message, code = _error_text(raw)
+        key = os.environ.get(self.config.api_key_env) if self.config.api_key_env else None
+        if key:
+            message = message.replace(key, "[redacted]")  # some APIs echo the key back
         hint = retry_after_s(headers)
         if status == 429:
             self.stats.rate_limited += 1
@@ -237,6 +270,17 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
             retryable=status not in NON_RETRYABLE_STATUSES,
             retry_after_s=hint,
         )
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body up to `limit` bytes: `read(n)` returns what has arrived so far, so a
+    body that comes in pieces needs a loop."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit and (chunk := await response.content.read(limit - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _error_text(raw: bytes) -> tuple[str, str | None]:
