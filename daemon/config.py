@@ -160,7 +160,10 @@ def template_fields(template: str) -> list[str]:
         if field is None:
             continue
         if not field.isidentifier() or spec or conversion:
-            raise ValueError(f"placeholder {{{field}}} must be a plain {{name}}")
+            written = (
+                field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            )
+            raise ValueError(f"placeholder {{{written}}} must be a plain {{name}}")
         if field not in names:
             names.append(field)
     return names
@@ -268,6 +271,9 @@ def _reword(message: str, prefix: str = "$") -> str:
     match = re.match(r"^(.*) - at `\$(.*)`$", message)
     if match:
         return f"{prefix}{match.group(2)}: {match.group(1)}"
+    match = re.match(r"^(.*) - at `key` in `\$(.*)`$", message)
+    if match:  # a bad table name, e.g. [analyzers."bad name"]
+        return f"{prefix}{match.group(2)}: bad name: {match.group(1)}"
     return f"{prefix}: {message}"
 
 

@@ -103,9 +103,9 @@ class Dispatcher:
             with anyio.CancelScope(shield=True):
                 await self._store.requeue([job], "daemon stopped")
             raise
-        except StoreError as exc:
+        except Exception as exc:  # a store fault or an unencodable result
             # The job stays `running` in the database; recovery retries it.
-            log.error("job.record_failed", job_id=job.id, error=str(exc))
+            log.error("job.record_failed", job_id=job.id, error=f"{type(exc).__name__}: {exc}")
         finally:
             self.active.pop(job.id, None)
             self.finished += 1

@@ -7,6 +7,7 @@ import time
 from collections.abc import Mapping
 
 import anyio
+import msgspec
 import structlog
 
 from daemon.analyzers import Calls, Provider
@@ -81,11 +82,21 @@ class Worker:
                 return self._failed(
                     job, started, ErrorInfo(type(exc).__name__, str(exc)[:1000]), retryable=True
                 )
+            try:
+                # Encoded once here: the store writes these bytes as they are.
+                result = msgspec.Raw(msgspec.json.encode(out.result))
+            except (TypeError, msgspec.EncodeError) as exc:
+                return self._failed(
+                    job,
+                    started,
+                    ErrorInfo("BadResult", f"result is not JSON-encodable: {exc}"),
+                    retryable=False,
+                )
             latency_ms = (time.monotonic() - started) * 1000
             log.info("job.attempt", outcome="succeeded", latency_ms=round(latency_ms, 1))
             return AttemptEnd(
                 outcome="succeeded",
-                result=out.result,
+                result=result,
                 usage=out.usage,
                 http_status=out.http_status,
                 latency_ms=latency_ms,

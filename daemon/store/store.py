@@ -29,6 +29,11 @@ from daemon.wakeup import Wakeup
 
 Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
 PROCESS_DIED = ErrorInfo("ProcessDied", "process died during the attempt")
+_INSERT_JOB = (
+    "INSERT INTO jobs (id, analyzer, input, priority, idempotency_key, state, max_attempts, "
+    "created_at, source) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?) "
+    "ON CONFLICT (idempotency_key) DO NOTHING"
+)
 _JOB_COLUMNS = (
     "id, analyzer, input, priority, idempotency_key, state, attempts, max_attempts, "
     "not_before, created_at, started_at, finished_at, result, error_type, error_message, "
@@ -186,8 +191,10 @@ class Store(anyio.AsyncContextManagerMixin):
 
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        await anyio.Path(self.path.parent).mkdir(parents=True, exist_ok=True)
         async with (
+            self._send,
+            self._receive,
             aiosqlite.connect(self.path, isolation_level=None) as db,
             aiosqlite.connect(self.path, isolation_level=None) as reader,
         ):
@@ -246,6 +253,8 @@ class Store(anyio.AsyncContextManagerMixin):
         assert self._db is not None
         db = self._db
         tx = _Tx()
+        # Savepoints let one failed operation roll back alone; a lone operation
+        # needs none: its failure rolls back the whole (one-op) transaction.
         isolate = len(batch) > 1
         started = time.perf_counter()
         try:
@@ -256,8 +265,8 @@ class Store(anyio.AsyncContextManagerMixin):
                     await db.execute("SAVEPOINT op")
                 try:
                     item.result = await item.op(db, tx)
-                except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
-                    if not isolate or _is_fatal(exc):
+                except sqlite3.Error as exc:
+                    if _is_fatal(exc):
                         raise
                     item.error = StoreError(str(exc))
                 except Exception as exc:
@@ -268,7 +277,10 @@ class Store(anyio.AsyncContextManagerMixin):
                         await db.execute("ROLLBACK TO op")
                 if isolate:
                     await db.execute("RELEASE op")
-            await db.execute("COMMIT")
+            if not isolate and batch[0].error is not None:
+                await db.execute("ROLLBACK")
+            else:
+                await db.execute("COMMIT")
         except sqlite3.Error as exc:
             self.commit_errors += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -326,24 +338,29 @@ class Store(anyio.AsyncContextManagerMixin):
             if queued + len(jobs) > max_backlog:
                 raise BacklogFull(queued, max_backlog)
             now = time.time()
+            rows = {
+                job.id: (
+                    job.id,
+                    job.analyzer,
+                    msgspec.json.encode(job.input).decode(),
+                    job.priority,
+                    job.idempotency_key,
+                    job.max_attempts,
+                    now,
+                    job.source,
+                )
+                for job in jobs
+            }
+            # Jobs without a key cannot collide: one statement for all of them.
+            plain = [rows[job.id] for job in jobs if job.idempotency_key is None]
+            await db.executemany(_INSERT_JOB, plain)
+            tx.move(None, "queued", len(plain))
             out: list[Submitted] = []
             for job in jobs:
-                cur = await db.execute(
-                    "INSERT INTO jobs (id, analyzer, input, priority, idempotency_key, "
-                    "state, max_attempts, created_at, source) "
-                    "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?) "
-                    "ON CONFLICT (idempotency_key) DO NOTHING",
-                    (
-                        job.id,
-                        job.analyzer,
-                        msgspec.json.encode(job.input).decode(),
-                        job.priority,
-                        job.idempotency_key,
-                        job.max_attempts,
-                        now,
-                        job.source,
-                    ),
-                )
+                if job.idempotency_key is None:
+                    out.append(Submitted(job.id, True))
+                    continue
+                cur = await db.execute(_INSERT_JOB, rows[job.id])
                 if cur.rowcount == 1:
                     tx.move(None, "queued")
                     out.append(Submitted(job.id, True))
@@ -390,6 +407,9 @@ class Store(anyio.AsyncContextManagerMixin):
         result is recorded exactly once. Returns the job's new state (None: the job
         had already moved on, e.g. canceled)."""
 
+        # Encoded before any write, so an unencodable result fails the op cleanly.
+        result_json = None if end.result is None else msgspec.json.encode(end.result).decode()
+
         async def op(db: aiosqlite.Connection, tx: _Tx) -> State | None:
             now = time.time()
             error = end.error
@@ -427,7 +447,7 @@ class Store(anyio.AsyncContextManagerMixin):
                     new,
                     end.retry_at or 0.0,
                     None if new == "queued" else now,
-                    None if end.result is None else msgspec.json.encode(end.result).decode(),
+                    result_json,
                     error.type if error else None,
                     error.message if error else None,
                     usage.prompt_tokens if usage else 0,
@@ -499,8 +519,9 @@ class Store(anyio.AsyncContextManagerMixin):
         return result
 
     async def retry(self, job_ids: Sequence[str] | None, *, max_backlog: int) -> int:
-        """Put failed or canceled jobs back in the queue with a fresh attempt budget;
-        `None` retries every failed job."""
+        """Put failed or canceled jobs back in the queue with `max_attempts` more
+        attempts; `None` retries every failed job. Attempt numbers keep counting up,
+        so a stale attempt of the earlier run can never record over the new one."""
 
         async def op(db: aiosqlite.Connection, tx: _Tx) -> int:
             if job_ids is not None:
@@ -524,7 +545,8 @@ class Store(anyio.AsyncContextManagerMixin):
             if queued + total > max_backlog:
                 raise BacklogFull(queued, max_backlog)
             await db.execute(
-                f"UPDATE jobs SET state = 'queued', attempts = 0, not_before = 0, "
+                f"UPDATE jobs SET state = 'queued', max_attempts = attempts + max_attempts, "
+                f"not_before = 0, "
                 f"finished_at = NULL WHERE {where}",
                 params,
             )
