@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from daemon import __version__
 from daemon.config import Config
 from daemon.intake.submit import Intake
 from daemon.jobs import STATES
 from daemon.live import Live
+from daemon.observe.health import Check, Health
 from daemon.providers.openai import OpenAIProvider
 from daemon.queue import Dispatcher
 from daemon.store.store import Store
@@ -29,6 +33,39 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
     stop_requested: Wakeup = field(default_factory=Wakeup)
     stopping: bool = False
+    health: Health = field(default_factory=Health)
+    # Components add their own part of `status` here (watchdog, http, spool...).
+    status_sections: dict[str, Callable[[], Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.health.register(self._core_checks)
+
+    def _core_checks(self) -> list[Check]:
+        queued, limit = self.store.counts["queued"], self.config.queue.max_backlog
+        error = self.store.last_error
+        checks = [
+            Check(name="store", ok=error is None, reason=f"database unwritable: {error}"),
+            Check(
+                name="backlog",
+                ok=queued < limit,
+                reason=f"backlog full: {queued} queued, limit {limit}",
+            ),
+            Check(
+                name="intake",
+                ok=not self.intake.closed_reason,
+                reason=self.intake.closed_reason or "",
+            ),
+        ]
+        checks.extend(
+            Check(
+                name=f"provider.{name}",
+                ok=p.paused_reason is None,
+                affects="none",
+                reason=f"paused: {p.paused_reason}",
+            )
+            for name, p in self.providers.items()
+        )
+        return checks
 
     @property
     def config(self) -> Config:
@@ -72,6 +109,8 @@ class Runtime:
                 "last_error": self.store.last_error,
             },
             "socket": self.config.daemon.socket,
+            "health": msgspec.to_builtins(self.health.report()),
+            **{name: section() for name, section in self.status_sections.items()},
         }
 
 

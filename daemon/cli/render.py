@@ -84,6 +84,14 @@ def status_report(data: Mapping[str, Any], out: TextIO = sys.stdout) -> None:
         },
         out,
     )
+    health = data["health"]
+    problems = [f"{c['name']}: {c['reason']}" for c in health["checks"] if not c["ok"]]
+    verdict = (
+        "live, ready" if health["ready"] else ("live, NOT ready" if health["live"] else "NOT live")
+    )
+    print(f"\nhealth: {verdict}", file=out)
+    for problem in problems:
+        print(f"  - {problem}", file=out)
     print(file=out)
     table(["queued", "running", "succeeded", "failed", "canceled"], [list(jobs.values())], out)
     providers = data.get("providers") or {}
