@@ -25,6 +25,7 @@ from daemon.control.server import ControlServer
 from daemon.errors import StartupError
 from daemon.intake.submit import Intake
 from daemon.live import Live
+from daemon.observe.ring import LogRing
 from daemon.providers.openai import OpenAIProvider
 from daemon.providers.simulated import serve_simulated
 from daemon.queue import Dispatcher
@@ -79,7 +80,9 @@ async def _watch_signals(rt: Runtime, force: anyio.CancelScope) -> None:
             rt.request_stop()
 
 
-async def run_daemon(config: Config) -> int:
+async def run_daemon(
+    config: Config, *, config_path: str | None = None, log_ring: LogRing | None = None
+) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     started = time.monotonic()
     async with (
@@ -91,6 +94,9 @@ async def run_daemon(config: Config) -> int:
         async with AsyncExitStack() as stack:
             providers = await _open_providers(config, stack)
             rt = _build_runtime(config, store, providers)
+            rt.config_path = config_path
+            if log_ring is not None:
+                rt.log_ring = log_ring
             control = ControlServer(rt, config.socket_path, config.daemon.socket_group)
             async with anyio.create_task_group() as tg:
                 await tg.start(rt.dispatcher.run)

@@ -47,6 +47,8 @@ class DaemonConfig(Base, frozen=True):
 class HttpConfig(Base, frozen=True):
     listen: str = DEFAULT_HTTP_LISTEN
     token_env: str = "VIGIL_HTTP_TOKEN"
+    # A request body beyond this is refused with 413 (a submit is at most 10,000 jobs).
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
 
 
 class QueueConfig(Base, frozen=True):
@@ -60,6 +62,7 @@ class QueueConfig(Base, frozen=True):
 class LogConfig(Base, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
+    ring_size: Annotated[int, Meta(ge=100, le=1_000_000)] = 10_000  # events `vigil logs` sees
 
 
 class WatchdogConfig(Base, frozen=True):

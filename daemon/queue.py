@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from daemon.jobs import Job
+from daemon.jobs import Job, State
 from daemon.store.store import AttemptEnd, Store, StoreError
 
 log = structlog.get_logger("vigil.queue")
@@ -40,6 +40,9 @@ class Dispatcher:
         self._idle = anyio.Event()
         self.finished = 0
         self.outcomes: Counter[str] = Counter()  # attempt ends: succeeded, retried, failed
+        # Observers (metrics) told at the event; quick, and a failing one is only logged.
+        self.on_claim: list[Callable[[Job], None]] = []
+        self.on_finish: list[Callable[[Job, AttemptEnd, State | None], None]] = []
 
     def set_paused(self, paused: bool) -> None:
         self.paused = paused
@@ -73,6 +76,7 @@ class Dispatcher:
                 for job in jobs:
                     scope = anyio.CancelScope()
                     self.active[job.id] = (job, scope)
+                    _observe(self.on_claim, job)
                     tg.start_soon(self._run_one, job, scope, name=f"job {job.id}")
                 if not jobs:
                     await self._store.wakeup.wait(await self._until_next_retry())
@@ -98,6 +102,7 @@ class Dispatcher:
                 else:
                     new = await self._store.finish(job, end)
                     self.outcomes["retried" if new == "queued" else str(new)] += 1
+                    _observe(self.on_finish, job, end, new)
         except anyio.get_cancelled_exc_class():
             # Cancelled from outside (forced stop): give the attempt back.
             with anyio.CancelScope(shield=True):
@@ -129,3 +134,11 @@ class Dispatcher:
                 scope.cancel()
             await self._idle.wait()
         return cut
+
+
+def _observe(hooks: Iterable[Callable[..., None]], *args: object) -> None:
+    for hook in hooks:
+        try:
+            hook(*args)
+        except Exception:  # an observer's bug must not touch the job
+            log.exception("queue.observer_failed", observer=getattr(hook, "__qualname__", "?"))

@@ -17,6 +17,7 @@ from daemon.intake.submit import Intake
 from daemon.jobs import STATES
 from daemon.live import Live
 from daemon.observe.health import Check, Health
+from daemon.observe.ring import LogRing
 from daemon.providers.openai import OpenAIProvider
 from daemon.queue import Dispatcher
 from daemon.store.store import Store
@@ -34,6 +35,8 @@ class Runtime:
     stop_requested: Wakeup = field(default_factory=Wakeup)
     stopping: bool = False
     health: Health = field(default_factory=Health)
+    log_ring: LogRing = field(default_factory=LogRing)
+    config_path: str | None = None
     # Components add their own part of `status` here (watchdog, http, spool...).
     status_sections: dict[str, Callable[[], Any]] = field(default_factory=dict)
 

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 
 from daemon import __version__
-from daemon.cli import client_commands, demo
+from daemon.cli import client_commands, demo, logs
 from daemon.config import Config, ConfigError, SimulateConfig, load_config
 from daemon.control.client import DaemonUnavailable, RemoteError
 from daemon.errors import StartupError
@@ -63,10 +63,13 @@ def run_async(func: Callable[[], Awaitable[int]]) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.app import run_daemon
     from daemon.observe.logs import configure_logging
+    from daemon.observe.ring import LogRing
 
-    config = load_config(config_path(args))
-    configure_logging(config.log.level, config.log.format, secrets=_secrets(config))
-    return run_async(lambda: run_daemon(config))
+    path = config_path(args)
+    config = load_config(path)
+    ring = LogRing(config.log.ring_size)
+    configure_logging(config.log.level, config.log.format, secrets=_secrets(config), ring=ring)
+    return run_async(lambda: run_daemon(config, config_path=path, log_ring=ring))
 
 
 def _secrets(config: Config) -> list[str]:
@@ -157,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate_api)
 
     demo.add_parser(sub)
+    logs.add_parser(sub)
     client_commands.add_parsers(sub)
     return parser
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Self
@@ -51,18 +51,37 @@ class ControlClient(anyio.AsyncContextManagerMixin):
             yield self
 
     async def call(self, cmd: str, **args: Any) -> Any:
-        assert self._stream is not None and self._reader is not None
-        rid = next(self._ids)
+        await self._send(cmd, args)
+        return await self._receive()
+
+    async def stream(self, cmd: str, **args: Any) -> AsyncIterator[Any]:
+        """A streaming command (`logs` with follow): one item per reply line, until
+        the daemon goes away (DaemonUnavailable) or the caller stops iterating."""
+        await self._send(cmd, args)
+        while True:
+            yield await self._receive()
+
+    async def _send(self, cmd: str, args: dict[str, Any]) -> None:
+        assert self._stream is not None
         try:
-            await self._stream.send(encode_line(Request(cmd, rid, args)))
+            await self._stream.send(encode_line(Request(cmd, next(self._ids), args)))
+        except (anyio.BrokenResourceError, OSError) as exc:
+            raise self._gone(exc) from None
+
+    async def _receive(self) -> Any:
+        assert self._reader is not None
+        try:
             line = await self._reader.receive_until(b"\n", MAX_LINE_BYTES)
-        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError) as exc:
-            raise DaemonUnavailable(
-                f"vigil daemon at {self.path} closed the connection ({type(exc).__name__})"
-            ) from None
+        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, OSError) as exc:
+            raise self._gone(exc) from None
         reply = reply_decoder.decode(line)
         if not reply.ok:
             error = reply.error
             assert error is not None
             raise RemoteError(error.code, error.message, error.details)
         return reply.data
+
+    def _gone(self, exc: BaseException) -> DaemonUnavailable:
+        return DaemonUnavailable(
+            f"vigil daemon at {self.path} closed the connection ({type(exc).__name__})"
+        )

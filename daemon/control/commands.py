@@ -3,8 +3,8 @@ failures are CommandErrors with a code, so every surface reports them alike."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -12,6 +12,7 @@ from msgspec import Meta
 from daemon.control.protocol import CommandError
 from daemon.intake.submit import IntakeClosed, SubmitError
 from daemon.jobs import Job, State
+from daemon.observe.ring import LEVELS, LogFilter
 from daemon.runtime import Runtime
 from daemon.store.store import BacklogFull, InvalidTransition, JobNotFound, StoreError
 
@@ -26,6 +27,8 @@ class NoArgs(Args, frozen=True):
 
 class SubmitArgs(Args, frozen=True):
     jobs: Any
+    # Which intake the jobs came through (HTTP passes "http"); recorded on each job.
+    source: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]*$", max_length=32)] = "socket"
 
 
 class JobsArgs(Args, frozen=True):
@@ -48,6 +51,14 @@ class PurgeArgs(Args, frozen=True):
     older_than_s: Annotated[float, Meta(ge=0)] = 0.0
 
 
+class LogsArgs(Args, frozen=True):
+    n: Annotated[int, Meta(ge=0, le=100_000)] = 50
+    level: Literal["debug", "info", "warning", "error", "critical"] = "debug"
+    job: str | None = None
+    since: str | None = None  # ISO 8601 UTC, e.g. 2026-11-23T18:00:00Z
+    follow: bool = False
+
+
 class ProgressArgs(Args, frozen=True):
     ids: Annotated[list[str], Meta(max_length=100_000)]
 
@@ -62,7 +73,7 @@ async def status(rt: Runtime, _: NoArgs) -> Any:
 
 
 async def submit(rt: Runtime, args: SubmitArgs) -> Any:
-    submitted = await rt.intake.submit(args.jobs, source="socket")
+    submitted = await rt.intake.submit(args.jobs, source=args.source)
     return {
         "ids": [s.id for s in submitted],
         "created": sum(s.created for s in submitted),
@@ -119,6 +130,21 @@ async def resume(rt: Runtime, _: NoArgs) -> Any:
     return {"state": rt.state, "providers_resumed": lifted}
 
 
+async def logs(rt: Runtime, args: LogsArgs) -> Any:
+    """Recent events from the ring; with `follow`, a stream of them until the client
+    closes (each reply line's data is one event)."""
+    flt = LogFilter(level=LEVELS[args.level], job_id=args.job, since=args.since)
+    if args.follow:
+        return _follow(rt, flt, args.n)
+    entries, _ = rt.log_ring.recent(flt, args.n)
+    return {"events": [msgspec.Raw(e.line) for e in entries]}
+
+
+async def _follow(rt: Runtime, flt: LogFilter, n: int) -> AsyncIterator[Any]:
+    async for entry in rt.log_ring.follow(flt, n):
+        yield msgspec.Raw(entry.line)
+
+
 async def progress(rt: Runtime, args: ProgressArgs) -> Any:
     states = await rt.store.states_of(args.ids)
     counts: dict[str, int] = {}
@@ -143,6 +169,7 @@ COMMANDS: dict[str, tuple[type[Args], Handler]] = {
     "pause": (NoArgs, pause),
     "resume": (NoArgs, resume),
     "progress": (ProgressArgs, progress),
+    "logs": (LogsArgs, logs),
     "ping": (NoArgs, ping),
 }
 

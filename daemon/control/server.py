@@ -9,7 +9,9 @@ import contextlib
 import os
 import socket
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -130,9 +132,37 @@ class ControlServer:
                 return  # the rest of that line cannot be re-synchronised
             if not line.strip():
                 continue
-            await stream.send(await self._reply(line))
+            reply = await self._reply(line)
+            if isinstance(reply, bytes):
+                await stream.send(reply)
+            else:
+                await self._stream_replies(stream, reader, *reply)
+                return
 
-    async def _reply(self, line: bytes) -> bytes:
+    async def _stream_replies(
+        self,
+        stream: SocketStream,
+        reader: BufferedByteReceiveStream,
+        rid: RequestId,
+        items: AsyncIterator[Any],
+    ) -> None:
+        """Send one reply line per item until the client closes its side."""
+
+        async def until_closed(scope: anyio.CancelScope) -> None:
+            with contextlib.suppress(
+                anyio.EndOfStream, anyio.IncompleteRead, OSError, anyio.BrokenResourceError
+            ):
+                while True:
+                    await reader.receive()
+            scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(until_closed, tg.cancel_scope)
+            async for item in items:
+                await stream.send(encode_line(Reply(rid, True, data=item)))
+            tg.cancel_scope.cancel()
+
+    async def _reply(self, line: bytes) -> bytes | tuple[RequestId, AsyncIterator[Any]]:
         try:
             request = request_decoder.decode(line)
         except msgspec.DecodeError as exc:
@@ -152,6 +182,8 @@ class ControlServer:
                     request.id, False, error=ErrorBody("internal", f"{type(exc).__name__}: {exc}")
                 )
             )
+        if isinstance(data, AsyncIterator):
+            return request.id, data
         return encode_line(Reply(request.id, True, data=data))
 
     @staticmethod

@@ -8,9 +8,10 @@ import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-import msgspec
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from daemon.observe.ring import LogRing, encode_event
 
 _SECRET_KEYS = frozenset({"authorization", "api_key", "apikey", "token", "password", "secret"})
 REDACTED = "[redacted]"
@@ -45,9 +46,34 @@ class Redactor:
         }
 
 
-def _serialize(obj: Any, **_: Any) -> str:
-    """structlog hands its serializer `default=`; msgspec takes `enc_hook` instead."""
-    return msgspec.json.encode(obj, enc_hook=repr).decode()
+class RingRenderer:
+    """The last processor: encodes each event to JSON once, keeps it in the ring, and
+    (JSON format) returns the same text for stdout, or hands the event on to the
+    console renderer."""
+
+    def __init__(self, ring: LogRing | None, console: Processor | None) -> None:
+        self._ring = ring
+        self._console = console
+
+    def __call__(self, logger: WrappedLogger, name: str, event: EventDict) -> str:
+        line = encode_event(event)
+        if self._ring is not None:
+            self._ring.add(event, line)
+        if self._console is not None:
+            rendered: str = self._console(logger, name, event)  # type: ignore[assignment]
+            return rendered
+        return line.decode()
+
+
+def _level_number(level: str) -> int:
+    return logging.getLevelNamesMapping()[level.upper()]
+
+
+def set_level(level: str) -> None:
+    """Change the level live (reload): loggers are not cached, so this applies at once."""
+    numeric = _level_number(level)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(numeric))
+    logging.getLogger().setLevel(max(numeric, logging.INFO))
 
 
 def configure_logging(
@@ -56,6 +82,7 @@ def configure_logging(
     *,
     stream: TextIO | None = None,
     secrets: Iterable[str] = (),
+    ring: LogRing | None = None,
 ) -> None:
     out = stream or sys.stdout
     console = fmt == "console" or (fmt == "auto" and out.isatty())
@@ -65,19 +92,14 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         Redactor(secrets),
     ]
-    renderer: Processor = (
-        structlog.dev.ConsoleRenderer(colors=False)
-        if console
-        else structlog.processors.JSONRenderer(serializer=_serialize)
-    )
+    renderer = RingRenderer(ring, structlog.dev.ConsoleRenderer(colors=False) if console else None)
     tail: list[Processor] = [] if console else [structlog.processors.dict_tracebacks]
-    numeric = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=[*shared, structlog.processors.StackInfoRenderer(), *tail, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    set_level(level)
     # Libraries (aiohttp, asyncio) log through the stdlib: same format, same stream.
     handler = logging.StreamHandler(out)
     handler.setFormatter(
@@ -88,4 +110,3 @@ def configure_logging(
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(max(numeric, logging.INFO))

@@ -1,0 +1,159 @@
+"""The log ring and `vigil logs`: bounded, filtered, followed across a restart."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+import anyio
+import msgspec
+import pytest
+
+from daemon.cli.logs import parse_since
+from daemon.observe.ring import MAX_EVENT_BYTES, LogFilter, LogRing, encode_event
+from tests.daemon_proc import DaemonProcess, run_cli, sim_config
+
+StartDaemon = Callable[..., DaemonProcess]
+
+
+def _add(ring: LogRing, event: str, **fields: Any) -> None:
+    record = {"event": event, "level": "info", "timestamp": "2026-01-01T00:00:00.000000Z"}
+    record.update(fields)
+    ring.add(record, encode_event(record))
+
+
+def _events(entries: list[Any]) -> list[str]:
+    return [msgspec.json.decode(e.line)["event"] for e in entries]
+
+
+def test_ring_is_bounded_and_filters() -> None:
+    """Old events fall off; level, job and since filters select what they say."""
+    ring = LogRing(size=100)
+    for i in range(250):
+        _add(
+            ring,
+            f"e{i}",
+            level="warning" if i % 10 == 0 else "info",
+            job_id="j1" if i % 2 else None,
+            timestamp=f"2026-01-01T00:00:{i % 60:02d}.000000Z",
+        )
+    everything, top = ring.recent(LogFilter(), 1000)
+    assert len(everything) == 100 and top == 250
+    assert _events(everything)[-1] == "e249"
+    warnings, _ = ring.recent(LogFilter(level=30), 1000)
+    assert _events(warnings) == [f"e{i}" for i in range(150, 250, 10)]
+    jobs, _ = ring.recent(LogFilter(job_id="j1"), 3)
+    assert _events(jobs) == ["e245", "e247", "e249"]
+    late, _ = ring.recent(LogFilter(since="2026-01-01T00:00:55.000000Z"), 1000)
+    assert {int(e[1:]) % 60 for e in _events(late)} <= set(range(55, 60))
+
+
+def test_oversize_event_is_truncated() -> None:
+    """An event larger than the per-event cap is kept as a stub naming its size."""
+    ring = LogRing(size=10)
+    _add(ring, "huge", blob="x" * (MAX_EVENT_BYTES + 10))
+    [entry], _ = ring.recent(LogFilter(), 10)
+    stub = msgspec.json.decode(entry.line)
+    assert stub["event"] == "huge" and stub["truncated_bytes"] > MAX_EVENT_BYTES
+    assert len(entry.line) < 1000
+
+
+@pytest.mark.anyio
+async def test_follow_yields_backlog_then_new_events_from_any_thread() -> None:
+    """follow() gives the last n, then new events, including ones logged by threads."""
+    ring = LogRing(size=100)
+    for i in range(5):
+        _add(ring, f"old{i}")
+    seen: list[str] = []
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+
+            async def reader() -> None:
+                async for entry in ring.follow(LogFilter(), 2):
+                    seen.append(msgspec.json.decode(entry.line)["event"])
+                    if len(seen) == 4:
+                        tg.cancel_scope.cancel()
+
+            tg.start_soon(reader)
+            await anyio.sleep(0.05)
+            _add(ring, "new-loop")
+            thread = threading.Thread(target=_add, args=(ring, "new-thread"))
+            thread.start()
+            thread.join()
+    assert seen == ["old3", "old4", "new-loop", "new-thread"]
+
+
+def test_parse_since() -> None:
+    """Relative and absolute --since values become the daemon's timestamp format."""
+    now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    assert parse_since("90s", now) == "2026-01-02T03:02:35.000000Z"
+    assert parse_since("2h", now) == "2026-01-02T01:04:05.000000Z"
+    assert parse_since("2026-01-01T00:00:00Z") == "2026-01-01T00:00:00.000000Z"
+    assert parse_since("2026-01-01T01:00:00+01:00") == "2026-01-01T00:00:00.000000Z"
+
+
+def _read_until(
+    stream: IO[str], predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 30
+) -> list[dict[str, Any]]:
+    """Read JSON lines from a follower until one matches (bounded by a deadline)."""
+    lines: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    result: list[dict[str, Any]] = []
+
+    def pump() -> None:
+        with contextlib.suppress(ValueError, OSError):  # the pipe closed under us
+            for raw in stream:
+                event = msgspec.json.decode(raw)
+                lines.append(event)
+                if predicate(event):
+                    result.append(event)
+                    return
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    assert result, f"no matching event; saw {[e.get('event') for e in lines]}"
+    return lines
+
+
+def test_logs_by_job_and_follow_across_restart(start_daemon: StartDaemon) -> None:
+    """`logs --job` shows only that job; `logs -f` follows live and across a restart."""
+    daemon = start_daemon(sim_config())
+    first = daemon.call("submit", jobs={"analyzer": "summarize", "input": {"text": "a"}})
+    other = daemon.call("submit", jobs={"analyzer": "summarize", "input": {"text": "b"}})
+    daemon.wait_all_terminal(timeout_s=60)
+    out = run_cli("logs", "--job", first["ids"][0], "--json", socket_path=daemon.socket_path)
+    assert out.returncode == 0, out.stderr
+    events = [msgspec.json.decode(line) for line in out.stdout.splitlines()]
+    assert events and all(e["job_id"] == first["ids"][0] for e in events)
+    assert other["ids"][0] not in out.stdout
+
+    env = {**os.environ, "VIGIL_SOCKET": str(daemon.socket_path)}
+    with subprocess.Popen(
+        [sys.executable, "-m", "daemon", "logs", "-f", "--json", "-n", "0", "--level", "info"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as follower:
+        assert follower.stdout is not None and follower.stderr is not None
+        try:
+            time.sleep(0.5)
+            live = daemon.call("submit", jobs={"analyzer": "summarize", "input": {"text": "c"}})
+            _read_until(follower.stdout, lambda e: e.get("job_id") == live["ids"][0])
+            assert daemon.terminate() == 0
+            daemon.restart()
+            after = daemon.call("submit", jobs={"analyzer": "summarize", "input": {"text": "d"}})
+            _read_until(follower.stdout, lambda e: e.get("job_id") == after["ids"][0])
+        finally:
+            follower.kill()
+            follower.wait(10)
+        errors = follower.stderr.read()
+    assert "reconnecting" in errors and "reconnected" in errors
