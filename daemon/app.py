@@ -7,6 +7,7 @@ services, let the store commit what is pending and checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -23,14 +24,20 @@ from daemon.analyzers import build_analyzers
 from daemon.config import Config, redacted
 from daemon.control.server import ControlServer
 from daemon.errors import StartupError
+from daemon.intake.http import HttpServer
+from daemon.intake.spool import SpoolIntake
 from daemon.intake.submit import Intake
 from daemon.live import Live
 from daemon.observe.ring import LogRing
+from daemon.observe.sdstatus import extend_while_draining, report_status
 from daemon.providers.openai import OpenAIProvider
-from daemon.providers.simulated import serve_simulated
+from daemon.providers.simulated import SimulatedAPI, serve_simulated
 from daemon.queue import Dispatcher
+from daemon.reload import ReloadError, reload
 from daemon.runtime import Runtime
 from daemon.store.store import Store
+from daemon.watchdog.introspect import log_stacks
+from daemon.watchdog.service import EX_RESTART, Watchdog
 from daemon.worker import Worker
 
 log = structlog.get_logger("vigil.app")
@@ -57,21 +64,36 @@ async def _state_lock(state_dir: Path) -> AsyncIterator[None]:
         os.close(fd)
 
 
-async def _open_providers(config: Config, stack: AsyncExitStack) -> dict[str, OpenAIProvider]:
+async def _open_providers(
+    config: Config, stack: AsyncExitStack
+) -> tuple[dict[str, OpenAIProvider], dict[str, SimulatedAPI]]:
     providers: dict[str, OpenAIProvider] = {}
+    simulated: dict[str, SimulatedAPI] = {}
     for name, cfg in config.providers.items():
         base_url = None
         if cfg.kind == "simulated":
-            _, base_url = await stack.enter_async_context(serve_simulated(cfg.simulate))
+            simulated[name], base_url = await stack.enter_async_context(
+                serve_simulated(cfg.simulate)
+            )
         providers[name] = await stack.enter_async_context(OpenAIProvider(name, cfg, base_url))
-    return providers
+    return providers, simulated
 
 
 async def _watch_signals(rt: Runtime, force: anyio.CancelScope) -> None:
-    """The one owner of signals: the first TERM/INT drains, a second one forces."""
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """The one owner of signals: the first TERM/INT drains, a second one forces;
+    HUP reloads the config; USR1 writes every thread's and task's stack to the log."""
+    with anyio.open_signal_receiver(
+        signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
+    ) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
+            if signum == signal.SIGUSR1:
+                log_stacks(reason="SIGUSR1")
+                continue
+            if signum == signal.SIGHUP:
+                with contextlib.suppress(ReloadError):  # logged; the old config stays
+                    await reload(rt)
+                continue
             if rt.stopping:
                 log.warning("daemon.forced_stop", signal=name)
                 force.cancel()
@@ -92,49 +114,66 @@ async def run_daemon(
         if any(store.recovered.values()):
             log.warning("store.recovered", **store.recovered)
         async with AsyncExitStack() as stack:
-            providers = await _open_providers(config, stack)
+            providers, simulated = await _open_providers(config, stack)
             rt = _build_runtime(config, store, providers)
+            rt.simulated = simulated
             rt.config_path = config_path
             if log_ring is not None:
                 rt.log_ring = log_ring
             control = ControlServer(rt, config.socket_path, config.daemon.socket_group)
+            # Built before the dispatcher starts, so its metrics see every attempt.
+            http = HttpServer(rt, config.http) if config.http.listen else None
+            watchdog = Watchdog(rt)
             async with anyio.create_task_group() as tg:
+                await tg.start(watchdog.run, name="watchdog")
                 await tg.start(rt.dispatcher.run)
                 await tg.start(control.run)
-                tg.start_soon(_watch_signals, rt, tg.cancel_scope)
+                # Stays up while draining (/readyz answers 503); the final cancel stops it.
+                http_url = await tg.start(http.run) if http else None
+                tg.start_soon(_watch_signals, rt, tg.cancel_scope, name="signals")
                 systemd.notify("READY=1")
+                tg.start_soon(report_status, rt, name="systemd.status")
                 log.info(
                     "daemon.started",
                     pid=os.getpid(),
                     version=__version__,
                     socket=str(control.path),
+                    http=http_url,
                     db=str(store.path),
                     jobs=dict(store.counts),
                     config=redacted(config),
                 )
                 if config.intake.spool is not None:
-                    log.warning(
-                        "intake.spool_unsupported",
-                        dir=config.intake.spool.dir,
-                        reason="spool intake arrives in a later release",
-                    )
+                    spool = SpoolIntake(config.intake.spool, rt.intake, store, rt.live)
+                    rt.status_sections["spool"] = spool.status
+                    rt.health.register(spool.check)
+                    # Stops claiming once intake closes (below); keeps moving finished
+                    # files out while draining; the final cancel stops it.
+                    await tg.start(spool.run, name="spool")
                 while not rt.stopping:
                     await rt.stop_requested.wait()
                 systemd.notify("STOPPING=1")
                 rt.intake.closed_reason = "the daemon is shutting down"
                 grace = config.daemon.shutdown_grace_s
                 log.info("daemon.draining", running=len(rt.dispatcher.active), grace_s=grace)
-                requeued = await rt.dispatcher.drain(grace)
+                async with anyio.create_task_group() as drain_tg:
+                    drain_tg.start_soon(extend_while_draining, rt.dispatcher)
+                    requeued = await rt.dispatcher.drain(grace)
+                    drain_tg.cancel_scope.cancel()
                 tg.cancel_scope.cancel()
+    # max_rss_mb asked for a restart: a distinct exit code systemd restarts on.
+    code = EX_RESTART if watchdog.restart_requested else 0
     log.info(
         "daemon.stopped",
+        exit_code=code,
+        restart_reason=watchdog.restart_requested,
         requeued=requeued,
         jobs=dict(store.counts),
         accepted=rt.intake.accepted,
         finished=rt.dispatcher.finished,
         uptime_s=round(time.monotonic() - started, 1),
     )
-    return 0
+    return code
 
 
 def _build_runtime(config: Config, store: Store, providers: dict[str, OpenAIProvider]) -> Runtime:

@@ -66,8 +66,23 @@ class LogConfig(Base, frozen=True):
 
 
 class WatchdogConfig(Base, frozen=True):
+    """The in-process watchdog (daemon/watchdog/); `enabled = false` keeps only the
+    systemd watchdog pings."""
+
+    enabled: bool = True
     block_threshold_ms: PositiveInt = 250
-    max_rss_mb: NonNegInt = 0
+    # Fallback for stalls the side thread cannot see (C code holding the GIL):
+    # faulthandler dumps every thread's stack when the loop has not ticked this long.
+    stall_dump_s: PositiveFloat = 10.0
+    max_rss_mb: NonNegInt = 0  # 0 = off; above it: drain and exit 75 for a restart
+    sample_s: PositiveFloat = 10.0  # RSS, fds, threads, tasks
+    warmup_s: NonNegFloat = 60.0  # baselines are taken after this
+    memory_growth_mb: PositiveFloat = 200.0  # sustained RSS growth that starts tracemalloc
+    memory_trace_s: PositiveFloat = 60.0  # how long tracemalloc stays on
+    task_growth_limit: PositiveInt = 10_000
+    fd_growth_limit: PositiveInt = 500
+    thread_growth_limit: PositiveInt = 100
+    stuck_margin_s: NonNegFloat = 10.0  # past an analyzer's timeout_s: abandon the attempt
 
 
 class SimulateConfig(Base, frozen=True):
@@ -98,6 +113,16 @@ class ProviderConfig(Base, frozen=True):
     tokens_per_minute: NonNegInt = 0
     timeout_s: PositiveFloat = 60.0
     max_connections: PositiveInt = 100
+    # Throttling (README "Throttling"): budget refill held back against network jitter;
+    # whether the server's x-ratelimit-*/anthropic-ratelimit-* headers correct the budgets.
+    budget_margin_ms: Annotated[float, Meta(ge=0, le=10_000)] = 100.0
+    sync_rate_limit_headers: bool = True
+    # Circuit breaker: open after this many failures in a row (0 = off), for this long.
+    breaker_failures: NonNegInt = 5
+    breaker_open_s: PositiveFloat = 30.0
+    # AIMD: halve the concurrency on a 429/timeout, +1 per this many successes.
+    adaptive_concurrency: bool = False
+    adaptive_successes_per_step: PositiveInt = 20
     prices: PriceConfig | None = None
     simulate: SimulateConfig = SimulateConfig()
 
@@ -120,6 +145,13 @@ class SpoolConfig(Base, frozen=True):
     dir: str
     analyzer: str
     glob: str = "*.txt"
+    field: str = "text"  # the input field the file's text goes into (plus "filename")
+    poll_s: PositiveFloat = 1.0
+    # A file is taken once unchanged (size, mtime) for this long, or last written
+    # this long ago (written elsewhere and renamed in); 0 takes it at first sight.
+    settle_s: NonNegFloat = 1.0
+    max_file_bytes: PositiveInt = 524_288
+    max_in_flight: PositiveInt = 1000
 
 
 class IntakeConfig(Base, frozen=True):
@@ -217,8 +249,35 @@ def _check(config: Config) -> list[str]:
         except ValueError as exc:
             problems.append(f"{path}.prompt: bad template: {exc}")
     spool = config.intake.spool
-    if spool is not None and spool.analyzer not in config.analyzers:
+    if spool is not None:
+        problems.extend(_check_spool(config, spool))
+    return problems
+
+
+def _check_spool(config: Config, spool: SpoolConfig) -> list[str]:
+    """A spool job's input is {field: text, "filename": name}; anything else its
+    analyzer's prompt needs would fail every file, so it is a config error."""
+    problems: list[str] = []
+    if not spool.dir:
+        problems.append("$.intake.spool.dir: required")
+    if "/" in spool.glob or not spool.glob:
+        problems.append("$.intake.spool.glob: a file name pattern, without '/'")
+    if not spool.field.isidentifier() or spool.field == "filename":
+        problems.append('$.intake.spool.field: a plain name other than "filename"')
+    analyzer = config.analyzers.get(spool.analyzer)
+    if analyzer is None:
         problems.append(f"$.intake.spool.analyzer: no analyzer named {spool.analyzer!r}")
+    elif not analyzer.handler:
+        try:
+            missing = set(template_fields(analyzer.prompt)) - {spool.field, "filename"}
+        except ValueError:
+            missing = set()  # reported with the analyzer
+        if missing:
+            problems.append(
+                f"$.intake.spool.analyzer: {spool.analyzer!r} needs "
+                f"{', '.join(sorted(missing))}, which spool files do not provide "
+                f"(they give {spool.field} and filename)"
+            )
     return problems
 
 
@@ -235,6 +294,11 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     elif not Path(socket).is_absolute():
         socket = str(base_dir / socket)
     daemon = msgspec.structs.replace(config.daemon, state_dir=str(state), socket=socket)
+    spool = config.intake.spool
+    if spool is not None and not Path(spool.dir).is_absolute():
+        spool = msgspec.structs.replace(spool, dir=str(base_dir / spool.dir))
+        intake = msgspec.structs.replace(config.intake, spool=spool)
+        config = msgspec.structs.replace(config, intake=intake)
     return msgspec.structs.replace(config, daemon=daemon)
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 
 import anyio
 import structlog
+from anyio import TaskInfo
 from anyio.abc import TaskStatus
 
 from daemon.jobs import Job, State
@@ -21,6 +23,19 @@ from daemon.store.store import AttemptEnd, Store, StoreError
 
 log = structlog.get_logger("vigil.queue")
 POLL_S = 1.0
+
+
+@dataclass(eq=False)
+class ActiveAttempt:
+    """One running attempt, as observers (cancel, drain, the watchdog's stuck
+    detector) need it: its job, its cancel scope, when it started (anyio clock) and
+    its task once that runs."""
+
+    job: Job
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    started: float = field(default_factory=anyio.current_time)
+    task: TaskInfo | None = None
+    abandoned: bool = False  # its end was recorded by `abandon`; the task may linger
 
 
 class Dispatcher:
@@ -35,7 +50,8 @@ class Dispatcher:
         self._execute = execute
         self.max_concurrency = max_concurrency
         self.paused = False
-        self.active: dict[str, tuple[Job, anyio.CancelScope]] = {}
+        self.active: dict[str, ActiveAttempt] = {}
+        self.lingering = 0  # abandoned attempts whose tasks have not ended yet
         self._stopping = False
         self._idle = anyio.Event()
         self.finished = 0
@@ -56,8 +72,31 @@ class Dispatcher:
         entry = self.active.get(job_id)
         if entry is None:
             return False
-        entry[1].cancel()
+        entry.scope.cancel()
         return True
+
+    async def abandon(self, entry: ActiveAttempt, end: AttemptEnd) -> State | None:
+        """Give up on an attempt that did not end when it should have (it shields
+        itself or swallows cancellation): record `end` for it now, free its slot,
+        and cancel it. Whatever its task does later is ignored; the store's guard on
+        (running, attempt number) keeps the job's record exact."""
+        if entry.abandoned or self.active.get(entry.job.id) is not entry:
+            return None
+        entry.abandoned = True
+        del self.active[entry.job.id]
+        self.lingering += 1
+        entry.scope.cancel()
+        self.finished += 1
+        try:
+            with anyio.CancelScope(shield=True):
+                new = await self._store.finish(entry.job, end)
+        finally:
+            self._store.wakeup.notify()
+            if self._stopping and not self.active:
+                self._idle.set()
+        self.outcomes["retried" if new == "queued" else str(new)] += 1
+        _observe(self.on_finish, entry.job, end, new)
+        return new
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -74,10 +113,10 @@ class Dispatcher:
                     await anyio.sleep(POLL_S)
                     continue
                 for job in jobs:
-                    scope = anyio.CancelScope()
-                    self.active[job.id] = (job, scope)
+                    entry = ActiveAttempt(job)
+                    self.active[job.id] = entry
                     _observe(self.on_claim, job)
-                    tg.start_soon(self._run_one, job, scope, name=f"job {job.id}")
+                    tg.start_soon(self._run_one, entry, name=f"job {job.id}")
                 if not jobs:
                     await self._store.wakeup.wait(await self._until_next_retry())
             # Stopping: running attempts belong to drain(); wait for them here.
@@ -90,10 +129,14 @@ class Dispatcher:
             return POLL_S
         return min(POLL_S, max(0.01, wake - time.time()))
 
-    async def _run_one(self, job: Job, scope: anyio.CancelScope) -> None:
+    async def _run_one(self, entry: ActiveAttempt) -> None:
+        job, scope = entry.job, entry.scope
+        entry.task = anyio.get_current_task()
         try:
             with scope:
                 end = await self._execute(job)
+            if entry.abandoned:
+                return  # `abandon` recorded this attempt's end already
             with anyio.CancelScope(shield=True):
                 if scope.cancelled_caught:
                     if self._stopping:
@@ -112,8 +155,12 @@ class Dispatcher:
             # The job stays `running` in the database; recovery retries it.
             log.error("job.record_failed", job_id=job.id, error=f"{type(exc).__name__}: {exc}")
         finally:
-            self.active.pop(job.id, None)
-            self.finished += 1
+            if entry.abandoned:
+                self.lingering -= 1
+            else:
+                if self.active.get(job.id) is entry:
+                    del self.active[job.id]
+                self.finished += 1
             self._store.wakeup.notify()
             if self._stopping and not self.active:
                 self._idle.set()
@@ -130,8 +177,8 @@ class Dispatcher:
         cut = len(self.active)
         if cut:
             log.warning("queue.drain_timeout", grace_s=grace_s, requeued=cut)
-            for _, scope in list(self.active.values()):
-                scope.cancel()
+            for entry in list(self.active.values()):
+                entry.scope.cancel()
             await self._idle.wait()
         return cut
 

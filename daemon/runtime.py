@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -19,9 +19,13 @@ from daemon.live import Live
 from daemon.observe.health import Check, Health
 from daemon.observe.ring import LogRing
 from daemon.providers.openai import OpenAIProvider
+from daemon.providers.simulated import SimulatedAPI
 from daemon.queue import Dispatcher
 from daemon.store.store import Store
 from daemon.wakeup import Wakeup
+
+if TYPE_CHECKING:
+    from daemon.watchdog.service import Watchdog
 
 
 @dataclass
@@ -37,6 +41,8 @@ class Runtime:
     health: Health = field(default_factory=Health)
     log_ring: LogRing = field(default_factory=LogRing)
     config_path: str | None = None
+    simulated: dict[str, SimulatedAPI] = field(default_factory=dict)
+    watchdog: Watchdog | None = None  # set by app.py; the debug commands use it
     # Components add their own part of `status` here (watchdog, http, spool...).
     status_sections: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
@@ -118,23 +124,6 @@ class Runtime:
 
 
 def provider_status(provider: OpenAIProvider) -> dict[str, Any]:
-    stats = provider.stats
-    limits = provider.limits
-    return {
-        "kind": provider.config.kind,
-        "base_url": provider.base_url,
-        "paused": provider.paused_reason,
-        "in_flight": stats.in_flight,
-        "requests": stats.requests,
-        "by_status": stats.by_status,
-        "rate_limited": stats.rate_limited,
-        "cooldown_s": round(limits.cooldown_left(), 3),
-        "tokens_in": stats.prompt_tokens,
-        "tokens_out": stats.completion_tokens,
-        "avg_latency_ms": round(stats.latency_ms_total / stats.requests, 1)
-        if stats.requests
-        else None,
-        "max_concurrency": provider.config.max_concurrency,
-        "requests_per_minute": limits.requests.per_minute,
-        "tokens_per_minute": limits.tokens.per_minute,
-    }
+    """Requests by status, 429s, latency (avg, p50/p99), tokens, in-flight, budgets
+    (levels and learned limits), cool-down, circuit state, concurrency limit."""
+    return provider.status()

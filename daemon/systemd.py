@@ -6,6 +6,11 @@ import os
 import socket
 
 
+def enabled() -> bool:
+    """Whether a service manager listens (we run under systemd with Type=notify)."""
+    return bool(os.environ.get("NOTIFY_SOCKET"))
+
+
 def notify(message: str) -> bool:
     """Send `READY=1`, `STATUS=...` and friends; False when not under systemd."""
     address = os.environ.get("NOTIFY_SOCKET")

@@ -29,6 +29,7 @@ def sim_config(
     max_concurrency: int = 32,
     grace_s: float = 10.0,
     max_backlog: int = 1_000_000,
+    http_listen: str = "",
     extra: str = "",
 ) -> str:
     """A daemon config against the built-in simulated API."""
@@ -37,7 +38,7 @@ def sim_config(
 shutdown_grace_s = {grace_s}
 
 [http]
-listen = ""
+listen = "{http_listen}"
 
 [queue]
 max_concurrency = {max_concurrency}
@@ -153,6 +154,17 @@ class DaemonProcess:
             except OSError:
                 time.sleep(0.05)
         raise TimeoutError(f"daemon not ready in {START_TIMEOUT_S} s:\n{self.log()}")
+
+    def http_url(self) -> str:
+        """The HTTP API's base URL as the daemon publishes it in `status` (so port 0
+        works); waits for it, as the control socket answers before HTTP is bound."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "http" not in (status := self.call("status")):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no http section in status:\n{self.log()}")
+            time.sleep(0.02)
+        url: str = status["http"]["url"]
+        return url
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]

@@ -298,6 +298,26 @@ async def resume(client: ControlClient, args: argparse.Namespace) -> int:
     return 0
 
 
+async def drain(client: ControlClient, args: argparse.Namespace) -> int:
+    data = await client.call("drain")
+    _done(
+        args,
+        data,
+        f"draining: intake closed, {data['running']} attempt(s) still running; "
+        "`vigil resume` reopens",
+    )
+    return 0
+
+
+async def reload(client: ControlClient, args: argparse.Namespace) -> int:
+    data = await client.call("reload")
+    text = "reloaded: " + (", ".join(data["applied"]) or "no changes")
+    if data["needs_restart"]:
+        text += "\nneeds a restart to apply: " + ", ".join(data["needs_restart"])
+    _done(args, data, text)
+    return 0
+
+
 def _done(args: argparse.Namespace, data: Any, text: str) -> None:
     if args.json:
         render.as_json(data)
@@ -344,4 +364,6 @@ def add_parsers(sub: Any) -> None:
     p = command("purge", purge, "delete finished jobs")
     p.add_argument("--older-than", type=float, default=0.0, metavar="SECONDS")
     command("pause", pause, "stop starting new attempts (intake goes on)")
-    command("resume", resume, "start attempts again; lift paused providers")
+    command("resume", resume, "start attempts again; reopen intake; lift paused providers")
+    command("drain", drain, "stop intake and new attempts; running ones finish")
+    command("reload", reload, "re-read the config and apply what can change live")

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 
 from daemon import __version__
-from daemon.cli import client_commands, demo, logs
+from daemon.cli import bench, client_commands, debug, demo, logs, top
 from daemon.config import Config, ConfigError, SimulateConfig, load_config
 from daemon.control.client import DaemonUnavailable, RemoteError
 from daemon.errors import StartupError
@@ -160,8 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate_api)
 
     demo.add_parser(sub)
+    bench.add_parser(sub)
     logs.add_parser(sub)
+    top.add_parser(sub)
     client_commands.add_parsers(sub)
+    debug.add_parser(sub)
     return parser
 
 

@@ -13,8 +13,10 @@ from daemon.control.protocol import CommandError
 from daemon.intake.submit import IntakeClosed, SubmitError
 from daemon.jobs import Job, State
 from daemon.observe.ring import LEVELS, LogFilter
+from daemon.reload import ReloadError, reload
 from daemon.runtime import Runtime
 from daemon.store.store import BacklogFull, InvalidTransition, JobNotFound, StoreError
+from daemon.watchdog.introspect import task_report, thread_report
 
 
 class Args(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -61,6 +63,15 @@ class LogsArgs(Args, frozen=True):
 
 class ProgressArgs(Args, frozen=True):
     ids: Annotated[list[str], Meta(max_length=100_000)]
+
+
+class DebugTasksArgs(Args, frozen=True):
+    limit: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+
+
+class DebugMemoryArgs(Args, frozen=True):
+    seconds: Annotated[float, Meta(ge=0.1, le=300)] = 5.0  # tracemalloc on for this long
+    top: Annotated[int, Meta(ge=1, le=200)] = 20
 
 
 def job_data(job: Job) -> dict[str, Any]:
@@ -121,11 +132,13 @@ async def pause(rt: Runtime, _: NoArgs) -> Any:
 
 
 async def resume(rt: Runtime, _: NoArgs) -> Any:
-    """Resume starting attempts, and lift providers paused by a refused key or an
-    exhausted quota (the operator says it is fixed)."""
+    """Resume starting attempts, reopen intake after a drain, and lift providers
+    paused by a refused key or an exhausted quota (the operator says it is fixed)."""
     lifted = [name for name, p in rt.providers.items() if p.paused_reason]
     for name in lifted:
         rt.providers[name].resume()
+    if rt.intake.closed_reason == DRAINING and not rt.stopping:
+        rt.intake.closed_reason = None
     rt.dispatcher.set_paused(False)
     return {"state": rt.state, "providers_resumed": lifted}
 
@@ -145,6 +158,27 @@ async def _follow(rt: Runtime, flt: LogFilter, n: int) -> AsyncIterator[Any]:
         yield msgspec.Raw(entry.line)
 
 
+DRAINING = "draining (vigil drain); `vigil resume` reopens"
+
+
+async def drain(rt: Runtime, _: NoArgs) -> Any:
+    """Stop intake and stop starting attempts; running ones finish. For maintenance:
+    wait for `running` to reach 0, then stop or restart the daemon."""
+    if not rt.stopping:
+        rt.intake.closed_reason = DRAINING
+    rt.dispatcher.set_paused(True)
+    return {"state": rt.state, "running": len(rt.dispatcher.active)}
+
+
+async def reload_config(rt: Runtime, _: NoArgs) -> Any:
+    try:
+        result = await reload(rt)
+    except ReloadError as exc:
+        message = f"reload refused, still on the old config: {exc}"
+        raise CommandError("reload_failed", message) from None
+    return msgspec.to_builtins(result)
+
+
 async def progress(rt: Runtime, args: ProgressArgs) -> Any:
     states = await rt.store.states_of(args.ids)
     counts: dict[str, int] = {}
@@ -156,6 +190,27 @@ async def progress(rt: Runtime, args: ProgressArgs) -> Any:
 async def ping(rt: Runtime, _: NoArgs) -> Any:
     return {"pong": True, "pid": rt.status()["pid"]}
 
+
+async def debug_tasks(rt: Runtime, args: DebugTasksArgs) -> Any:
+    """Every asyncio task: name, state, age, coroutine, stack (innermost first)."""
+    created = rt.watchdog.registry.created if rt.watchdog is not None else None
+    return task_report(created, args.limit)
+
+
+async def debug_stacks(rt: Runtime, _: NoArgs) -> Any:
+    """Every thread's stack (innermost first)."""
+    return thread_report()
+
+
+async def debug_memory(rt: Runtime, args: DebugMemoryArgs) -> Any:
+    """RSS and the allocation sites that grew (tracemalloc, on for `seconds`)."""
+    if rt.watchdog is None:
+        raise CommandError("unavailable", "the watchdog is not running")
+    return await rt.watchdog.memory.report(args.seconds, args.top)
+
+
+# Commands that change something: the control socket logs who asked (peer uid, pid).
+MUTATING = frozenset({"submit", "retry", "cancel", "purge", "pause", "resume", "drain", "reload"})
 
 Handler = Callable[[Runtime, Any], Awaitable[Any]]
 COMMANDS: dict[str, tuple[type[Args], Handler]] = {
@@ -170,7 +225,12 @@ COMMANDS: dict[str, tuple[type[Args], Handler]] = {
     "resume": (NoArgs, resume),
     "progress": (ProgressArgs, progress),
     "logs": (LogsArgs, logs),
+    "drain": (NoArgs, drain),
+    "reload": (NoArgs, reload_config),
     "ping": (NoArgs, ping),
+    "debug_tasks": (DebugTasksArgs, debug_tasks),
+    "debug_stacks": (NoArgs, debug_stacks),
+    "debug_memory": (DebugMemoryArgs, debug_memory),
 }
 
 

@@ -19,7 +19,7 @@ import structlog
 from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from daemon.control.commands import execute
+from daemon.control.commands import MUTATING, execute
 from daemon.control.protocol import (
     MAX_LINE_BYTES,
     CommandError,
@@ -41,13 +41,14 @@ class SocketInUse(StartupError):
     """Another process is serving the control socket."""
 
 
-def _peer_uid_gid(stream: SocketStream) -> tuple[int, int] | None:
+def _peer(stream: SocketStream) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of the connected process, from the kernel (SO_PEERCRED)."""
     sock = stream.extra(SocketAttribute.raw_socket)
     if not hasattr(socket, "SO_PEERCRED"):
         return None
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, gid = struct.unpack("3i", creds)
-    return uid, gid
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
 
 
 async def _prepare_path(path: Path) -> None:
@@ -91,11 +92,10 @@ class ControlServer:
             with contextlib.suppress(OSError):
                 self.path.unlink()
 
-    def _allowed(self, stream: SocketStream) -> bool:
-        peer = _peer_uid_gid(stream)
+    def _allowed(self, peer: tuple[int, int, int] | None) -> bool:
         if peer is None:
             return True
-        uid, gid = peer
+        _, uid, gid = peer
         return uid in (0, self._uid) or (self._gid is not None and gid == self._gid)
 
     async def _handle(self, stream: SocketStream) -> None:
@@ -103,18 +103,20 @@ class ControlServer:
             if self._connections >= MAX_CONNECTIONS:
                 await self._send_error(stream, None, "busy", "too many control connections")
                 return
-            if not self._allowed(stream):
+            peer = _peer(stream)
+            if not self._allowed(peer):
+                log.warning("control.refused", peer_pid=peer and peer[0], peer_uid=peer and peer[1])
                 await self._send_error(stream, None, "forbidden", "peer not allowed")
                 return
             self._connections += 1
             try:
-                await self._serve(stream)
+                await self._serve(stream, peer)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 pass  # the client went away mid-reply
             finally:
                 self._connections -= 1
 
-    async def _serve(self, stream: SocketStream) -> None:
+    async def _serve(self, stream: SocketStream, peer: tuple[int, int, int] | None) -> None:
         reader = BufferedByteReceiveStream(stream)
         while True:
             try:
@@ -132,7 +134,7 @@ class ControlServer:
                 return  # the rest of that line cannot be re-synchronised
             if not line.strip():
                 continue
-            reply = await self._reply(line)
+            reply = await self._reply(line, peer)
             if isinstance(reply, bytes):
                 await stream.send(reply)
             else:
@@ -162,12 +164,21 @@ class ControlServer:
                 await stream.send(encode_line(Reply(rid, True, data=item)))
             tg.cancel_scope.cancel()
 
-    async def _reply(self, line: bytes) -> bytes | tuple[RequestId, AsyncIterator[Any]]:
+    async def _reply(
+        self, line: bytes, peer: tuple[int, int, int] | None
+    ) -> bytes | tuple[RequestId, AsyncIterator[Any]]:
         try:
             request = request_decoder.decode(line)
         except msgspec.DecodeError as exc:
             return encode_line(
                 Reply(_guess_id(line), False, error=ErrorBody("bad_request", f"bad request: {exc}"))
+            )
+        if request.cmd in MUTATING:
+            log.info(
+                "control.command",
+                cmd=request.cmd,
+                peer_pid=peer and peer[0],
+                peer_uid=peer and peer[1],
             )
         try:
             data = await execute(self._rt, request.cmd, request.args)

@@ -1,16 +1,41 @@
-"""Per-provider throttling: a concurrency limiter, request and token budgets, and a
-cool-down every caller shares after a 429, so one rate-limit answer pauses the
-provider instead of starting a retry storm."""
+"""Per-provider throttling: a concurrency limiter (optionally adaptive), request and
+token budgets, and a cool-down every caller shares after a 429, so one rate-limit
+answer pauses the provider instead of starting a retry storm.
+
+The budgets are our model of the server's own buckets. The server's rate-limit
+headers correct that model: a lower limit than configured is adopted, and a server
+that has less left than we think lowers our level (see `TokenBucket.sync`)."""
 
 from __future__ import annotations
 
+import bisect
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
 from daemon.providers.base import ProviderError
+from daemon.providers.ratelimit_headers import Budget, RateLimitHeaders
+
+SEND_HISTORY = 4096
+"""Sends remembered per bucket for `sync` (bounded; older ones fall back to a safe guess)."""
+
+
+@dataclass(slots=True)
+class Ticket:
+    """What one request took from a bucket, and what the server should have left
+    after admitting it (`expected`; None when the bucket was unlimited)."""
+
+    units: float
+    wait_s: float
+    expected: float | None
+    lowered_mark: float
+    sent_at: float | None = None
+    sent_mark: float = 0.0
 
 
 class TokenBucket:
@@ -18,19 +43,59 @@ class TokenBucket:
 
     `reserve` takes units at once, letting the level go negative, and says how long
     the caller must wait: callers queue up in time instead of polling, so a burst of
-    waiters leaves at exactly the budget's rate."""
+    waiters leaves at exactly the budget's rate. `margin_s` of refill is held back:
+    a request arriving at the server slightly earlier than planned (network jitter)
+    still finds room, and since it is a fixed offset it costs no throughput.
 
-    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+    The limit in force is the configured one, or the server's own when that is lower
+    (`learn`); with no configured limit, a limit the server reports still applies."""
+
+    def __init__(
+        self,
+        per_minute: int,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        margin_s: float = 0.0,
+    ) -> None:
         self._clock = clock
+        self.configured = per_minute
+        self.server_limit: int | None = None
         self.per_minute = per_minute
         self.level = float(per_minute)
+        self.margin_s = margin_s
         self._stamp = clock()
+        self.lowered = 0.0  # units taken off on the server's word (limits, remaining)
+        self.corrections = 0
+        self._sent = 0.0
+        self._sends: deque[tuple[float, float]] = deque(maxlen=SEND_HISTORY)
 
-    def configure(self, per_minute: int) -> None:
+    @property
+    def margin(self) -> float:
+        """The units held back (margin_s worth of refill)."""
+        return self.margin_s * self.per_minute / 60
+
+    def configure(self, per_minute: int, *, margin_s: float | None = None) -> None:
+        if margin_s is not None:
+            self.margin_s = margin_s
+        self.configured = per_minute
+        self._apply()
+
+    def _apply(self) -> None:
+        """Put the limit in force: the configured one, capped by the server's."""
+        server = self.server_limit
+        if server is None:
+            new = self.configured
+        else:
+            new = min(self.configured, server) if self.configured else server
+        if new == self.per_minute:
+            return
         self._refill()
-        # Switched on from unlimited: nothing was spent from it, so it starts full.
-        self.level = float(per_minute) if not self.per_minute else min(self.level, per_minute)
-        self.per_minute = per_minute
+        if not self.per_minute:
+            # Switched on from unlimited: nothing was spent from it, so it starts full.
+            self.level = float(new)
+        elif new and self.level > new:
+            self._lower(self.level - new)
+        self.per_minute = new
 
     def _refill(self) -> None:
         now = self._clock()
@@ -40,19 +105,165 @@ class TokenBucket:
             )
         self._stamp = now
 
+    def _lower(self, units: float) -> None:
+        self.level -= units
+        self.lowered += units
+        self.corrections += 1
+
+    def book(self, units: float) -> Ticket:
+        """Take `units`; the ticket says how long to wait before using them."""
+        self._refill()
+        if not self.per_minute:
+            return Ticket(units, 0.0, None, self.lowered)
+        self.level -= units
+        margin = self.margin
+        wait_s = max(0.0, margin - self.level) * 60 / self.per_minute
+        return Ticket(units, wait_s, max(self.level, margin), self.lowered)
+
     def reserve(self, units: float) -> float:
         """Take `units`; returns the seconds to wait before using them."""
-        if not self.per_minute:
-            return 0.0
-        self._refill()
-        self.level -= units
-        return 0.0 if self.level >= 0 else -self.level * 60 / self.per_minute
+        return self.book(units).wait_s
 
     def refund(self, units: float) -> None:
         """Give back (or, negative, take more) once the real cost is known."""
         if self.per_minute:
             self._refill()
             self.level = min(float(self.per_minute), self.level + units)
+
+    def mark_sent(self, ticket: Ticket) -> None:
+        """The request holding `ticket` leaves now (for `sync`'s reordering allowance)."""
+        now = self._clock()
+        self._sent += ticket.units
+        ticket.sent_at, ticket.sent_mark = now, self._sent
+        self._sends.append((now, self._sent))
+
+    def _sent_soon_after(self, ticket: Ticket) -> float:
+        """Units sent within `margin_s` after `ticket`'s request: they may have reached
+        the server first, so its `remaining` may already count them."""
+        assert ticket.sent_at is not None
+        sends = self._sends
+        if not sends or sends[0][0] > ticket.sent_at:
+            return self._sent - ticket.sent_mark  # history gone: assume all of them
+        index = bisect.bisect_right(sends, ticket.sent_at + self.margin_s, key=lambda s: s[0])
+        return max(0.0, sends[index - 1][1] - ticket.sent_mark)
+
+    def sync(self, ticket: Ticket, remaining: float, rounding: float = 1.0) -> float:
+        """The server said `remaining` right after admitting `ticket`'s request: if that
+        is less than we expected, lower our level by the difference (what someone else
+        spent, or a bucket that started lower); returns the units taken off.
+
+        Corrections made since the ticket was booked are deducted, so the responses of
+        many requests in flight do not correct the same gap many times over. Only
+        lowered, never raised: an answer is always a little stale."""
+        if not self.per_minute or ticket.expected is None or ticket.sent_at is None:
+            return 0.0
+        already = self.lowered - ticket.lowered_mark
+        shortfall = ticket.expected - remaining - self._sent_soon_after(ticket) - already - rounding
+        if shortfall <= 0:
+            return 0.0
+        self._refill()
+        self._lower(shortfall)
+        return shortfall
+
+    def learn(self, limit: int, remaining: float | None, ticket: Ticket) -> bool:
+        """The server reported its limit; adopt it when lower than ours. True when the
+        limit in force changed (the caller logs it)."""
+        if limit == self.server_limit:
+            return False
+        was_unlimited = not self.per_minute
+        old = self.per_minute
+        self.server_limit = limit
+        self._apply()
+        if was_unlimited and self.per_minute and remaining is not None:
+            # Nothing was counted while unlimited: start from what the server has left.
+            in_flight = self._sent - ticket.sent_mark if ticket.sent_at is not None else 0.0
+            self.level = min(self.level, remaining - in_flight)
+        return self.per_minute != old
+
+    def status(self) -> dict[str, Any]:
+        self._refill()
+        return {
+            "per_minute": self.per_minute,
+            "configured": self.configured,
+            "server_limit": self.server_limit,
+            "level": round(self.level, 1) if self.per_minute else None,
+            "lowered": round(self.lowered, 1),
+            "corrections": self.corrections,
+        }
+
+
+class AdaptiveConcurrency:
+    """AIMD on the concurrency limit: halve on a 429 or a timeout, add one after every
+    `successes_per_step` successes, between 1 and `maximum`.
+
+    Requests carry the epoch in which they started; a congestion signal from a request
+    that started before the last decrease is not acted on again, so a burst of 429s
+    from one window halves the limit once, not once per request (TCP's rule)."""
+
+    def __init__(
+        self,
+        limiter: anyio.CapacityLimiter,
+        *,
+        maximum: int,
+        successes_per_step: int,
+        enabled: bool,
+    ) -> None:
+        self._limiter = limiter
+        self.maximum = maximum
+        self.successes_per_step = successes_per_step
+        self.enabled = enabled
+        self.limit = maximum
+        self.epoch = 0
+        self.decreases = 0
+        self._successes = 0
+        self._set(maximum)
+
+    def _set(self, limit: int) -> None:
+        self.limit = limit
+        self._limiter.total_tokens = limit
+
+    def configure(self, *, maximum: int, successes_per_step: int, enabled: bool) -> None:
+        self.successes_per_step = successes_per_step
+        if not enabled or not self.enabled:
+            self._set(maximum)  # off, or newly on: start from the top
+        else:
+            self._set(min(self.limit, maximum))
+        self.maximum, self.enabled = maximum, enabled
+
+    def succeeded(self) -> None:
+        if not self.enabled or self.limit >= self.maximum:
+            return
+        self._successes += 1
+        if self._successes >= self.successes_per_step:
+            self._successes = 0
+            self._set(self.limit + 1)
+
+    def congested(self, epoch: int) -> bool:
+        """A 429 or timeout from a request started in `epoch`; True if the limit fell."""
+        if not self.enabled or epoch != self.epoch:
+            return False
+        self.epoch += 1
+        self.decreases += 1
+        self._successes = 0
+        self._set(max(1, self.limit // 2))
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What one request holds: its budget tickets and the AIMD epoch it started in."""
+
+    requests: Ticket
+    tokens: Ticket
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class LimitChange:
+    budget: str
+    old_per_minute: int
+    per_minute: int
+    server_limit: int
 
 
 class ProviderLimits:
@@ -63,20 +274,40 @@ class ProviderLimits:
         requests_per_minute: int,
         tokens_per_minute: int,
         clock: Callable[[], float] = time.monotonic,
+        margin_s: float = 0.0,
+        adaptive: bool = False,
+        successes_per_step: int = 20,
     ) -> None:
         self._clock = clock
         self.concurrency = anyio.CapacityLimiter(max_concurrency)
-        self.requests = TokenBucket(requests_per_minute, clock)
-        self.tokens = TokenBucket(tokens_per_minute, clock)
+        self.adaptive = AdaptiveConcurrency(
+            self.concurrency,
+            maximum=max_concurrency,
+            successes_per_step=successes_per_step,
+            enabled=adaptive,
+        )
+        self.requests = TokenBucket(requests_per_minute, clock, margin_s=margin_s)
+        self.tokens = TokenBucket(tokens_per_minute, clock, margin_s=margin_s)
         self.cooldown_until = 0.0
         self.cooldowns = 0
 
     def configure(
-        self, *, max_concurrency: int, requests_per_minute: int, tokens_per_minute: int
+        self,
+        *,
+        max_concurrency: int,
+        requests_per_minute: int,
+        tokens_per_minute: int,
+        margin_s: float | None = None,
+        adaptive: bool | None = None,
+        successes_per_step: int | None = None,
     ) -> None:
-        self.concurrency.total_tokens = max_concurrency
-        self.requests.configure(requests_per_minute)
-        self.tokens.configure(tokens_per_minute)
+        self.adaptive.configure(
+            maximum=max_concurrency,
+            successes_per_step=successes_per_step or self.adaptive.successes_per_step,
+            enabled=self.adaptive.enabled if adaptive is None else adaptive,
+        )
+        self.requests.configure(requests_per_minute, margin_s=margin_s)
+        self.tokens.configure(tokens_per_minute, margin_s=margin_s)
 
     def cool_down(self, seconds: float) -> None:
         """Pause every caller of this provider for `seconds` (a 429 said so)."""
@@ -97,7 +328,7 @@ class ProviderLimits:
             await anyio.sleep(left)
 
     @asynccontextmanager
-    async def slot(self, estimated_tokens: int) -> AsyncIterator[None]:
+    async def slot(self, estimated_tokens: int) -> AsyncIterator[Reservation]:
         """Hold a concurrency slot and budget for one request."""
         per_minute = self.tokens.per_minute
         if per_minute and estimated_tokens > per_minute:
@@ -109,15 +340,39 @@ class ProviderLimits:
             )
         async with self.concurrency:
             await self._wait_cooldown()
-            wait = max(self.requests.reserve(1), self.tokens.reserve(estimated_tokens))
-            if wait > 0:
-                try:
+            requests = self.requests.book(1)
+            tokens = self.tokens.book(estimated_tokens)
+            try:
+                wait = max(requests.wait_s, tokens.wait_s)
+                if wait > 0:
                     await anyio.sleep(wait)
-                except anyio.get_cancelled_exc_class():
-                    # Never sent: give the reservation back to the callers behind us.
-                    self.requests.refund(1)
-                    self.tokens.refund(estimated_tokens)
-                    raise
-            # A 429 that arrived while we waited still applies.
-            await self._wait_cooldown()
-            yield
+                # A 429 that arrived while we waited still applies.
+                await self._wait_cooldown()
+            except anyio.get_cancelled_exc_class():
+                # Never sent: give the reservation back to the callers behind us.
+                self.requests.refund(1)
+                self.tokens.refund(estimated_tokens)
+                raise
+            self.requests.mark_sent(requests)
+            self.tokens.mark_sent(tokens)
+            yield Reservation(requests, tokens, self.adaptive.epoch)
+
+    def observe(self, headers: RateLimitHeaders, reservation: Reservation) -> list[LimitChange]:
+        """Correct the budgets from an answer's rate-limit headers; returns the limits
+        that changed. Anthropic's `tokens` (else `input-tokens`) stands for our tokens."""
+        changes: list[LimitChange] = []
+        token_budget = headers.tokens or headers.input_tokens
+        pairs: tuple[tuple[str, TokenBucket, Budget | None, Ticket], ...] = (
+            ("requests", self.requests, headers.requests, reservation.requests),
+            ("tokens", self.tokens, token_budget, reservation.tokens),
+        )
+        for name, bucket, budget, ticket in pairs:
+            if budget is None:
+                continue
+            if budget.limit is not None:
+                old = bucket.per_minute
+                if bucket.learn(budget.limit, budget.remaining, ticket):
+                    changes.append(LimitChange(name, old, bucket.per_minute, budget.limit))
+            if budget.remaining is not None:
+                bucket.sync(ticket, budget.remaining, budget.rounding)
+        return changes

@@ -1,14 +1,12 @@
 """An OpenAI-compatible chat-completions client (OpenAI, vLLM, llama.cpp, Ollama,
-LiteLLM...), one long-lived aiohttp session per provider behind its limits."""
+LiteLLM...), one long-lived aiohttp session per provider behind its limits, its
+circuit breaker and its counters."""
 
 from __future__ import annotations
 
 import io
-import math
 import os
-import re
 import time
-from collections import Counter
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from typing import Any, Self
@@ -25,11 +23,20 @@ from daemon.providers.base import (
     Completion,
     ProviderError,
 )
-from daemon.providers.limits import ProviderLimits
+from daemon.providers.breaker import CircuitBreaker
+from daemon.providers.limits import ProviderLimits, Reservation
+from daemon.providers.ratelimit_headers import (
+    RateLimitHeaders,
+    parse_rate_limit_headers,
+    retry_after_s,
+)
+from daemon.providers.stats import LatencyWindow, ProviderStats, StatusCounter
 
 log = structlog.get_logger("vigil.provider")
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 DEFAULT_429_PAUSE_S = 1.0
+PAUSED_RETRY_S = 30.0
+NO_HEADERS = RateLimitHeaders()
 
 
 class _Choice(msgspec.Struct):
@@ -49,70 +56,39 @@ class _Answer(msgspec.Struct):
 _answer_decoder = msgspec.json.Decoder(_Answer)
 
 
-class ProviderStats(msgspec.Struct, kw_only=True):
-    requests: int = 0
-    by_status: dict[str, int] = {}
-    rate_limited: int = 0
-    in_flight: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency_ms_total: float = 0.0
-
-
-MAX_HINT_S = 300.0
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration_s(text: str) -> float | None:
-    """OpenAI's reset durations: "120ms", "1.5s", "6m0s", "1h2m3s"."""
-    text = text.strip()
-    parts = _DURATION_RE.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        return None
-    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
-
-
-def _bounded(value: float) -> float | None:
-    """A hint we can act on: finite, and capped, so `inf` cannot stall a provider."""
-    return min(max(0.0, value), MAX_HINT_S) if math.isfinite(value) else None
-
-
-def retry_after_s(headers: Any) -> float | None:
-    """The server's wait hint: `retry-after-ms`, then `retry-after` (seconds), then
-    the longest `x-ratelimit-reset-*` duration."""
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            hint = _bounded(float(value) * scale)
-        except ValueError:
-            continue
-        if hint is not None:
-            return hint
-    resets = [
-        parse_duration_s(headers.get(name, ""))
-        for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
-    ]
-    known = [r for r in resets if r is not None]
-    return _bounded(max(known)) if known else None
+class _Reply(msgspec.Struct, frozen=True):
+    status: int
+    headers: Any  # aiohttp's CIMultiDictProxy
+    raw: bytes
+    latency_ms: float
 
 
 class OpenAIProvider(anyio.AsyncContextManagerMixin):
-    """Owns the HTTP session and the limits of one configured provider."""
+    """Owns the HTTP session, the limits and the breaker of one configured provider.
+    `configure` applies a reloaded config without a restart."""
 
     def __init__(self, name: str, config: ProviderConfig, base_url: str | None = None) -> None:
         self.name = name
         self.config = config
+        self._fixed_base_url = base_url  # the built-in simulated API's address, if any
         self.base_url = (base_url or config.base_url).rstrip("/")
         self.limits = ProviderLimits(
             max_concurrency=config.max_concurrency,
             requests_per_minute=config.requests_per_minute,
             tokens_per_minute=config.tokens_per_minute,
+            margin_s=config.budget_margin_ms / 1000,
+            adaptive=config.adaptive_concurrency,
+            successes_per_step=config.adaptive_successes_per_step,
+        )
+        self.breaker = CircuitBreaker(
+            name,
+            failures=config.breaker_failures,
+            open_s=config.breaker_open_s,
+            probe_wait_s=min(config.breaker_open_s, config.timeout_s),
         )
         self.stats = ProviderStats()
-        self._counts: Counter[str] = Counter()
+        self.latency = LatencyWindow()
+        self._statuses = StatusCounter(self.stats)
         self.paused_reason: str | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -125,6 +101,32 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
                 yield self
             finally:
                 self._session = None
+
+    def configure(self, config: ProviderConfig) -> list[str]:
+        """Apply a reloaded config to the next requests: limits, concurrency, timeout,
+        breaker, key variable, base URL. Returns the settings that changed but need a
+        restart (the connection pool's size, the kind)."""
+        old, self.config = self.config, config
+        self.limits.configure(
+            max_concurrency=config.max_concurrency,
+            requests_per_minute=config.requests_per_minute,
+            tokens_per_minute=config.tokens_per_minute,
+            margin_s=config.budget_margin_ms / 1000,
+            adaptive=config.adaptive_concurrency,
+            successes_per_step=config.adaptive_successes_per_step,
+        )
+        self.breaker.configure(
+            failures=config.breaker_failures,
+            open_s=config.breaker_open_s,
+            probe_wait_s=min(config.breaker_open_s, config.timeout_s),
+        )
+        if self._fixed_base_url is None:
+            self.base_url = config.base_url.rstrip("/")
+        restart = [
+            key for key in ("kind", "max_connections") if getattr(old, key) != getattr(config, key)
+        ]
+        log.info("provider.configured", provider=self.name, needs_restart=restart)
+        return restart
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -151,22 +153,38 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
                 f"provider {self.name!r} is paused: {self.paused_reason}",
                 kind="ProviderPaused",
                 retryable=True,
-                retry_after_s=30.0,
+                retry_after_s=PAUSED_RETRY_S,
             )
         headers = self._headers()  # a missing key fails before taking budget
         estimate = request.estimated_tokens()
-        async with self.limits.slot(estimate):
-            self.stats.in_flight += 1
-            try:
-                completion = await self._post(request, headers)
-            finally:
-                self.stats.in_flight -= 1
-        used = completion.prompt_tokens + completion.completion_tokens
-        if used:
-            self.limits.tokens.refund(estimate - used)
-        return completion
+        probe = self.breaker.admit()  # an open circuit fails here, before any budget
+        failure: str | None = None
+        answered = False
+        try:
+            async with self.limits.slot(estimate) as reservation:
+                self.stats.in_flight += 1
+                try:
+                    reply = await self._send(request, headers)
+                except ProviderError as exc:
+                    failure = exc.kind
+                    if exc.kind == "Timeout":
+                        self._congested(reservation, "timeout")
+                    raise
+                finally:
+                    self.stats.in_flight -= 1
+            answered = reply.status < 500
+            if not answered:
+                failure = f"HTTP {reply.status}"
+            return self._settle(reply, reservation, estimate)
+        finally:
+            if failure is not None:
+                self.breaker.failed(failure, probe)
+            elif answered:
+                self.breaker.succeeded(probe)
+            else:
+                self.breaker.released(probe)
 
-    async def _post(self, request: ChatRequest, headers: dict[str, str]) -> Completion:
+    async def _send(self, request: ChatRequest, headers: dict[str, str]) -> _Reply:
         assert self._session is not None, "provider used outside its context"
         body: dict[str, Any] = {
             "model": request.model,
@@ -176,10 +194,11 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
         }
         if request.json_mode:
             body["response_format"] = {"type": "json_object"}
+        timeout_s = self.config.timeout_s
         started = time.monotonic()
         self.stats.requests += 1
         try:
-            with anyio.fail_after(self.config.timeout_s):
+            with anyio.fail_after(timeout_s):
                 async with self._session.post(
                     f"{self.base_url}/chat/completions",
                     # A stream, not bytes: aiohttp warns about large bytes bodies.
@@ -190,20 +209,56 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
                     status = response.status
                     answer_headers = response.headers
         except TimeoutError:
-            self._count("timeout")
-            raise ProviderError(
-                f"no answer within {self.config.timeout_s:g} s", kind="Timeout"
-            ) from None
+            self._statuses.add("timeout")
+            raise ProviderError(f"no answer within {timeout_s:g} s", kind="Timeout") from None
         except aiohttp.ClientError as exc:
-            self._count("connection_error")
+            self._statuses.add("connection_error")
             raise ProviderError(
                 f"cannot reach {self.base_url}: {type(exc).__name__}", kind="ConnectionError"
             ) from None
         latency_ms = (time.monotonic() - started) * 1000
+        self.stats.answered += 1
         self.stats.latency_ms_total += latency_ms
-        self._count(str(status))
-        if status != 200:
-            raise self._http_error(status, answer_headers, raw)
+        self.latency.add(latency_ms)
+        self._statuses.add(str(status))
+        return _Reply(status, answer_headers, raw, latency_ms)
+
+    def _settle(self, reply: _Reply, reservation: Reservation, estimate: int) -> Completion:
+        """Correct the budgets from the answer, then turn it into a Completion or an error."""
+        rate_limits = self._observe(reply.headers, reservation)
+        if reply.status != 200:
+            raise self._http_error(reply, reservation, estimate)
+        completion = self._decode(reply)
+        self.limits.adaptive.succeeded()
+        used = completion.prompt_tokens + completion.completion_tokens
+        token_budget = rate_limits.tokens or rate_limits.input_tokens
+        server_counts_tokens = token_budget is not None and token_budget.remaining is not None
+        if used and (used > estimate or not server_counts_tokens):
+            # A server reporting its remaining tokens keeps its own count (OpenAI charges
+            # max_tokens up front, never refunded): give back only when it does not say.
+            self.limits.tokens.refund(estimate - used)
+        return completion
+
+    def _observe(self, headers: Any, reservation: Reservation) -> RateLimitHeaders:
+        if not self.config.sync_rate_limit_headers:
+            return NO_HEADERS
+        rate_limits = parse_rate_limit_headers(headers)
+        if rate_limits.empty:
+            return rate_limits
+        for change in self.limits.observe(rate_limits, reservation):
+            log.warning(
+                "provider.limit_learned",
+                provider=self.name,
+                budget=change.budget,
+                server_limit=change.server_limit,
+                per_minute=change.per_minute,
+                was=change.old_per_minute,
+                configured=getattr(self.config, f"{change.budget}_per_minute"),
+            )
+        return rate_limits
+
+    def _decode(self, reply: _Reply) -> Completion:
+        status, raw = reply.status, reply.raw
         if len(raw) > MAX_RESPONSE_BYTES:
             raise ProviderError("answer larger than 8 MiB", kind="BadResponse", status=status)
         try:
@@ -222,19 +277,25 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
             prompt_tokens=answer.usage.prompt_tokens,
             completion_tokens=answer.usage.completion_tokens,
             http_status=status,
-            latency_ms=latency_ms,
+            latency_ms=reply.latency_ms,
         )
 
-    def _count(self, key: str) -> None:
-        self._counts[key] += 1
-        self.stats.by_status = dict(self._counts)
+    def _congested(self, reservation: Reservation, why: str) -> None:
+        if self.limits.adaptive.congested(reservation.epoch):
+            log.info(
+                "provider.concurrency_lowered",
+                provider=self.name,
+                reason=why,
+                limit=self.limits.adaptive.limit,
+            )
 
-    def _http_error(self, status: int, headers: Any, raw: bytes) -> ProviderError:
-        message, code = _error_text(raw)
+    def _http_error(self, reply: _Reply, reservation: Reservation, estimate: int) -> ProviderError:
+        status = reply.status
+        message, code = _error_text(reply.raw)
         key = os.environ.get(self.config.api_key_env) if self.config.api_key_env else None
         if key:
             message = message.replace(key, "[redacted]")  # some APIs echo the key back
-        hint = retry_after_s(headers)
+        hint = retry_after_s(reply.headers, tokens_needed=estimate)
         if status == 429:
             self.stats.rate_limited += 1
             if code == "insufficient_quota":
@@ -252,6 +313,7 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
                     f"HTTP 429: {message}", kind="TooLarge", status=status, retryable=False
                 )
             self.limits.cool_down(hint if hint is not None else DEFAULT_429_PAUSE_S)
+            self._congested(reservation, "429")
             return ProviderError(
                 f"HTTP 429 rate limited: {message}",
                 kind="RateLimited",
@@ -270,6 +332,36 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
             retryable=status not in NON_RETRYABLE_STATUSES,
             retry_after_s=hint,
         )
+
+    def status(self) -> dict[str, Any]:
+        """This provider's part of `vigil status`."""
+        stats, limits = self.stats, self.limits
+        avg = stats.latency_ms_total / stats.answered if stats.answered else None
+        p50, p99 = self.latency.percentile(50), self.latency.percentile(99)
+        return {
+            "kind": self.config.kind,
+            "base_url": self.base_url,
+            "paused": self.paused_reason,
+            "in_flight": stats.in_flight,
+            "requests": stats.requests,
+            "by_status": stats.by_status,
+            "rate_limited": stats.rate_limited,
+            "cooldown_s": round(limits.cooldown_left(), 3),
+            "cooldowns": limits.cooldowns,
+            "tokens_in": stats.prompt_tokens,
+            "tokens_out": stats.completion_tokens,
+            "avg_latency_ms": None if avg is None else round(avg, 1),
+            "p50_latency_ms": None if p50 is None else round(p50, 1),
+            "p99_latency_ms": None if p99 is None else round(p99, 1),
+            "max_concurrency": self.config.max_concurrency,
+            "concurrency_limit": limits.adaptive.limit,
+            "adaptive_concurrency": limits.adaptive.enabled,
+            "concurrency_decreases": limits.adaptive.decreases,
+            "requests_per_minute": limits.requests.per_minute,
+            "tokens_per_minute": limits.tokens.per_minute,
+            "budgets": {"requests": limits.requests.status(), "tokens": limits.tokens.status()},
+            "circuit": self.breaker.status(),
+        }
 
 
 async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:

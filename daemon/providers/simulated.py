@@ -150,6 +150,14 @@ class SimulatedStats(msgspec.Struct, frozen=True):
     tokens_prompt: int
     tokens_completion: int
     in_flight: int
+    # What the rate limiter saw, for benchmarks: requests let through and the tokens they
+    # were charged (prompt + max_tokens, as OpenAI counts), the buckets' levels now
+    # (None: no limit), and the server's clock, so rates need no client-side timing.
+    admitted: int = 0
+    tokens_charged: int = 0
+    remaining_requests: int | None = None
+    remaining_tokens: int | None = None
+    uptime_s: float = 0.0
 
 
 _ENCODER = msgspec.json.Encoder()
@@ -242,6 +250,16 @@ class _Limits:
         rpm, tpm = settings.requests_per_minute, settings.tokens_per_minute
         self._requests = _Bucket(rpm, now) if rpm else None
         self._tokens = _Bucket(tpm, now) if tpm else None
+
+    def remaining(self) -> tuple[int | None, int | None]:
+        """The requests and tokens left now (None: that budget is unlimited)."""
+        now = self._clock()
+        levels: list[int | None] = []
+        for bucket in (self._requests, self._tokens):
+            if bucket is not None:
+                bucket.refill(now)
+            levels.append(None if bucket is None else bucket.remaining)
+        return levels[0], levels[1]
 
     def admit(self, cost: int) -> dict[str, str]:
         """Consume one request and `cost` tokens, returning the x-ratelimit-* headers;
@@ -389,6 +407,7 @@ class SimulatedAPI:
         self, settings: SimulateConfig, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._clock = clock
+        self._started = clock()
         self._settings = settings
         self._rng = random.Random(settings.seed)
         self._limits = _Limits(settings, clock)
@@ -397,6 +416,8 @@ class SimulatedAPI:
         self._by_status: dict[int, int] = {}
         self._tokens_prompt = 0
         self._tokens_completion = 0
+        self._admitted = 0
+        self._tokens_charged = 0
         self._hangs: set[anyio.CancelScope] = set()  # at most one per in-flight request
 
     @property
@@ -418,12 +439,18 @@ class SimulatedAPI:
 
     def stats(self) -> SimulatedStats:
         """A snapshot of the counters (the `/stats` body)."""
+        remaining_requests, remaining_tokens = self._limits.remaining()
         return SimulatedStats(
             requests=self._requests,
             by_status={str(code): n for code, n in sorted(self._by_status.items())},
             tokens_prompt=self._tokens_prompt,
             tokens_completion=self._tokens_completion,
             in_flight=self._in_flight,
+            admitted=self._admitted,
+            tokens_charged=self._tokens_charged,
+            remaining_requests=remaining_requests,
+            remaining_tokens=remaining_tokens,
+            uptime_s=round(self._clock() - self._started, 6),
         )
 
     def app(self) -> web.Application:
@@ -474,7 +501,10 @@ class SimulatedAPI:
             body = await self._parse(request)
             prompt_chars = sum(len(_text_of(message)) for message in body.messages)
             max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
-            headers = self._limits.admit(prompt_chars // 4 + max_tokens)
+            cost = prompt_chars // 4 + max_tokens
+            headers = self._limits.admit(cost)
+            self._admitted += 1
+            self._tokens_charged += cost
             await self._misbehave(headers)
             return self._complete(body, prompt_chars // 4, max_tokens, headers)
         except _ApiError as exc:

@@ -599,6 +599,14 @@ class Store(anyio.AsyncContextManagerMixin):
             row = await cur.fetchone()
         return _row_to_job(row) if row else None
 
+    async def get_by_idempotency_key(self, key: str) -> Job | None:
+        """The job submitted with this key, if any (the spool resumes by key)."""
+        async with self._read.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE idempotency_key = ?", (key,)
+        ) as cur:
+            row = await cur.fetchone()
+        return _row_to_job(row) if row else None
+
     async def attempts(self, job_id: str) -> list[Attempt]:
         async with self._read.execute(
             "SELECT n, started_at, finished_at, outcome, http_status, error_type, "

@@ -1,0 +1,228 @@
+"""The machinery of `vigil bench throttle`: the simulated API and the daemon as separate
+processes, jobs fed over the control socket, and the API's own counters sampled while
+they run. What the numbers mean is bench.py's business; this module only runs and
+records."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+import anyio
+import msgspec
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from daemon.control.client import ControlClient, DaemonUnavailable
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0
+POLL_S = 0.2
+SUBMIT_BATCH = 500
+_ENV_DROP = ("RUNTIME_DIRECTORY", "VIGIL_SOCKET", "VIGIL_CONFIG", "STATE_DIRECTORY")
+
+
+class BenchError(Exception):
+    """A benchmark could not run (a process failed to start, a deadline passed)."""
+
+
+class ApiSample(msgspec.Struct, frozen=True):
+    """The simulated API's GET /stats, the part the benchmark reads."""
+
+    requests: int
+    by_status: dict[str, int]
+    admitted: int
+    tokens_charged: int
+    remaining_requests: int | None
+    remaining_tokens: int | None
+    uptime_s: float
+
+    @property
+    def rate_limited(self) -> int:
+        return self.by_status.get("429", 0)
+
+
+_sample_decoder = msgspec.json.Decoder(ApiSample)
+
+
+class Run(msgspec.Struct, kw_only=True):
+    """What one run recorded: API samples at the window's edges and the run's ends,
+    and the daemon's view at the end."""
+
+    submitted: int = 0
+    first: ApiSample | None = None  # first sample after a request arrived
+    window_start: ApiSample | None = None
+    window_end: ApiSample | None = None
+    last: ApiSample | None = None
+    jobs: dict[str, int] = {}
+    provider: dict[str, Any] = {}
+    attempts: dict[str, int] = {}
+    wall_s: float = 0.0
+
+
+def child_env(state_dir: Path | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
+    if state_dir is not None:
+        env["STATE_DIRECTORY"] = str(state_dir)
+    return env
+
+
+async def _stop(process: Process, name: str) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT_S."""
+    if process.returncode is None:
+        with suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        with anyio.move_on_after(STOP_TIMEOUT_S):
+            await process.wait()
+    if process.returncode is None:
+        print(f"vigil bench: {name} did not stop in {STOP_TIMEOUT_S:g} s; killed", file=sys.stderr)
+        process.kill()
+        await process.wait()
+
+
+@asynccontextmanager
+async def _child(
+    command: list[str], name: str, *, env: dict[str, str], stdout: int | IO[Any], log: IO[Any]
+) -> AsyncIterator[Process]:
+    """A subprocess that is stopped (shielded, bounded) however the block ends."""
+    process = await anyio.open_process(
+        command, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=log
+    )
+    async with process:
+        try:
+            yield process
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _stop(process, name)
+
+
+@asynccontextmanager
+async def simulated_api(args: list[str], log_path: Path) -> AsyncIterator[str]:
+    """`python -m daemon simulate-api ARGS` on 127.0.0.1; yields its base URL once it
+    has printed its "listening on" line."""
+    command = [sys.executable, "-m", "daemon", "simulate-api", "--host", "127.0.0.1"]
+    command += ["--port", "0", *args]
+    with log_path.open("ab") as log:
+        async with _child(
+            command, "simulate-api", env=child_env(), stdout=subprocess.PIPE, log=log
+        ) as process:
+            assert process.stdout is not None
+            reader = BufferedByteReceiveStream(process.stdout)
+            try:
+                with anyio.fail_after(START_TIMEOUT_S):
+                    line = (await reader.receive_until(b"\n", 4096)).decode()
+            except (TimeoutError, anyio.EndOfStream, anyio.IncompleteRead) as exc:
+                raise BenchError(
+                    f"simulate-api did not start ({type(exc).__name__}); see {log_path}"
+                ) from None
+            marker = "listening on "
+            if marker not in line:
+                raise BenchError(f"simulate-api said {line!r}, not where it listens")
+            yield line.split(marker, 1)[1].strip()
+
+
+@asynccontextmanager
+async def daemon(config_path: Path, state_dir: Path, log_path: Path) -> AsyncIterator[Path]:
+    """`python -m daemon run` with a fresh STATE_DIRECTORY; yields its socket once it
+    answers a ping."""
+    await anyio.Path(state_dir).mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "daemon", "run", "--config", str(config_path)]
+    socket = state_dir / "vigil.sock"
+    with log_path.open("ab") as log:
+        async with _child(
+            command, "the daemon", env=child_env(state_dir), stdout=log, log=log
+        ) as process:
+            with anyio.fail_after(START_TIMEOUT_S):
+                while True:
+                    if process.returncode is not None:
+                        raise BenchError(
+                            f"the daemon exited with {process.returncode}; see {log_path}"
+                        )
+                    try:
+                        async with ControlClient(socket) as client:
+                            await client.call("ping")
+                        break
+                    except DaemonUnavailable:
+                        await anyio.sleep(0.1)
+            yield socket
+
+
+async def api_sample(http: aiohttp.ClientSession, stats_url: str) -> ApiSample:
+    async with http.get(stats_url) as response:
+        return _sample_decoder.decode(await response.read())
+
+
+async def drive(
+    client: ControlClient,
+    http: aiohttp.ClientSession,
+    stats_url: str,
+    *,
+    make_job: Callable[[int], dict[str, Any]],
+    jobs: int,
+    burst_spent: Callable[[ApiSample], bool] | None,
+    max_warm_up: int,
+    top_up_below: int,
+    deadline_s: float,
+) -> Run:
+    """Feed jobs and sample the API until every job is done.
+
+    With `burst_spent`, jobs are topped up (whenever fewer than `top_up_below` wait)
+    until the API's initial burst is used up; then the measuring window opens and
+    `jobs` more are submitted; it closes when no job is left waiting (everything after
+    that is the tail, not the throttle). Without it, `jobs` are submitted at once and
+    there is no window."""
+    run = Run()
+    started = time.monotonic()
+
+    async def submit(n: int) -> None:
+        while n > 0:
+            batch = [make_job(run.submitted + i) for i in range(min(n, SUBMIT_BATCH))]
+            await client.call("submit", jobs=batch)
+            run.submitted += len(batch)
+            n -= len(batch)
+
+    target: int | None = None
+    if burst_spent is None:
+        await submit(jobs)
+        target = run.submitted
+    with anyio.fail_after(deadline_s):
+        while True:
+            sample = await api_sample(http, stats_url)
+            status = await client.call("status")
+            counts: dict[str, int] = status["jobs"]
+            if run.first is None and sample.requests:
+                run.first = sample
+            if target is None and burst_spent is not None:
+                if burst_spent(sample):
+                    run.window_start = sample
+                    await submit(jobs)
+                    target = run.submitted
+                elif run.submitted >= max_warm_up:
+                    target = run.submitted  # the burst outlasts any sane warm-up: no window
+                elif counts["queued"] < top_up_below:
+                    await submit(top_up_below)
+            if (
+                run.window_start is not None
+                and run.window_end is None
+                and run.submitted == target
+                and counts["queued"] == 0
+            ):
+                run.window_end = sample
+            done = counts["succeeded"] + counts["failed"] + counts["canceled"]
+            if target is not None and done >= target:
+                run.last = sample
+                run.jobs = counts
+                run.provider = next(iter(status["providers"].values()), {})
+                run.attempts = status.get("attempts", {})
+                break
+            await anyio.sleep(POLL_S)
+    run.wall_s = time.monotonic() - started
+    return run

@@ -1,0 +1,143 @@
+"""`vigil top`: a live view of the daemon, redrawn every second from `status`.
+
+Rates come from the difference between two status snapshots, so the daemon keeps no
+extra state for them. Sections a daemon does not report (no watchdog, no spool) are
+simply left out."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from typing import Any
+
+import anyio
+
+from daemon.cli import render
+from daemon.control.client import ControlClient
+
+CLEAR = "\x1b[H\x1b[2J"
+
+
+def _rate(now: dict[str, Any], before: dict[str, Any] | None, dt_s: float, *path: str) -> str:
+    if before is None or dt_s <= 0:
+        return "-"
+    a: Any = now
+    b: Any = before
+    for key in path:
+        a, b = a.get(key, 0), b.get(key, 0)
+    return f"{(a - b) / dt_s:.1f}/s"
+
+
+def frame(status: dict[str, Any], before: dict[str, Any] | None, dt_s: float) -> str:
+    """One screen of text for a status snapshot (and the previous one, for rates)."""
+    out = io.StringIO()
+    health = status["health"]
+    problems = [f"{c['name']}: {c['reason']}" for c in health["checks"] if not c["ok"]]
+    print(
+        f"vigil {status['version']}  pid {status['pid']}  {status['state']}  "
+        f"up {status['uptime_s']:.0f} s  health: "
+        f"{'ok' if health['ready'] and not problems else '; '.join(problems) or 'not ready'}",
+        file=out,
+    )
+    queue = status["queue"]
+    print(
+        f"running {queue['active']}/{queue['max_concurrency']}  "
+        f"backlog limit {queue['max_backlog']}  "
+        f"accepted {_rate(status, before, dt_s, 'queue', 'accepted')}  "
+        f"finished {_rate(status, before, dt_s, 'queue', 'finished')}\n",
+        file=out,
+    )
+    render.table(list(status["jobs"]), [list(status["jobs"].values())], out)
+    providers = status.get("providers") or {}
+    if providers:
+        print(file=out)
+        render.table(
+            [
+                "provider",
+                "in flight",
+                "conc",
+                "req/s",
+                "429s",
+                "avg ms",
+                "rpm",
+                "tpm",
+                "cooldown",
+                "circuit",
+                "paused",
+            ],
+            [
+                [
+                    name,
+                    p.get("in_flight", "-"),
+                    p.get("max_concurrency", "-"),
+                    _rate(status, before, dt_s, "providers", name, "requests"),
+                    p.get("rate_limited", "-"),
+                    p.get("avg_latency_ms") or "-",
+                    p.get("requests_per_minute") or "-",
+                    p.get("tokens_per_minute") or "-",
+                    f"{p.get('cooldown_s', 0):.1f}s",
+                    (p.get("circuit") or {}).get("state", "-")
+                    if isinstance(p.get("circuit"), dict)
+                    else p.get("circuit", "-"),
+                    p.get("paused") or "no",
+                ]
+                for name, p in providers.items()
+            ],
+            out,
+        )
+    for section in ("watchdog", "spool", "http"):
+        data = status.get(section)
+        if isinstance(data, dict) and data:
+            print(
+                f"\n{section}: "
+                + "  ".join(f"{k} {_brief(v)}" for k, v in data.items() if not isinstance(v, list)),
+                file=out,
+            )
+    return out.getvalue()
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} {_brief(v)}" for k, v in list(value.items())[:6]) + "}"
+    return str(value)
+
+
+async def _loop(path: Any, args: argparse.Namespace) -> int:
+    before: dict[str, Any] | None = None
+    before_at = 0.0
+    async with ControlClient(path) as client:
+        while True:
+            status = await client.call("status")
+            now = time.monotonic()
+            text = frame(status, before, now - before_at)
+            if args.once:
+                sys.stdout.write(text)
+                return 0
+            sys.stdout.write(CLEAR + text + "\n(Ctrl+C to quit)\n")
+            sys.stdout.flush()
+            before, before_at = status, now
+            await anyio.sleep(args.interval)
+
+
+def run(args: argparse.Namespace) -> int:
+    from daemon.cli.main import run_async, socket_path
+
+    path = socket_path(args)
+    try:
+        return run_async(lambda: _loop(path, args))
+    except KeyboardInterrupt:
+        return 0
+
+
+def add_parser(sub: Any) -> None:
+    from daemon.cli.main import add_common
+
+    parser: argparse.ArgumentParser = sub.add_parser("top", help="a live view of the daemon")
+    add_common(parser)
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    parser.add_argument("--once", action="store_true", help="print one frame and exit")
+    parser.set_defaults(func=run)

@@ -1,0 +1,433 @@
+"""Prometheus metrics (prefix `vigil_`), one registry per daemon.
+
+Most figures already live in the runtime's state (store counts, provider stats,
+health, the watchdog's status section), so they are read at scrape time by a
+custom collector rather than mirrored into counters all over the code. Only what
+must be seen at the moment it happens (attempt durations, queue waits, finished
+totals) is observed, through the dispatcher's `on_claim`/`on_finish` hooks.
+
+A scrape reads the runtime on the event loop (one consistent snapshot, no locks);
+the psutil sample and the text rendering run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import itertools
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import psutil  # type: ignore[import-untyped]  # no stubs; types-psutil is not a dependency
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+
+from daemon import __version__
+from daemon.jobs import STATES, TERMINAL, Job, State
+from daemon.runtime import Runtime, provider_status
+from daemon.store.store import AttemptEnd
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+WAIT_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
+CIRCUIT_STATES = ("closed", "half_open", "open")
+
+# Where the watchdog's status section keeps each figure. The section is another
+# component's, so it is read defensively: a figure that is missing gives no series.
+_LAG_PATHS = {q: ("loop", "lag_ms", q) for q in ("p50", "p99", "max")}
+_BLOCKED_COUNT_PATH = ("loop", "blocked_count")
+_BLOCKED_SECONDS_PATH = ("loop", "blocked_seconds")
+_GROWTH_EVENTS_PATH = ("memory", "growth_events")
+
+
+@dataclass(frozen=True)
+class ProcessSample:
+    rss_bytes: float
+    open_fds: float
+    threads: float
+    cpu_seconds: float
+
+
+def sample_process(proc: psutil.Process) -> ProcessSample:
+    """psutil reads /proc: call it in a worker thread, never on the loop."""
+    with proc.oneshot():
+        cpu = proc.cpu_times()
+        return ProcessSample(
+            rss_bytes=float(proc.memory_info().rss),
+            open_fds=float(proc.num_fds()),
+            threads=float(proc.num_threads()),
+            cpu_seconds=cpu.user + cpu.system,
+        )
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _lookup(data: Any, path: tuple[str, ...]) -> float | None:
+    """The number at `path` in nested mappings, if there is one."""
+    for key in path:
+        data = data.get(key) if isinstance(data, Mapping) else None
+    return _number(data)
+
+
+def circuit_state(status: Mapping[str, Any]) -> str | None:
+    """The breaker state from provider_status, a string or {"state": ...}, if offered."""
+    circuit = status.get("circuit", status.get("breaker"))
+    if isinstance(circuit, Mapping):
+        circuit = circuit.get("state")
+    return circuit.replace("-", "_") if isinstance(circuit, str) else None
+
+
+def watchdog_metrics(data: Any) -> Iterator[Metric]:
+    """Loop lag, blocked-loop and memory-growth figures from the watchdog's status
+    section, those it offers (milliseconds there, seconds here)."""
+    for which, path in _LAG_PATHS.items():
+        lag_ms = _lookup(data, path)
+        if lag_ms is not None:
+            yield GaugeMetricFamily(
+                f"vigil_loop_lag_{which}_seconds",
+                f"Event loop lag, {which} over the watchdog's recent window.",
+                lag_ms / 1000,
+            )
+    blocked = _lookup(data, _BLOCKED_COUNT_PATH)
+    if blocked is not None:
+        yield CounterMetricFamily(
+            "vigil_loop_blocked", "Times the event loop was seen blocked.", blocked
+        )
+    blocked_s = _lookup(data, _BLOCKED_SECONDS_PATH)
+    if blocked_s is not None:
+        yield CounterMetricFamily(
+            "vigil_loop_blocked_seconds", "Total time the event loop was blocked.", blocked_s
+        )
+    growth = _lookup(data, _GROWTH_EVENTS_PATH)
+    if growth is not None:
+        yield CounterMetricFamily(
+            "vigil_memory_growth_events",
+            "Times RSS grew past the watchdog's threshold (it then traces allocations).",
+            growth,
+        )
+
+
+def lag_histogram(lag: Any, bounds_ms: Sequence[float]) -> Metric | None:
+    """The watchdog's cumulative loop-lag histogram (`buckets`: a count per bound in
+    `bounds_ms`, then one for beyond; `sum_ms`), if `lag` keeps one of that shape."""
+    buckets = getattr(lag, "buckets", None)
+    sum_ms = _number(getattr(lag, "sum_ms", None))
+    if (
+        not isinstance(buckets, list)
+        or len(buckets) != len(bounds_ms) + 1
+        or not all(isinstance(n, int) for n in buckets)
+        or sum_ms is None
+    ):
+        return None
+    cumulative = list(itertools.accumulate(buckets))
+    pairs = [
+        (f"{bound / 1000:g}", float(n)) for bound, n in zip(bounds_ms, cumulative[:-1], strict=True)
+    ]
+    pairs.append(("+Inf", float(cumulative[-1])))
+    return HistogramMetricFamily(
+        "vigil_loop_lag_seconds",
+        "Event loop lag since start (how late the watchdog's ticks ran).",
+        buckets=pairs,
+        sum_value=sum_ms / 1000,
+    )
+
+
+def _lag_bounds_ms() -> Sequence[float] | None:
+    """The watchdog's bucket bounds; looked up by name, as the watchdog may be absent."""
+    try:
+        module = importlib.import_module("daemon.watchdog.loop")
+    except ImportError:
+        return None
+    bounds = getattr(module, "LAG_BUCKETS_MS", None)
+    return bounds if isinstance(bounds, tuple) else None
+
+
+class RuntimeCollector:
+    """Reads the runtime's state at scrape time; call `collect` on the event loop."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self.process: ProcessSample | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._daemon()
+        yield from self._jobs()
+        yield from self._providers()
+        yield from self._provider_controls()
+        yield from self._store()
+        yield from self._watchdog()
+        yield from self._process()
+
+    def _daemon(self) -> Iterator[Metric]:
+        rt = self._rt
+        info = GaugeMetricFamily("vigil_info", "Daemon version.", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "vigil_start_time_seconds", "When the daemon started (unix time).", rt.started_at
+        )
+        report = rt.health.report()
+        yield GaugeMetricFamily("vigil_live", "1 while every liveness check passes.", report.live)
+        yield GaugeMetricFamily(
+            "vigil_ready", "1 while the daemon accepts work (see /readyz).", report.ready
+        )
+        checks = GaugeMetricFamily(
+            "vigil_health_check", "1 per passing health check, 0 per failing.", labels=["check"]
+        )
+        for check in report.checks:
+            checks.add_metric([check.name], check.ok)
+        yield checks
+
+    def _jobs(self) -> Iterator[Metric]:
+        rt = self._rt
+        jobs = GaugeMetricFamily("vigil_jobs", "Jobs in the store by state.", labels=["state"])
+        for state in STATES:
+            jobs.add_metric([state], rt.store.counts[state])
+        yield jobs
+        yield CounterMetricFamily(
+            "vigil_jobs_submitted",
+            "Jobs accepted by any intake (repeats of an idempotency key not counted).",
+            rt.intake.accepted,
+        )
+        dispatcher = rt.dispatcher
+        yield GaugeMetricFamily(
+            "vigil_queue_max_backlog", "queue.max_backlog.", rt.config.queue.max_backlog
+        )
+        yield GaugeMetricFamily(
+            "vigil_queue_max_concurrency", "queue.max_concurrency.", dispatcher.max_concurrency
+        )
+        yield GaugeMetricFamily(
+            "vigil_queue_active", "Attempts running now.", len(dispatcher.active)
+        )
+        yield GaugeMetricFamily(
+            "vigil_queue_paused", "1 while `vigil pause` holds new attempts.", dispatcher.paused
+        )
+
+    def _providers(self) -> Iterator[Metric]:
+        """What each provider counted: requests, answers, tokens, in flight."""
+        requests = CounterMetricFamily(
+            "vigil_api_requests",
+            "API requests by provider and HTTP status (or timeout, connection_error).",
+            labels=["provider", "status"],
+        )
+        latency = SummaryMetricFamily(
+            "vigil_api_request_duration_seconds",
+            "Time to an API answer (requests that got one).",
+            labels=["provider"],
+        )
+        rate_limited = CounterMetricFamily(
+            "vigil_api_rate_limited", "API answers with HTTP 429.", labels=["provider"]
+        )
+        tokens = CounterMetricFamily(
+            "vigil_api_tokens", "Tokens used, by kind.", labels=["provider", "kind"]
+        )
+        in_flight = GaugeMetricFamily(
+            "vigil_api_in_flight", "API requests in flight.", labels=["provider"]
+        )
+        max_concurrency = GaugeMetricFamily(
+            "vigil_api_max_concurrency", "providers.NAME.max_concurrency.", labels=["provider"]
+        )
+        for name, provider in self._rt.providers.items():
+            stats = provider.stats
+            answered = 0
+            for code, n in stats.by_status.items():
+                requests.add_metric([name, code], n)
+                answered += n if code.isdigit() else 0
+            latency.add_metric([name], answered, stats.latency_ms_total / 1000)
+            rate_limited.add_metric([name], stats.rate_limited)
+            tokens.add_metric([name, "prompt"], stats.prompt_tokens)
+            tokens.add_metric([name, "completion"], stats.completion_tokens)
+            in_flight.add_metric([name], stats.in_flight)
+            max_concurrency.add_metric([name], provider.config.max_concurrency)
+        yield from (requests, latency, rate_limited, tokens, in_flight, max_concurrency)
+
+    def _provider_controls(self) -> Iterator[Metric]:
+        """What holds each provider back, as provider_status reports it (read
+        defensively: a figure it does not offer gives no sample)."""
+        paused = GaugeMetricFamily(
+            "vigil_api_paused",
+            "1 while the provider is paused (key refused, quota exhausted).",
+            labels=["provider"],
+        )
+        cooldown = GaugeMetricFamily(
+            "vigil_api_cooldown_seconds", "Shared 429 cool-down left.", labels=["provider"]
+        )
+        circuit = GaugeMetricFamily(
+            "vigil_api_circuit_state",
+            "1 for the circuit breaker's current state.",
+            labels=["provider", "state"],
+        )
+        circuit_open = GaugeMetricFamily(
+            "vigil_api_circuit_open", "1 while the circuit breaker is open.", labels=["provider"]
+        )
+        opened = CounterMetricFamily(
+            "vigil_api_circuit_opened", "Times the circuit breaker opened.", labels=["provider"]
+        )
+        rejected = CounterMetricFamily(
+            "vigil_api_circuit_rejected",
+            "Calls the open circuit breaker refused.",
+            labels=["provider"],
+        )
+        limit = GaugeMetricFamily(
+            "vigil_api_concurrency_limit",
+            "Requests allowed in flight now (adaptive: lowered on 429s and timeouts).",
+            labels=["provider"],
+        )
+        budget = GaugeMetricFamily(
+            "vigil_api_budget_per_minute",
+            "Per-minute budget in force (configured, or lowered to the server's).",
+            labels=["provider", "budget"],
+        )
+        level = GaugeMetricFamily(
+            "vigil_api_budget_level",
+            "What is left of the budget now.",
+            labels=["provider", "budget"],
+        )
+        for name, provider in self._rt.providers.items():
+            status = provider_status(provider)
+            paused.add_metric([name], bool(status.get("paused")))
+            for family, path in (
+                (cooldown, ("cooldown_s",)),
+                (opened, ("circuit", "opened")),
+                (rejected, ("circuit", "rejected")),
+                (limit, ("concurrency_limit",)),
+            ):
+                value = _lookup(status, path)
+                if value is not None:
+                    family.add_metric([name], value)
+            state = circuit_state(status)
+            if state is not None:
+                for known in sorted({*CIRCUIT_STATES, state}):
+                    circuit.add_metric([name, known], known == state)
+                circuit_open.add_metric([name], state == "open")
+            for kind in ("requests", "tokens"):
+                for family, key in ((budget, "per_minute"), (level, "level")):
+                    value = _lookup(status, ("budgets", kind, key))
+                    if value:  # 0 or None: no budget of that kind
+                        family.add_metric([name, kind], value)
+        yield from (paused, cooldown, circuit, circuit_open, opened, rejected, limit, budget, level)
+
+    def _store(self) -> Iterator[Metric]:
+        store = self._rt.store
+        yield SummaryMetricFamily(
+            "vigil_db_commit_duration_seconds",
+            "SQLite group commits (one transaction each) and their time.",
+            count_value=store.commits,
+            sum_value=store.commit_seconds,
+        )
+        yield CounterMetricFamily(
+            "vigil_db_commit_errors", "Group commits the database refused.", store.commit_errors
+        )
+        yield GaugeMetricFamily(
+            "vigil_db_writable", "0 while the last commit failed.", store.last_error is None
+        )
+
+    def _watchdog(self) -> Iterator[Metric]:
+        section = self._rt.status_sections.get("watchdog")
+        if section is not None:
+            yield from watchdog_metrics(section())
+        lag = getattr(getattr(getattr(self._rt, "watchdog", None), "loop", None), "lag", None)
+        bounds = _lag_bounds_ms() if lag is not None else None
+        histogram = lag_histogram(lag, bounds) if bounds is not None else None
+        if histogram is not None:
+            yield histogram
+
+    def _process(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("vigil_tasks", "asyncio tasks alive.", len(asyncio.all_tasks()))
+        sample = self.process
+        if sample is None:
+            return
+        yield GaugeMetricFamily("vigil_process_rss_bytes", "Resident memory.", sample.rss_bytes)
+        yield GaugeMetricFamily("vigil_process_open_fds", "Open file descriptors.", sample.open_fds)
+        yield GaugeMetricFamily("vigil_process_threads", "OS threads.", sample.threads)
+        yield CounterMetricFamily(
+            "vigil_process_cpu_seconds", "CPU time, user and system.", sample.cpu_seconds
+        )
+
+
+class _Snapshot:
+    """Families already collected, so the text can be rendered off the loop."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+class Metrics:
+    """The daemon's metrics: event metrics observed through the dispatcher's hooks,
+    plus the runtime read at scrape time. Not global: each daemon has its own."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.registry = CollectorRegistry()
+        self._runtime = RuntimeCollector(rt)
+        self._psutil: psutil.Process | None = None
+        self.registry.register(self._runtime)
+        self.attempts = Counter(
+            "vigil_attempts",
+            "Attempt ends by analyzer and outcome (succeeded, error, timeout, canceled).",
+            ["analyzer", "outcome"],
+            registry=self.registry,
+        )
+        self.finished = Counter(
+            "vigil_jobs_finished",
+            "Jobs that ran to a final state, by analyzer and outcome (succeeded, failed).",
+            ["analyzer", "outcome"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "vigil_job_duration_seconds",
+            "One attempt's run time, by analyzer.",
+            ["analyzer"],
+            buckets=DURATION_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "vigil_job_queue_wait_seconds",
+            "Time from ready (submitted, or retry due) to claimed, by analyzer.",
+            ["analyzer"],
+            buckets=WAIT_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.http_requests = Counter(
+            "vigil_http_requests",
+            "HTTP API requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        rt.dispatcher.on_claim.append(self.claimed)
+        rt.dispatcher.on_finish.append(self.finished_attempt)
+
+    def claimed(self, job: Job) -> None:
+        ready_at = max(job.created_at, job.not_before)
+        self.queue_wait.labels(job.analyzer).observe(max(0.0, time.time() - ready_at))
+
+    def finished_attempt(self, job: Job, end: AttemptEnd, new: State | None) -> None:
+        self.attempts.labels(job.analyzer, end.outcome).inc()
+        if end.latency_ms is not None:
+            self.duration.labels(job.analyzer).observe(end.latency_ms / 1000)
+        if new is not None and new in TERMINAL:
+            self.finished.labels(job.analyzer, new).inc()
+
+    async def render(self) -> bytes:
+        """The exposition text (Prometheus format 0.0.4)."""
+        if self._psutil is None:
+            self._psutil = await anyio.to_thread.run_sync(psutil.Process)
+        self._runtime.process = await anyio.to_thread.run_sync(sample_process, self._psutil)
+        families = list(self.registry.collect())  # on the loop: the runtime is not thread-safe
+        return await anyio.to_thread.run_sync(generate_latest, _Snapshot(families))

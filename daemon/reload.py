@@ -1,0 +1,114 @@
+"""Live reload (SIGHUP, `vigil reload`): re-read the config, apply what can change
+while running, and name what needs a restart.
+
+A config that fails to parse or validate changes nothing: the daemon keeps running
+on the old one and says why. What is applied: the log level, queue limits and
+concurrency, analyzers (templates, handlers, attempts, timeouts), provider limits
+and timeouts, the simulated API's behaviour. What needs a restart: anything that
+owns an open resource (state dir, socket, HTTP listener, spool, providers added,
+removed or pointed elsewhere)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+
+from daemon import systemd
+from daemon.analyzers import build_analyzers
+from daemon.config import Config, ConfigError, ProviderConfig, load_config
+from daemon.observe.logs import set_level
+from daemon.runtime import Runtime
+
+log = structlog.get_logger("vigil.reload")
+
+
+class ReloadResult(msgspec.Struct, frozen=True, kw_only=True):
+    applied: list[str]
+    needs_restart: list[str]
+
+
+class ReloadError(Exception):
+    """The new config was refused; the daemon runs on as before."""
+
+
+def _provider_identity(cfg: ProviderConfig) -> tuple[str, str, str, int]:
+    """What a running provider cannot change without a new session or server."""
+    return (cfg.kind, cfg.base_url, cfg.api_key_env, cfg.max_connections)
+
+
+def _plan(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """The config to run on (new, with restart-only parts kept as they are), what
+    changes, and what needs a restart."""
+    restart: list[str] = []
+    keep: dict[str, Any] = {}
+    for section in ("daemon", "http", "intake", "watchdog"):
+        if getattr(old, section) != getattr(new, section):
+            restart.append(section)
+            keep[section] = getattr(old, section)
+    if (old.log.format, old.log.ring_size) != (new.log.format, new.log.ring_size):
+        restart.append("log.format/log.ring_size")
+    providers = dict(new.providers)
+    for name in sorted(old.providers.keys() | new.providers.keys()):
+        before, after = old.providers.get(name), new.providers.get(name)
+        if before is None or after is None:
+            restart.append(f"providers.{name} ({'added' if before is None else 'removed'})")
+            if before is None:
+                providers.pop(name)
+            else:
+                providers[name] = before
+        elif _provider_identity(before) != _provider_identity(after):
+            restart.append(f"providers.{name} (kind, base_url, api_key_env, max_connections)")
+            providers[name] = before
+    for name, analyzer in new.analyzers.items():
+        if analyzer.provider and analyzer.provider not in providers:
+            raise ReloadError(
+                f"analyzer {name!r} uses provider {analyzer.provider!r}, which is not running "
+                "(adding a provider needs a restart)"
+            )
+    planned = msgspec.structs.replace(
+        new,
+        providers=providers,
+        log=msgspec.structs.replace(new.log, format=old.log.format, ring_size=old.log.ring_size),
+        **keep,
+    )
+    changed = [
+        field
+        for field in ("log", "queue", "providers", "analyzers")
+        if getattr(old, field) != getattr(planned, field)
+    ]
+    return planned, changed, restart
+
+
+async def reload(rt: Runtime) -> ReloadResult:
+    """Apply the config file as it is now; raises ReloadError and changes nothing
+    when it is invalid."""
+    systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    try:
+        try:
+            new = await anyio.to_thread.run_sync(load_config, rt.config_path)
+            planned, changed, restart = _plan(rt.config, new)
+            analyzers = await anyio.to_thread.run_sync(build_analyzers, planned)
+        except (ConfigError, ReloadError) as exc:
+            log.error("reload.failed", error=str(exc), config=rt.config_path)
+            raise ReloadError(str(exc)) from None
+        except Exception as exc:  # a handler that fails to import
+            log.error("reload.failed", error=f"{type(exc).__name__}: {exc}")
+            raise ReloadError(f"{type(exc).__name__}: {exc}") from None
+        rt.live.config = planned
+        rt.live.analyzers = analyzers
+        set_level(planned.log.level)
+        rt.dispatcher.set_max_concurrency(planned.queue.max_concurrency)
+        for name, provider in rt.providers.items():
+            cfg = planned.providers[name]
+            provider.configure(cfg)
+            simulated = rt.simulated.get(name)
+            if simulated is not None:
+                simulated.configure(cfg.simulate)
+        log.info("reload.done", applied=changed, needs_restart=restart)
+        return ReloadResult(applied=changed, needs_restart=restart)
+    finally:
+        systemd.notify("READY=1")

@@ -1,0 +1,92 @@
+"""GET /: the status page is served with a strict CSP and, in headless Chromium, shows
+the job counts /status reports."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import anyio
+import pytest
+
+from daemon.observe.page import build_page
+from tests.daemon_proc import DaemonProcess, sim_config
+
+StartDaemon = Callable[..., DaemonProcess]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+JOB = {"analyzer": "summarize", "input": {"text": "hello"}}
+
+
+def _hash(source: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
+
+
+@pytest.mark.anyio
+async def test_page_is_served_with_a_strict_csp(start_daemon: StartDaemon) -> None:
+    """The page is HTML whose CSP allows its own inline script and style by hash only."""
+    proc = start_daemon(sim_config(http_listen="127.0.0.1:0"))
+    url = await anyio.to_thread.run_sync(proc.http_url)
+    async with aiohttp.ClientSession(url) as session, session.get("/") as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"] == "text/html; charset=utf-8"
+        csp = r.headers["Content-Security-Policy"]
+        html = await r.text()
+    (script,) = re.findall(r"<script>(.*?)</script>", html, re.DOTALL)
+    (style,) = re.findall(r"<style>(.*?)</style>", html, re.DOTALL)
+    assert f"script-src {_hash(script)};" in csp
+    assert f"style-src {_hash(style)};" in csp
+    assert "default-src 'none'" in csp and "unsafe" not in csp
+    assert 'fetch("status"' in script and "setTimeout(refresh, REFRESH_MS)" in script
+    assert "innerHTML" not in script  # text only: nothing from /status runs as markup
+
+
+def test_a_page_without_script_allows_none() -> None:
+    """No inline block means nothing is allowed, rather than everything."""
+    page = build_page(b"<!doctype html><p>hi</p>")
+    csp = page.headers["Content-Security-Policy"]
+    assert "script-src 'none';" in csp and "style-src 'none';" in csp
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
+async def test_page_shows_the_counts_in_chromium(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """Headless Chromium runs the page's script, which fills in what /status reports."""
+    proc = start_daemon(sim_config(http_listen="127.0.0.1:0", max_backlog=2))
+    proc.call("pause")
+    ids = proc.call("submit", jobs=[JOB, JOB])["ids"]
+    proc.call("cancel", id=ids[0])
+    proc.call("submit", jobs=JOB)  # queued 2 = backlog full: the page shows why not ready
+    url = proc.http_url()
+    counts = proc.call("status")["jobs"]
+    assert counts == {"queued": 2, "running": 0, "succeeded": 0, "failed": 0, "canceled": 1}
+    profile = tmp_path / "chromium-profile"
+    with anyio.fail_after(120):
+        done = await anyio.run_process(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+                f"{url}/",
+            ],
+            check=False,
+        )
+    dom = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    for state, n in counts.items():
+        assert re.search(rf'id="count-{state}"[^>]*>{n}<', dom), (state, dom[:3000])
+    assert re.search(r'id="state"[^>]*>paused<', dom)
+    assert re.search(r'id="ready"[^>]*>not ready<', dom)
+    assert "backlog full" in dom
+    assert re.search(r"<td>sim</td>", dom)  # the providers table

@@ -1,0 +1,372 @@
+"""Throttling parts in isolation, on fake clocks: rate-limit headers, budget sync and
+learned limits, AIMD concurrency, the circuit breaker."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+
+from daemon.providers.base import ProviderError
+from daemon.providers.breaker import CircuitBreaker
+from daemon.providers.limits import (
+    AdaptiveConcurrency,
+    ProviderLimits,
+    Reservation,
+    Ticket,
+    TokenBucket,
+)
+from daemon.providers.ratelimit_headers import (
+    Budget,
+    RateLimitHeaders,
+    parse_duration_s,
+    parse_rate_limit_headers,
+    retry_after_s,
+)
+
+NOW = 1_700_000_000.0  # a fixed unix time for RFC 3339 resets
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sent(bucket: TokenBucket, units: float) -> Ticket:
+    """Book `units` and mark them sent, as a request leaving now does."""
+    ticket = bucket.book(units)
+    bucket.mark_sent(ticket)
+    return ticket
+
+
+# --- headers ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("120ms", 0.12), ("1s", 1.0), ("6m0s", 360.0), ("1h2m3s", 3723.0), ("2.5", 2.5)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    """OpenAI's reset durations, and bare seconds, parse."""
+    assert parse_duration_s(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "soon", "1x", "5s later"])
+def test_parse_duration_rejects_junk(text: str) -> None:
+    """Anything else is not a duration."""
+    assert parse_duration_s(text) is None
+
+
+def test_openai_headers_parse() -> None:
+    """x-ratelimit-* give limit, remaining and reset per budget."""
+    parsed = parse_rate_limit_headers(
+        {
+            "x-ratelimit-limit-requests": "3000",
+            "x-ratelimit-remaining-requests": "2999",
+            "x-ratelimit-reset-requests": "20ms",
+            "x-ratelimit-limit-tokens": "600000",
+            "x-ratelimit-remaining-tokens": "599000",
+            "x-ratelimit-reset-tokens": "6m0s",
+        }
+    )
+    assert parsed.requests == Budget(limit=3000, remaining=2999, reset_s=0.02)
+    assert parsed.tokens == Budget(limit=600000, remaining=599000, reset_s=300.0)  # capped
+    assert parsed.input_tokens is None
+
+
+def test_anthropic_headers_parse() -> None:
+    """anthropic-ratelimit-* parse, resets as RFC 3339 times, token counts as rounded."""
+    reset = dt.datetime.fromtimestamp(NOW + 12, dt.UTC).isoformat().replace("+00:00", "Z")
+    headers = {
+        "anthropic-ratelimit-requests-limit": "50",
+        "anthropic-ratelimit-requests-remaining": "49",
+        "anthropic-ratelimit-requests-reset": reset,
+        "anthropic-ratelimit-input-tokens-limit": "40000",
+        "anthropic-ratelimit-input-tokens-remaining": "39000",
+        "anthropic-ratelimit-output-tokens-limit": "8000",
+        "anthropic-ratelimit-tokens-limit": "8000",
+        "anthropic-ratelimit-tokens-remaining": "7000",
+    }
+    parsed = parse_rate_limit_headers(headers, now=NOW)
+    assert parsed.requests is not None
+    assert (parsed.requests.limit, parsed.requests.remaining) == (50, 49)
+    assert parsed.requests.reset_s == pytest.approx(12.0)
+    assert parsed.tokens is not None and parsed.tokens.rounding == 1000
+    assert parsed.input_tokens == Budget(limit=40000, remaining=39000, rounding=1000)
+    assert parsed.output_tokens == Budget(limit=8000, rounding=1000)
+
+
+def test_garbage_headers_are_ignored() -> None:
+    """Unparseable or negative values are dropped, not trusted."""
+    parsed = parse_rate_limit_headers(
+        {"x-ratelimit-limit-requests": "lots", "x-ratelimit-remaining-requests": "-5"}
+    )
+    assert parsed.empty
+
+
+def test_retry_hint_prefers_retry_after_ms_then_retry_after() -> None:
+    """retry-after-ms wins over retry-after, which wins over the rate-limit headers."""
+    assert retry_after_s({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after_s({"retry-after": "9", "x-ratelimit-reset-requests": "1s"}) == 9.0
+
+
+def test_retry_hint_http_date() -> None:
+    """retry-after may be an HTTP date."""
+    assert retry_after_s({"retry-after": "Tue, 14 Nov 2023 22:13:30 GMT"}, now=NOW) == 10.0
+
+
+def test_retry_hint_from_rate_limit_headers_is_time_for_one_request() -> None:
+    """With limit and remaining known, the hint is the refill time of what is missing,
+    not the time until the whole bucket is full."""
+    headers = {
+        "x-ratelimit-limit-requests": "3000",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "60s",
+    }
+    assert retry_after_s(headers) == pytest.approx(0.02)
+    tokens = {
+        "x-ratelimit-limit-tokens": "1000",
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "60s",
+    }
+    assert retry_after_s(tokens, tokens_needed=500) == pytest.approx(30.0)
+
+
+def test_retry_hint_anthropic_reset() -> None:
+    """An Anthropic 429 without retry-after waits for its reset time."""
+    reset = dt.datetime.fromtimestamp(NOW + 7, dt.UTC).isoformat()
+    assert retry_after_s({"anthropic-ratelimit-tokens-reset": reset}, now=NOW) == 7.0
+
+
+# --- TokenBucket: margin, sync, learned limits --------------------------------------------
+
+
+def test_margin_holds_back_refill_without_costing_rate() -> None:
+    """A margin keeps that much refill in hand: the burst is smaller, the rate the same."""
+    clock = FakeClock()
+    bucket = TokenBucket(60, clock, margin_s=2.0)  # 1 unit/s, 2 units held back
+    assert bucket.reserve(58) == 0
+    assert bucket.reserve(1) == pytest.approx(1.0)
+    clock.now += 10
+    # 10 s later the booked unit is paid and 10 units refilled: 9 more fit, then 1/s.
+    assert bucket.reserve(9) == 0
+    assert bucket.reserve(1) == pytest.approx(1.0)
+
+
+def test_sync_lowers_level_when_server_has_less() -> None:
+    """A server reporting less remaining than we expected lowers our level by the gap."""
+    clock = FakeClock()
+    bucket = TokenBucket(100, clock)
+    ticket = bucket.book(1)
+    bucket.mark_sent(ticket)
+    assert ticket.expected == 99
+    taken = bucket.sync(ticket, remaining=40)  # someone else spent 59
+    assert taken == pytest.approx(58)  # one unit of rounding tolerance
+    assert bucket.level == pytest.approx(41)
+    assert bucket.corrections == 1
+    assert bucket.lowered == pytest.approx(58)
+
+
+def test_sync_never_raises_and_ignores_rounding() -> None:
+    """More remaining than expected, or a gap within the rounding, changes nothing."""
+    bucket = TokenBucket(100, FakeClock())
+    ticket = bucket.book(1)
+    bucket.mark_sent(ticket)
+    assert bucket.sync(ticket, remaining=100) == 0
+    assert bucket.sync(ticket, remaining=98.5) == 0
+    assert bucket.level == 99
+    assert bucket.corrections == 0
+
+
+def test_sync_does_not_correct_the_same_gap_twice() -> None:
+    """Answers of requests in flight all show one gap; it is taken off once."""
+    clock = FakeClock()
+    bucket = TokenBucket(1000, clock, margin_s=0.001)
+    tickets = []
+    for _ in range(5):
+        tickets.append(sent(bucket, 10))
+        clock.now += 0.002  # sent apart: none can overtake another
+    # The server had 300 fewer from the start; it reports after each of ours.
+    for n, ticket in enumerate(tickets, 1):
+        bucket.sync(ticket, remaining=1000 - 300 - 10 * n)
+    assert bucket.lowered == pytest.approx(299, abs=0.5)  # not 5 x 299
+
+
+def test_sync_allows_for_requests_that_overtook() -> None:
+    """Requests sent just after ours may reach the server first: no correction for them."""
+    clock = FakeClock()
+    bucket = TokenBucket(1000, clock, margin_s=0.1)
+    first = sent(bucket, 10)
+    clock.now += 0.01
+    sent(bucket, 10)  # arrived first at the server
+    assert bucket.sync(first, remaining=1000 - 20) == 0
+
+
+def test_learn_adopts_lower_server_limit_once() -> None:
+    """A lower limit from the server is adopted and caps the level; the same one again
+    changes nothing; a higher one falls back to the configured limit."""
+    clock = FakeClock()
+    bucket = TokenBucket(3600, clock)
+    ticket = sent(bucket, 1)
+    assert bucket.learn(3000, None, ticket)
+    assert bucket.per_minute == 3000
+    assert bucket.level == 3000
+    assert bucket.server_limit == 3000
+    assert not bucket.learn(3000, None, ticket)
+    assert bucket.learn(5000, None, ticket)
+    assert bucket.per_minute == 3600
+
+
+def test_learn_when_unconfigured_starts_from_server_remaining() -> None:
+    """With no configured limit the server's applies, starting from what it has left
+    minus what we sent since."""
+    clock = FakeClock()
+    bucket = TokenBucket(0, clock)
+    ticket = sent(bucket, 1)
+    sent(bucket, 1)
+    sent(bucket, 1)
+    assert bucket.learn(60, 10, ticket)
+    assert bucket.per_minute == 60
+    assert bucket.level == pytest.approx(8)
+
+
+def test_observe_maps_headers_to_buckets() -> None:
+    """ProviderLimits.observe learns limits and syncs both budgets from one snapshot."""
+    clock = FakeClock()
+    limits = ProviderLimits(
+        max_concurrency=4, requests_per_minute=600, tokens_per_minute=10_000, clock=clock
+    )
+    requests, tokens = limits.requests.book(1), limits.tokens.book(100)
+    limits.requests.mark_sent(requests)
+    limits.tokens.mark_sent(tokens)
+    changes = limits.observe(
+        RateLimitHeaders(
+            requests=Budget(limit=500, remaining=400),
+            tokens=Budget(limit=20_000, remaining=5_000),
+        ),
+        Reservation(requests, tokens, 0),
+    )
+    assert [(c.budget, c.old_per_minute, c.per_minute) for c in changes] == [("requests", 600, 500)]
+    assert limits.requests.level == pytest.approx(401)
+    assert limits.tokens.per_minute == 10_000  # the server's is higher: ours stays
+    assert limits.tokens.level == pytest.approx(5_001)
+
+
+# --- AIMD ---------------------------------------------------------------------------------
+
+
+def test_aimd_halves_once_per_window_and_recovers() -> None:
+    """A 429 halves the limit; others from the same window do not; successes add one
+    per step up to the maximum."""
+    limiter = anyio.CapacityLimiter(16)
+    aimd = AdaptiveConcurrency(limiter, maximum=16, successes_per_step=3, enabled=True)
+    epoch = aimd.epoch
+    assert aimd.congested(epoch)
+    assert not aimd.congested(epoch)  # same window: already acted on
+    assert aimd.limit == 8 and limiter.total_tokens == 8
+    assert aimd.congested(aimd.epoch)
+    assert aimd.limit == 4
+    for _ in range(3):
+        aimd.succeeded()
+    assert aimd.limit == 5 and limiter.total_tokens == 5
+    for _ in range(3 * 20):
+        aimd.succeeded()
+    assert aimd.limit == 16
+
+
+def test_aimd_floor_and_off() -> None:
+    """The limit never drops below one; switched off, it stays at the maximum."""
+    limiter = anyio.CapacityLimiter(2)
+    aimd = AdaptiveConcurrency(limiter, maximum=2, successes_per_step=1, enabled=True)
+    for _ in range(5):
+        aimd.congested(aimd.epoch)
+    assert aimd.limit == 1
+    aimd.configure(maximum=10, successes_per_step=1, enabled=False)
+    assert aimd.limit == 10 and limiter.total_tokens == 10
+    assert not aimd.congested(aimd.epoch)
+    assert aimd.limit == 10
+
+
+# --- circuit breaker ----------------------------------------------------------------------
+
+
+def breaker(clock: FakeClock, failures: int = 3) -> CircuitBreaker:
+    """A breaker on a fake clock: opens after `failures`, for 10 s."""
+    return CircuitBreaker("main", failures=failures, open_s=10.0, probe_wait_s=2.0, clock=clock)
+
+
+def test_breaker_opens_after_consecutive_failures() -> None:
+    """N failures in a row open it; a success in between resets the count."""
+    clock = FakeClock()
+    cb = breaker(clock)
+    cb.failed("HTTP 500", probe=False)
+    cb.failed("HTTP 500", probe=False)
+    cb.succeeded(probe=False)
+    cb.failed("Timeout", probe=False)
+    cb.failed("Timeout", probe=False)
+    assert cb.status()["state"] == "closed"
+    with capture_logs() as logs:
+        cb.failed("ConnectionError", probe=False)
+    assert cb.status()["state"] == "open"
+    assert [e["event"] for e in logs] == ["provider.circuit_opened"]
+    clock.now += 4
+    with pytest.raises(ProviderError) as info:
+        cb.admit()
+    assert info.value.kind == "CircuitOpen"
+    assert info.value.retryable is True
+    assert info.value.retry_after_s == pytest.approx(6.0)
+    assert "ConnectionError" in str(info.value)
+    assert cb.rejected == 1
+
+
+def test_breaker_half_open_lets_one_probe_then_closes() -> None:
+    """After open_s one probe goes; others fail fast meanwhile; its success closes."""
+    clock = FakeClock()
+    cb = breaker(clock, failures=1)
+    cb.failed("HTTP 503", probe=False)
+    clock.now += 10
+    assert cb.status()["state"] == "half_open"
+    probe = cb.admit()
+    assert probe is True
+    with pytest.raises(ProviderError) as info:
+        cb.admit()
+    assert info.value.retry_after_s == 2.0
+    cb.succeeded(probe=True)
+    assert cb.status()["state"] == "closed"
+    assert cb.admit() is False
+    assert cb.status()["opened"] == 1
+
+
+def test_breaker_failed_probe_opens_again_and_released_probe_is_reusable() -> None:
+    """A failed probe reopens for another open_s; a probe that never ran frees its turn."""
+    clock = FakeClock()
+    cb = breaker(clock, failures=1)
+    cb.failed("HTTP 500", probe=False)
+    clock.now += 10
+    assert cb.admit() is True
+    cb.released(probe=True)  # cancelled before sending
+    assert cb.admit() is True
+    cb.failed("HTTP 500", probe=True)
+    assert cb.status()["state"] == "open"
+    assert cb.opened == 2
+    status = cb.status()
+    assert status["half_open_in_s"] == 10.0
+    assert status["last_failure"] == "HTTP 500"
+    clock.now += 10
+    assert cb.status()["state"] == "half_open"
+
+
+def test_breaker_zero_failures_is_off() -> None:
+    """breaker_failures = 0 never opens."""
+    cb = breaker(FakeClock(), failures=0)
+    for _ in range(100):
+        cb.failed("HTTP 500", probe=False)
+    assert cb.status()["state"] == "closed"
+    assert cb.admit() is False
