@@ -69,6 +69,110 @@ class ProgressLine:
             self._out.flush()
 
 
+def circuit_state(provider: Mapping[str, Any]) -> str:
+    circuit = provider.get("circuit")
+    return str(circuit.get("state", "-")) if isinstance(circuit, Mapping) else "-"
+
+
+def providers_table(
+    providers: Mapping[str, Mapping[str, Any]],
+    out: TextIO = sys.stdout,
+    request_rates: Mapping[str, str] | None = None,
+) -> None:
+    """One row per provider: load, answers, budgets, and why it may be held back."""
+    headers = [
+        "provider",
+        "in flight",
+        "conc",
+        "requests",
+        "429s",
+        "p50 ms",
+        "p99 ms",
+        "rpm",
+        "tpm",
+        "cooldown",
+        "circuit",
+        "paused",
+    ]
+    if request_rates is not None:
+        headers.insert(4, "req/s")
+    rows = []
+    for name, p in providers.items():
+        limit, most = p.get("concurrency_limit", p.get("max_concurrency")), p.get("max_concurrency")
+        row = [
+            name,
+            p.get("in_flight", "-"),
+            f"{limit}/{most}",
+            p.get("requests", "-"),
+            p.get("rate_limited", "-"),
+            _number(p.get("p50_latency_ms")),
+            _number(p.get("p99_latency_ms")),
+            p.get("requests_per_minute") or "-",
+            p.get("tokens_per_minute") or "-",
+            f"{p.get('cooldown_s', 0):.1f}s",
+            circuit_state(p),
+            p.get("paused") or "no",
+        ]
+        if request_rates is not None:
+            row.insert(4, request_rates.get(name, "-"))
+        rows.append(row)
+    table(headers, rows, out)
+
+
+def _number(value: Any) -> str:
+    return "-" if value is None else f"{value:.0f}" if isinstance(value, float) else str(value)
+
+
+def watchdog_line(wd: Mapping[str, Any]) -> str:
+    """The watchdog figures an operator looks at first."""
+    loop, memory, leaks = wd.get("loop") or {}, wd.get("memory") or {}, wd.get("leaks") or {}
+    lag = loop.get("lag_ms") or {}
+    stuck = wd.get("stuck") or {}
+    return (
+        f"loop lag p50/p99/max {_brief(lag.get('p50'))}/{_brief(lag.get('p99'))}/"
+        f"{_brief(lag.get('max'))} ms  blocked {loop.get('blocked_count', '-')}x "
+        f"{_brief(loop.get('blocked_seconds', '-'))} s"
+        f"{'  BLOCKED NOW' if loop.get('blocked_now') else ''}  "
+        f"rss {_brief(memory.get('rss_mb'))} MB  tasks {leaks.get('tasks', '-')}  "
+        f"fds {leaks.get('fds', '-')}  threads {leaks.get('threads', '-')}  "
+        f"stuck cancelled {stuck.get('abandoned', '-')}"
+    )
+
+
+def sections(data: Mapping[str, Any], out: TextIO = sys.stdout) -> None:
+    """One line each for the parts components add to status (watchdog, spool, http)."""
+    watchdog = data.get("watchdog")
+    if isinstance(watchdog, Mapping) and watchdog.get("enabled", True):
+        print(f"\nwatchdog: {watchdog_line(watchdog)}", file=out)
+    for section in ("spool", "http"):
+        value = data.get(section)
+        if isinstance(value, Mapping) and value:
+            line = "  ".join(
+                f"{k} {_brief(v)}" for k, v in value.items() if not isinstance(v, list)
+            )
+            print(f"\n{section}: {line}", file=out)
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k} {_brief(v)}" for k, v in list(value.items())[:6]) + "}"
+    return str(value)
+
+
+def health_line(health: Mapping[str, Any]) -> tuple[str, list[str]]:
+    problems = [f"{c['name']}: {c['reason']}" for c in health["checks"] if not c["ok"]]
+    verdict = (
+        "NOT live"
+        if not health["live"]
+        else "live, ready"
+        if health["ready"]
+        else ("live, NOT ready")
+    )
+    return verdict, problems
+
+
 def status_report(data: Mapping[str, Any], out: TextIO = sys.stdout) -> None:
     jobs = data["jobs"]
     queue = data["queue"]
@@ -84,42 +188,14 @@ def status_report(data: Mapping[str, Any], out: TextIO = sys.stdout) -> None:
         },
         out,
     )
-    health = data["health"]
-    problems = [f"{c['name']}: {c['reason']}" for c in health["checks"] if not c["ok"]]
-    verdict = (
-        "live, ready" if health["ready"] else ("live, NOT ready" if health["live"] else "NOT live")
-    )
+    verdict, problems = health_line(data["health"])
     print(f"\nhealth: {verdict}", file=out)
     for problem in problems:
         print(f"  - {problem}", file=out)
     print(file=out)
-    table(["queued", "running", "succeeded", "failed", "canceled"], [list(jobs.values())], out)
+    table(list(jobs), [list(jobs.values())], out)
     providers = data.get("providers") or {}
     if providers:
         print(file=out)
-        table(
-            [
-                "provider",
-                "kind",
-                "in flight",
-                "requests",
-                "429s",
-                "avg ms",
-                "tokens in/out",
-                "paused",
-            ],
-            [
-                [
-                    name,
-                    p["kind"],
-                    p["in_flight"],
-                    p["requests"],
-                    p["rate_limited"],
-                    p["avg_latency_ms"] if p["avg_latency_ms"] is not None else "-",
-                    f"{p['tokens_in']}/{p['tokens_out']}",
-                    p["paused"] or "no",
-                ]
-                for name, p in providers.items()
-            ],
-            out,
-        )
+        providers_table(providers, out)
+    sections(data, out)

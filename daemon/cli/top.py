@@ -33,12 +33,11 @@ def _rate(now: dict[str, Any], before: dict[str, Any] | None, dt_s: float, *path
 def frame(status: dict[str, Any], before: dict[str, Any] | None, dt_s: float) -> str:
     """One screen of text for a status snapshot (and the previous one, for rates)."""
     out = io.StringIO()
-    health = status["health"]
-    problems = [f"{c['name']}: {c['reason']}" for c in health["checks"] if not c["ok"]]
+    verdict, problems = render.health_line(status["health"])
     print(
         f"vigil {status['version']}  pid {status['pid']}  {status['state']}  "
-        f"up {status['uptime_s']:.0f} s  health: "
-        f"{'ok' if health['ready'] and not problems else '; '.join(problems) or 'not ready'}",
+        f"up {status['uptime_s']:.0f} s  health: {verdict}"
+        + "".join(f"\n  - {p}" for p in problems),
         file=out,
     )
     queue = status["queue"]
@@ -53,57 +52,12 @@ def frame(status: dict[str, Any], before: dict[str, Any] | None, dt_s: float) ->
     providers = status.get("providers") or {}
     if providers:
         print(file=out)
-        render.table(
-            [
-                "provider",
-                "in flight",
-                "conc",
-                "req/s",
-                "429s",
-                "avg ms",
-                "rpm",
-                "tpm",
-                "cooldown",
-                "circuit",
-                "paused",
-            ],
-            [
-                [
-                    name,
-                    p.get("in_flight", "-"),
-                    p.get("max_concurrency", "-"),
-                    _rate(status, before, dt_s, "providers", name, "requests"),
-                    p.get("rate_limited", "-"),
-                    p.get("avg_latency_ms") or "-",
-                    p.get("requests_per_minute") or "-",
-                    p.get("tokens_per_minute") or "-",
-                    f"{p.get('cooldown_s', 0):.1f}s",
-                    (p.get("circuit") or {}).get("state", "-")
-                    if isinstance(p.get("circuit"), dict)
-                    else p.get("circuit", "-"),
-                    p.get("paused") or "no",
-                ]
-                for name, p in providers.items()
-            ],
-            out,
-        )
-    for section in ("watchdog", "spool", "http"):
-        data = status.get(section)
-        if isinstance(data, dict) and data:
-            print(
-                f"\n{section}: "
-                + "  ".join(f"{k} {_brief(v)}" for k, v in data.items() if not isinstance(v, list)),
-                file=out,
-            )
+        rates = {
+            name: _rate(status, before, dt_s, "providers", name, "requests") for name in providers
+        }
+        render.providers_table(providers, out, rates)
+    render.sections(status, out)
     return out.getvalue()
-
-
-def _brief(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} {_brief(v)}" for k, v in list(value.items())[:6]) + "}"
-    return str(value)
 
 
 async def _loop(path: Any, args: argparse.Namespace) -> int:
