@@ -28,6 +28,8 @@ class Provider(Protocol):
 
     async def complete(self, request: ChatRequest) -> Completion: ...
 
+    def available(self) -> bool: ...
+
 
 class AnalysisResult(msgspec.Struct, frozen=True, kw_only=True):
     result: Any

@@ -179,5 +179,10 @@ async def run_daemon(
 def _build_runtime(config: Config, store: Store, providers: dict[str, OpenAIProvider]) -> Runtime:
     live = Live(config, build_analyzers(config))
     worker = Worker(live, providers)
-    dispatcher = Dispatcher(store, worker.attempt, max_concurrency=config.queue.max_concurrency)
+    dispatcher = Dispatcher(
+        store,
+        worker.attempt,
+        max_concurrency=config.queue.max_concurrency,
+        held_analyzers=worker.held_analyzers,
+    )
     return Runtime(live, store, providers, Intake(store, live), dispatcher)

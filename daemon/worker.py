@@ -18,6 +18,9 @@ from daemon.providers.base import OutputInvalid, ProviderError
 from daemon.store.store import AttemptEnd
 
 log = structlog.get_logger("vigil.worker")
+# Refusals made before any request: they cost the job no attempt.
+NOT_ATTEMPTED = frozenset({"CircuitOpen", "ProviderPaused"})
+DEFER_S = 5.0
 
 
 class Worker:
@@ -61,6 +64,8 @@ class Worker:
                     outcome="timeout",
                 )
             except ProviderError as exc:
+                if exc.kind in NOT_ATTEMPTED:
+                    return self._deferred(job, exc)
                 return self._failed(
                     job,
                     started,
@@ -103,6 +108,31 @@ class Worker:
             )
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "analyzer", "attempt")
+
+    def held_analyzers(self) -> tuple[frozenset[str], bool]:
+        """Prompt analyzers whose provider refuses calls now (paused, circuit open),
+        and whether every analyzer is held. Handlers may call any provider: never held."""
+        analyzers = self._live.analyzers
+        held = frozenset(
+            name
+            for name, analyzer in analyzers.items()
+            if analyzer.handler is None
+            and (provider := self._providers.get(analyzer.config.provider)) is not None
+            and not provider.available()
+        )
+        return held, bool(analyzers) and len(held) == len(analyzers)
+
+    @staticmethod
+    def _deferred(job: Job, exc: ProviderError) -> AttemptEnd:
+        """No request was made: the provider is paused or its circuit open. The job
+        waits it out without spending an attempt."""
+        wait_s = exc.retry_after_s if exc.retry_after_s is not None else DEFER_S
+        log.info("job.deferred", reason=str(exc), retry_in_s=round(wait_s, 2))
+        return AttemptEnd(
+            outcome="deferred",
+            error=ErrorInfo(exc.kind, str(exc)),
+            retry_at=time.time() + wait_s,
+        )
 
     def _failed(
         self,

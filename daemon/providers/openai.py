@@ -37,6 +37,7 @@ MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 DEFAULT_429_PAUSE_S = 1.0
 PAUSED_RETRY_S = 30.0
 NO_HEADERS = RateLimitHeaders()
+SMALL_BODY_BYTES = 512 * 1024  # aiohttp warns about bytes bodies over 1 MiB
 
 
 class _Choice(msgspec.Struct):
@@ -54,6 +55,11 @@ class _Answer(msgspec.Struct):
 
 
 _answer_decoder = msgspec.json.Decoder(_Answer)
+
+
+def _body(encoded: bytes) -> bytes | io.BytesIO:
+    """Bytes take aiohttp's cheap path; past its large-body warning, a stream."""
+    return encoded if len(encoded) <= SMALL_BODY_BYTES else io.BytesIO(encoded)
 
 
 class _Reply(msgspec.Struct, frozen=True):
@@ -143,6 +149,10 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
+    def available(self) -> bool:
+        """Whether a call would be attempted now (not paused, circuit not open)."""
+        return self.paused_reason is None and self.breaker.state != "open"
+
     def resume(self) -> None:
         self.paused_reason = None
 
@@ -198,16 +208,17 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
         started = time.monotonic()
         self.stats.requests += 1
         try:
-            with anyio.fail_after(timeout_s):
-                async with self._session.post(
-                    f"{self.base_url}/chat/completions",
-                    # A stream, not bytes: aiohttp warns about large bytes bodies.
-                    data=io.BytesIO(msgspec.json.encode(body)),
-                    headers=headers,
-                ) as response:
-                    raw = await _read_bounded(response, MAX_RESPONSE_BYTES + 1)
-                    status = response.status
-                    answer_headers = response.headers
+            # aiohttp's own total timeout: it keeps a timer per request anyway, and a
+            # cancel scope more would cost as much again as the rest of this method.
+            async with self._session.post(
+                f"{self.base_url}/chat/completions",
+                data=_body(msgspec.json.encode(body)),
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as response:
+                raw = await _read_bounded(response, MAX_RESPONSE_BYTES + 1)
+                status = response.status
+                answer_headers = response.headers
         except TimeoutError:
             self._statuses.add("timeout")
             raise ProviderError(f"no answer within {timeout_s:g} s", kind="Timeout") from None

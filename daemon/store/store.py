@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +83,9 @@ class Submitted(msgspec.Struct, frozen=True):
 class AttemptEnd(msgspec.Struct, frozen=True, kw_only=True):
     """How an attempt ended; the worker decides, the store records it atomically."""
 
-    outcome: Literal["succeeded", "error", "timeout", "canceled"]
+    # deferred: refused before any request (provider paused, circuit open): the
+    # dispatcher gives the attempt back instead of recording it (see `requeue`).
+    outcome: Literal["succeeded", "error", "timeout", "canceled", "deferred"]
     result: Any = None
     usage: Usage | None = None
     http_status: int | None = None
@@ -107,11 +109,15 @@ class _Tx:
 
 
 WriteOp = Callable[[aiosqlite.Connection, _Tx], Awaitable[Any]]
+# A hot-path op as plain sqlite3 calls: consecutive ones run in one hop to the
+# connection's thread, instead of one hop (and a wake-up of the loop) per statement.
+SyncOp = Callable[[sqlite3.Connection, _Tx], Any]
 
 
 @dataclass
 class _Pending:
-    op: WriteOp
+    op: WriteOp | None = None
+    sync_op: SyncOp | None = None  # instead of `op`: runs in the connection's thread
     done: anyio.Event = field(default_factory=anyio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -223,9 +229,9 @@ class Store(anyio.AsyncContextManagerMixin):
 
     # -- the writer -------------------------------------------------------------
 
-    async def _write(self, op: WriteOp) -> Any:
+    async def _write(self, op: WriteOp | None = None, *, sync_op: SyncOp | None = None) -> Any:
         """Queue a write and wait until it is committed; raises what the op raised."""
-        pending = _Pending(op)
+        pending = _Pending(op, sync_op)
         try:
             await self._send.send(pending)
         except anyio.ClosedResourceError:
@@ -259,11 +265,26 @@ class Store(anyio.AsyncContextManagerMixin):
         started = time.perf_counter()
         try:
             await db.execute("BEGIN IMMEDIATE")
-            for item in batch:
+            i = 0
+            while i < len(batch):
+                if batch[i].sync_op is not None:
+                    group = [batch[i]]
+                    while i + len(group) < len(batch) and batch[i + len(group)].sync_op:
+                        group.append(batch[i + len(group)])
+                    # aiosqlite's own thread and connection (private API, pinned in
+                    # uv.lock): the only way into this transaction without a hop per call.
+                    await db._execute(  # type: ignore[no-untyped-call]
+                        _run_sync_ops, db._conn, group, tx, isolate
+                    )
+                    i += len(group)
+                    continue
+                item = batch[i]
+                i += 1
                 before = Counter(tx.current)
                 if isolate:
                     await db.execute("SAVEPOINT op")
                 try:
+                    assert item.op is not None
                     item.result = await item.op(db, tx)
                 except sqlite3.Error as exc:
                     if _is_fatal(exc):
@@ -333,7 +354,7 @@ class Store(anyio.AsyncContextManagerMixin):
         """Insert jobs in one transaction; a repeated idempotency key returns the
         first job. All or nothing: over the backlog bound, nothing is inserted."""
 
-        async def op(db: aiosqlite.Connection, tx: _Tx) -> list[Submitted]:
+        def op(db: sqlite3.Connection, tx: _Tx) -> list[Submitted]:
             queued = self.counts["queued"] + tx.current["queued"]
             if queued + len(jobs) > max_backlog:
                 raise BacklogFull(queued, max_backlog)
@@ -353,44 +374,46 @@ class Store(anyio.AsyncContextManagerMixin):
             }
             # Jobs without a key cannot collide: one statement for all of them.
             plain = [rows[job.id] for job in jobs if job.idempotency_key is None]
-            await db.executemany(_INSERT_JOB, plain)
+            db.executemany(_INSERT_JOB, plain)
             tx.move(None, "queued", len(plain))
             out: list[Submitted] = []
             for job in jobs:
                 if job.idempotency_key is None:
                     out.append(Submitted(job.id, True))
                     continue
-                cur = await db.execute(_INSERT_JOB, rows[job.id])
+                cur = db.execute(_INSERT_JOB, rows[job.id])
                 if cur.rowcount == 1:
                     tx.move(None, "queued")
                     out.append(Submitted(job.id, True))
                     continue
-                async with db.execute(
+                row = db.execute(
                     "SELECT id FROM jobs WHERE idempotency_key = ?", (job.idempotency_key,)
-                ) as found:
-                    row = await found.fetchone()
+                ).fetchone()
                 assert row is not None
                 out.append(Submitted(row[0], False))
             return out
 
-        result: list[Submitted] = await self._write(op)
+        result: list[Submitted] = await self._write(sync_op=op)
         return result
 
-    async def claim(self, limit: int) -> list[Job]:
+    async def claim(self, limit: int, skip_analyzers: Collection[str] = ()) -> list[Job]:
         """Move up to `limit` ready jobs to `running`, counting the attempt now, so a
-        crash during it is counted too."""
+        crash during it is counted too. Jobs of `skip_analyzers` (their provider is
+        paused or its circuit open) stay queued."""
+        skip = sorted(skip_analyzers)
+        skip_sql = f"AND analyzer NOT IN ({','.join('?' * len(skip))}) " if skip else ""
 
-        async def op(db: aiosqlite.Connection, tx: _Tx) -> list[Job]:
+        def op(db: sqlite3.Connection, tx: _Tx) -> list[Job]:
             now = time.time()
-            async with db.execute(
+            cur = db.execute(
                 f"UPDATE jobs SET state = 'running', attempts = attempts + 1, "
                 f"started_at = coalesce(started_at, ?) WHERE id IN ("
-                f"SELECT id FROM jobs WHERE state = 'queued' AND not_before <= ? "
+                f"SELECT id FROM jobs WHERE state = 'queued' AND not_before <= ? {skip_sql}"
                 f"ORDER BY priority DESC, id LIMIT ?) RETURNING {_JOB_COLUMNS}",
-                (now, now, limit),
-            ) as cur:
-                jobs = [_row_to_job(row) for row in await cur.fetchall()]
-            await db.executemany(
+                (now, now, *skip, limit),
+            )
+            jobs = [_row_to_job(row) for row in cur.fetchall()]
+            db.executemany(
                 "INSERT INTO attempts (job_id, n, started_at) VALUES (?, ?, ?)",
                 [(job.id, job.attempts, now) for job in jobs],
             )
@@ -398,7 +421,7 @@ class Store(anyio.AsyncContextManagerMixin):
             jobs.sort(key=lambda j: (-j.priority, j.id))
             return jobs
 
-        result: list[Job] = await self._write(op)
+        result: list[Job] = await self._write(sync_op=op)
         return result
 
     async def finish(self, job: Job, end: AttemptEnd) -> State | None:
@@ -410,10 +433,10 @@ class Store(anyio.AsyncContextManagerMixin):
         # Encoded before any write, so an unencodable result fails the op cleanly.
         result_json = None if end.result is None else msgspec.json.encode(end.result).decode()
 
-        async def op(db: aiosqlite.Connection, tx: _Tx) -> State | None:
+        def op(db: sqlite3.Connection, tx: _Tx) -> State | None:
             now = time.time()
             error = end.error
-            await db.execute(
+            db.execute(
                 "UPDATE attempts SET finished_at = ?, outcome = ?, http_status = ?, "
                 "error_type = ?, error_message = ?, latency_ms = ? "
                 "WHERE job_id = ? AND n = ? AND outcome = 'running'",
@@ -436,7 +459,7 @@ class Store(anyio.AsyncContextManagerMixin):
                 new = "queued"
             else:
                 new = "failed"
-            cur = await db.execute(
+            cur = db.execute(
                 "UPDATE jobs SET state = ?, not_before = ?, finished_at = ?, result = ?, "
                 "error_type = ?, error_message = ?, "
                 "prompt_tokens = coalesce(prompt_tokens, 0) + ?, "
@@ -463,12 +486,23 @@ class Store(anyio.AsyncContextManagerMixin):
             tx.move("running", new)
             return new
 
-        result: State | None = await self._write(op)
+        result: State | None = await self._write(sync_op=op)
         return result
 
-    async def requeue(self, jobs: Iterable[Job], reason: str) -> int:
-        """Give back attempts cut short by our own shutdown: they do not count."""
+    async def requeue(
+        self,
+        jobs: Iterable[Job],
+        reason: str,
+        *,
+        outcome: Literal["interrupted", "deferred"] = "interrupted",
+        not_before: float = 0.0,
+    ) -> int:
+        """Give back attempts that did not really happen: cut short by our own
+        shutdown (`interrupted`), or refused before any request because the provider
+        is paused or its circuit open (`deferred`, until `not_before`). They do not
+        count against `max_attempts`; the attempt row stays, with that outcome."""
         rows = [(job.id, job.attempts) for job in jobs]
+        error_type = outcome.capitalize()
 
         async def op(db: aiosqlite.Connection, tx: _Tx) -> int:
             now = time.time()
@@ -476,16 +510,16 @@ class Store(anyio.AsyncContextManagerMixin):
             for job_id, n in rows:
                 cur = await db.execute(
                     "UPDATE jobs SET state = 'queued', attempts = attempts - 1, "
-                    "not_before = 0 WHERE id = ? AND state = 'running' AND attempts = ?",
-                    (job_id, n),
+                    "not_before = ? WHERE id = ? AND state = 'running' AND attempts = ?",
+                    (not_before, job_id, n),
                 )
                 if cur.rowcount == 1:
                     moved += 1
                     await db.execute(
-                        "UPDATE attempts SET outcome = 'interrupted', finished_at = ?, "
-                        "error_type = 'Interrupted', error_message = ? "
+                        "UPDATE attempts SET outcome = ?, finished_at = ?, "
+                        "error_type = ?, error_message = ? "
                         "WHERE job_id = ? AND n = ? AND outcome = 'running'",
-                        (now, reason, job_id, n),
+                        (outcome, now, error_type, reason, job_id, n),
                     )
             tx.move("running", "queued", moved)
             return moved
@@ -670,6 +704,30 @@ class Store(anyio.AsyncContextManagerMixin):
         ) as cur:
             row = await cur.fetchone()
         return None if row is None or row[0] is None else float(row[0])
+
+
+def _run_sync_ops(db: sqlite3.Connection, group: list[_Pending], tx: _Tx, isolate: bool) -> None:
+    """Sync ops, in the connection's thread, with the same savepoint rules as the
+    writer's async path; a fatal error propagates and spoils the batch."""
+    for item in group:
+        before = Counter(tx.current)
+        if isolate:
+            db.execute("SAVEPOINT op")
+        try:
+            assert item.sync_op is not None
+            item.result = item.sync_op(db, tx)
+        except sqlite3.Error as exc:
+            if _is_fatal(exc):
+                raise
+            item.error = StoreError(str(exc))
+        except Exception as exc:
+            item.error = exc
+        if item.error is not None:
+            tx.current = before
+            if isolate:
+                db.execute("ROLLBACK TO op")
+        if isolate:
+            db.execute("RELEASE op")
 
 
 def _is_fatal(exc: sqlite3.Error) -> bool:

@@ -187,8 +187,21 @@ class BlockedDetector:
             thread.join(timeout=2.0)
 
     def _run(self) -> None:
-        poll_s = max(0.005, min(0.05, self._monitor.threshold_s / 5))
-        while not self._stop.wait(poll_s):
+        """Sleeps until the loop would be `threshold` late (it usually ticks before,
+        moving that moment on), so a healthy loop costs a few wake-ups a second;
+        during a block it polls, to see the end promptly."""
+        monitor = self._monitor
+        threshold = monitor.threshold_s
+        poll_s = max(0.005, min(0.05, threshold / 5))
+        while True:
+            if self.blocked:
+                wait_s = poll_s
+            elif monitor.running:
+                wait_s = max(0.005, monitor.due + threshold - time.monotonic())
+            else:
+                wait_s = threshold
+            if self._stop.wait(wait_s):
+                return
             try:
                 self._check()
             except Exception:  # the watcher must outlive its own bugs
@@ -203,7 +216,7 @@ class BlockedDetector:
                 self._end()
             return
         late_s = time.monotonic() - monitor.due
-        if late_s > self._monitor.threshold_s:
+        if late_s >= monitor.threshold_s:
             self._begin(late_s)
 
     def _begin(self, late_s: float) -> None:

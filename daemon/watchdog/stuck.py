@@ -17,7 +17,6 @@ import random
 import time
 from typing import Any
 
-import anyio
 import structlog
 
 from daemon.backoff import backoff_s
@@ -68,7 +67,7 @@ class StuckWatch:
     def _claimed(self, job: Job) -> None:
         timeout = self._timeout_s(job)
         if timeout is not None:
-            sample_at = anyio.current_time() + timeout - _lead_s(timeout)
+            sample_at = time.monotonic() + timeout - _lead_s(timeout)
             if sample_at < self._next_wake:
                 self._replan.notify()
 
@@ -97,13 +96,13 @@ class StuckWatch:
                 wake = await self._check()
             except Exception:  # a failed pass must not end the watch (or the daemon)
                 log.exception("watchdog.stuck_check_failed")
-                wake = anyio.current_time() + CHECK_S
+                wake = time.monotonic() + CHECK_S
             self._next_wake = wake
-            await self._replan.wait(max(0.0, wake - anyio.current_time()))
+            await self._replan.wait(max(0.0, wake - time.monotonic()))
 
     async def _check(self) -> float:
         """One pass over the running attempts; returns when the next is due."""
-        now = anyio.current_time()
+        now = time.monotonic()  # the clock of ActiveAttempt.started
         wake = now + CHECK_S
         seen: set[tuple[str, int]] = set()
         for entry in list(self._dispatcher.active.values()):
@@ -120,7 +119,7 @@ class StuckWatch:
             if key not in self._samples:
                 sample_at = entry.started + timeout - _lead_s(timeout)
                 if now >= sample_at:
-                    self._samples[key] = coro_stack(entry.task.coro)
+                    self._samples[key] = coro_stack(entry.task.get_coro())
                 else:
                     wake = min(wake, sample_at)
         for key in self._samples.keys() - seen:
@@ -130,9 +129,9 @@ class StuckWatch:
     async def _abandon(self, entry: ActiveAttempt, timeout_s: float) -> None:
         job = entry.job
         self._samples.pop((job.id, job.attempts), None)
-        stack = coro_stack(entry.task.coro) if entry.task is not None else []
+        stack = coro_stack(entry.task.get_coro()) if entry.task is not None else []
         top = headline(stack)
-        age_s = anyio.current_time() - entry.started
+        age_s = time.monotonic() - entry.started
         retry_in = None
         if job.attempts < job.max_attempts:
             queue = self._live.config.queue
@@ -147,7 +146,7 @@ class StuckWatch:
             age_s=round(age_s, 2),
             timeout_s=timeout_s,
             margin_s=self._margin_s,
-            task=entry.task.name if entry.task is not None else None,
+            task=entry.task.get_name() if entry.task is not None else None,
             file=top.file,
             line=top.line,
             function=top.function,
