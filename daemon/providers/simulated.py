@@ -4,6 +4,10 @@ It exists so the daemon's real HTTP path (client, budgets, 429 cool-downs, timeo
 retries, circuit breaker) runs in demos, tests and benchmarks with no key and no cost,
 against misbehaviour that can be dialled in: latency, rate limits, server errors, hangs.
 `GET /stats` tells a test what the API really saw, independently of the daemon's own count.
+
+Named faults (`FAULTS`) make every request fail one chosen way, for fault-injection tests:
+ask for one with the `x-sim-fault` header, or point a client at `/fault/NAME/v1` instead of
+`/v1` (a provider's `base_url` carries no headers). Faults skip the rate limits and latency.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import math
 import random
 import re
+import socket
+import struct
 import time
 import zlib
 from collections import Counter
@@ -26,6 +32,8 @@ from msgspec import Meta
 from daemon.config import SimulateConfig
 
 __all__ = [
+    "FAULTS",
+    "FAULT_HEADER",
     "SIMULATED_API",
     "SimulatedAPI",
     "SimulatedStats",
@@ -48,6 +56,25 @@ _CLIENT_CLOSED = 499  # nginx's code for "client went away"; keeps sum(by_status
 _SHUTDOWN_TIMEOUT_S = 1.0  # aiohttp waits up to twice this for handlers, then cancels them
 _CLEANUP_DEADLINE_S = 5.0
 _MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "simulated")
+FAULT_HEADER = "x-sim-fault"
+FAULTS = (
+    "500",  # OpenAI's server_error body
+    "502",  # a proxy's HTML page, not JSON
+    "503",  # overloaded, with retry-after: 1
+    "529",  # Anthropic's overloaded_error
+    "429",  # rate limited, retry-after-ms: FAULT_RETRY_AFTER_MS
+    "429-no-retry-after",  # rate limited, no hint at all
+    "reset",  # a 200 whose body is cut off by a TCP reset
+    "hang",  # no answer until the client gives up (or HANG_S)
+    "slow-body",  # a valid answer trickled out, _SLOW_CHUNK_BYTES every _SLOW_CHUNK_S
+    "malformed-json",  # a 200 whose JSON body is truncated
+    "no-choices",  # a 200 with valid JSON but no `choices`
+    "bad-json-content",  # a valid completion whose content holds no JSON object
+)
+"""The faults a request can ask for (see the module docstring)."""
+FAULT_RETRY_AFTER_MS = 500
+_SLOW_CHUNK_BYTES = 8
+_SLOW_CHUNK_S = 0.25
 _MODELS_CREATED = 1_700_000_000
 
 _POSITIVE = frozenset({"good", "great", "excellent", "happy", "love", "success", "win", "best"})
@@ -158,6 +185,7 @@ class SimulatedStats(msgspec.Struct, frozen=True):
     remaining_requests: int | None = None
     remaining_tokens: int | None = None
     uptime_s: float = 0.0
+    faults: dict[str, int] = {}  # requests answered with each injected fault
 
 
 _ENCODER = msgspec.json.Encoder()
@@ -418,6 +446,7 @@ class SimulatedAPI:
         self._tokens_completion = 0
         self._admitted = 0
         self._tokens_charged = 0
+        self._faults: Counter[str] = Counter()  # keys bounded by FAULTS
         self._hangs: set[anyio.CancelScope] = set()  # at most one per in-flight request
 
     @property
@@ -451,6 +480,7 @@ class SimulatedAPI:
             remaining_requests=remaining_requests,
             remaining_tokens=remaining_tokens,
             uptime_s=round(self._clock() - self._started, 6),
+            faults=dict(sorted(self._faults.items())),
         )
 
     def app(self) -> web.Application:
@@ -460,6 +490,7 @@ class SimulatedAPI:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app[SIMULATED_API] = self
         app.router.add_post("/v1/chat/completions", self._handle_chat)
+        app.router.add_post("/fault/{fault}/v1/chat/completions", self._handle_chat)
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/stats", self._handle_stats)
         app.on_shutdown.append(self._end_hangs)
@@ -478,7 +509,7 @@ class SimulatedAPI:
         models = [_Model(name, "model", _MODELS_CREATED, "vigil-simulated") for name in _MODEL_IDS]
         return _json_response(_ModelList("list", models))
 
-    async def _handle_chat(self, request: web.Request) -> web.Response:
+    async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
         """Count the request in and out, whatever happens, including a client that leaves
         (aiohttp cancels the handler then, since the runner sets handler_cancellation)."""
         self._requests += 1
@@ -496,9 +527,12 @@ class SimulatedAPI:
             self._in_flight -= 1
             self._by_status[status] = self._by_status.get(status, 0) + 1
 
-    async def _chat(self, request: web.Request) -> web.Response:
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await self._parse(request)
+            fault = request.match_info.get("fault") or request.headers.get(FAULT_HEADER)
+            if fault:
+                return await self._fault(fault, body, request)
             prompt_chars = sum(len(_text_of(message)) for message in body.messages)
             max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
             cost = prompt_chars // 4 + max_tokens
@@ -527,6 +561,56 @@ class SimulatedAPI:
             raise _ApiError(400, message, "invalid_request_error", param="stream")
         return body
 
+    async def _fault(
+        self, fault: str, body: _ChatRequest, request: web.Request
+    ) -> web.StreamResponse:
+        """Answer with the named fault (FAULTS) instead of a completion."""
+        if fault not in FAULTS:
+            message = f"Unknown fault {fault[:40]!r}; known: {', '.join(FAULTS)}."
+            raise _ApiError(400, message, "invalid_request_error", param=FAULT_HEADER)
+        self._faults[fault] += 1
+        match fault:
+            case "500":
+                message = "The server had an error while processing your request. Sorry!"
+                raise _ApiError(500, message, "server_error")
+            case "502":
+                page = "<html><body><h1>502 Bad Gateway</h1></body></html>"
+                return web.Response(status=502, text=page, content_type="text/html")
+            case "503":
+                message = "The engine is currently overloaded, please try again later."
+                raise _ApiError(503, message, "server_error", headers={"retry-after": "1"})
+            case "529":
+                overloaded = {"type": "overloaded_error", "message": "Overloaded"}
+                data = _ENCODER.encode({"type": "error", "error": overloaded})
+                return web.Response(status=529, body=data, content_type="application/json")
+            case "429" | "429-no-retry-after":
+                hint = fault == "429"
+                wait = openai_duration(FAULT_RETRY_AFTER_MS / 1000) if hint else "a while"
+                headers = (
+                    {"retry-after": "1", "retry-after-ms": str(FAULT_RETRY_AFTER_MS)}
+                    if hint
+                    else {}
+                )
+                message = f"Rate limit reached for requests. Please try again in {wait}."
+                raise _ApiError(
+                    429, message, "requests", code="rate_limit_exceeded", headers=headers
+                )
+            case "hang":
+                await self._hang({})
+        raw = _fault_answer(body, prose=fault == "bad-json-content")
+        match fault:
+            case "malformed-json":
+                return web.Response(body=raw[: len(raw) // 2], content_type="application/json")
+            case "no-choices":
+                data = _ENCODER.encode({"id": "chatcmpl-fault", "object": "chat.completion"})
+                return web.Response(body=data, content_type="application/json")
+            case "bad-json-content":
+                return web.Response(body=raw, content_type="application/json")
+            case "reset":
+                return await _reset_midway(request, raw)
+            case _:  # "slow-body"
+                return await _trickle(request, raw)
+
     async def _misbehave(self, headers: dict[str, str]) -> None:
         """Latency, injected 500s and hangs, drawn from the seeded RNG in a fixed order
         so a seeded run is reproducible."""
@@ -535,20 +619,23 @@ class SimulatedAPI:
         hang = self._rng.random() < settings.hang_rate
         delay_s = self._latency_s()
         if hang:
-            # Ends when the client disconnects (aiohttp cancels the handler), at shutdown
-            # (`_end_hangs`), or after HANG_S.
-            with anyio.CancelScope(deadline=anyio.current_time() + HANG_S) as scope:
-                self._hangs.add(scope)
-                try:
-                    await anyio.sleep_forever()
-                finally:
-                    self._hangs.discard(scope)
-            message = "The simulated hang ended without an answer."
-            raise _ApiError(503, message, "server_error", headers=headers)
+            await self._hang(headers)
         await anyio.sleep(delay_s)
         if fail:
             message = "The server had an error while processing your request. Sorry about that!"
             raise _ApiError(500, message, "server_error", headers=headers)
+
+    async def _hang(self, headers: dict[str, str]) -> None:
+        """No answer: ends when the client disconnects (aiohttp cancels the handler), at
+        shutdown (`_end_hangs`), or after HANG_S, with a 503."""
+        with anyio.CancelScope(deadline=anyio.current_time() + HANG_S) as scope:
+            self._hangs.add(scope)
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._hangs.discard(scope)
+        message = "The simulated hang ended without an answer."
+        raise _ApiError(503, message, "server_error", headers=headers)
 
     def _latency_s(self) -> float:
         """Lognormal with median `latency_ms`: mostly near it, with a long right tail."""
@@ -580,6 +667,56 @@ class SimulatedAPI:
             usage=_Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens),
         )
         return _json_response(completion, headers=headers)
+
+
+def _fault_answer(body: _ChatRequest, *, prose: bool) -> bytes:
+    """A well-formed completion for the faults that damage one (no counters, no RNG:
+    a fault never shifts a seeded run); `prose`: text where JSON was asked for."""
+    users = [message for message in body.messages if message.role == "user"]
+    json_object = body.response_format is not None and body.response_format.type == "json_object"
+    max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+    content, finish = _content(_text_of((users or body.messages)[-1]), json_object, max_tokens)
+    if prose:
+        content, finish = "Sure! The sentiment is positive, and the topics are many.", "stop"
+    tokens = max(1, len(content) // 4)
+    completion = _Completion(
+        id="chatcmpl-fault",
+        object="chat.completion",
+        created=int(time.time()),
+        model=body.model,
+        choices=[_Choice(0, _OutMessage("assistant", content), finish)],
+        usage=_Usage(tokens, tokens, 2 * tokens),
+    )
+    return _ENCODER.encode(completion)
+
+
+async def _reset_midway(request: web.Request, body: bytes) -> web.StreamResponse:
+    """Send the status line, the headers and half the body, then a TCP reset (RST, by
+    SO_LINGER 0): what a crashing upstream or a dropped connection looks like."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(body[: len(body) // 2])
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    return response
+
+
+async def _trickle(request: web.Request, body: bytes) -> web.StreamResponse:
+    """A complete, valid answer sent a few bytes at a time: a client with a short total
+    timeout gives up, a patient one gets it whole."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(body)
+    await response.prepare(request)
+    for start in range(0, len(body), _SLOW_CHUNK_BYTES):
+        await response.write(body[start : start + _SLOW_CHUNK_BYTES])
+        await anyio.sleep(_SLOW_CHUNK_S)
+    await response.write_eof()
+    return response
 
 
 SIMULATED_API = web.AppKey("simulated_api", SimulatedAPI)
