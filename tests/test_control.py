@@ -138,3 +138,16 @@ def test_cli_reports_field_errors(daemon: DaemonProcess) -> None:
     )
     assert out.returncode == 1
     assert "input.audience" in out.stderr
+
+
+def test_socket_group_makes_the_socket_group_usable(start_daemon: StartDaemon) -> None:
+    """With daemon.socket_group set, the socket is mode 0660 owned by that group."""
+    import grp
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    config = sim_config().replace("[daemon]\n", f'[daemon]\nsocket_group = "{group}"\n')
+    daemon = start_daemon(config)
+    info = os.stat(daemon.socket_path)
+    assert stat.S_IMODE(info.st_mode) == 0o660
+    assert info.st_gid == os.getgid()
+    assert daemon.call("ping")["pong"] is True
