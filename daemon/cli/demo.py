@@ -137,7 +137,8 @@ async def _drive(path: Path, daemon: subprocess.Popen[bytes], log_path: Path) ->
         submitted = await client.call("submit", jobs=jobs)
         ids: list[str] = submitted["ids"]
         print(
-            f"submitted {len(ids)} jobs ({len(docs)} documents x {len(analyzers)} analyzers)",
+            f"submitted {len(ids)} jobs ({len(docs)} documents x {len(analyzers)} analyzers "
+            f"x {ROUNDS} rounds)",
             file=sys.stderr,
         )
         line = render.ProgressLine()
