@@ -50,8 +50,13 @@ class StateDirLocked(StartupError):
 @asynccontextmanager
 async def _state_lock(state_dir: Path) -> AsyncIterator[None]:
     """One daemon per state directory: a second one would be a second writer."""
-    await anyio.Path(state_dir).mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / "vigil.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        await anyio.Path(state_dir).mkdir(parents=True, exist_ok=True)
+        fd = os.open(state_dir / "vigil.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:  # read-only, not ours, missing parent...
+        raise StartupError(
+            f"cannot use the state directory {state_dir}: {exc.strerror or exc}"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -109,7 +114,11 @@ async def run_daemon(
     started = time.monotonic()
     async with (
         _state_lock(config.state_dir),
-        Store(config.db_path, synchronous=config.daemon.synchronous) as store,
+        Store(
+            config.db_path,
+            synchronous=config.daemon.synchronous,
+            min_free_mb=config.daemon.min_free_mb,
+        ) as store,
     ):
         if any(store.recovered.values()):
             log.warning("store.recovered", **store.recovered)

@@ -42,6 +42,9 @@ class DaemonConfig(Base, frozen=True):
     shutdown_grace_s: NonNegFloat = 30.0
     # FULL: a committed job survives power loss; NORMAL: only a process crash.
     synchronous: Literal["NORMAL", "FULL", "EXTRA"] = "FULL"
+    # Below this much free space under the database, intake refuses (0 = off): what is
+    # left is kept for running attempts to record their results.
+    min_free_mb: NonNegInt = 64
 
 
 class HttpConfig(Base, frozen=True):

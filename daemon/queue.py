@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import structlog
@@ -24,6 +24,9 @@ from daemon.store.store import AttemptEnd, Store, StoreError
 
 log = structlog.get_logger("vigil.queue")
 POLL_S = 1.0
+RECORD_RETRY_MIN_S = 0.05
+RECORD_RETRY_MAX_S = 1.0  # also how long a stop may wait for a retrying record
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -154,12 +157,15 @@ class Dispatcher:
                     # else: `cancel` already marked it canceled in the store.
                 elif end.outcome == "deferred":
                     reason = end.error.message if end.error else "deferred"
-                    await self._store.requeue(
-                        [job], reason, outcome="deferred", not_before=end.retry_at or 0.0
+                    await self._until_written(
+                        job,
+                        lambda: self._store.requeue(
+                            [job], reason, outcome="deferred", not_before=end.retry_at or 0.0
+                        ),
                     )
                     self.outcomes["deferred"] += 1
                 else:
-                    new = await self._store.finish(job, end)
+                    new = await self._until_written(job, lambda: self._store.finish(job, end))
                     self.outcomes["retried" if new == "queued" else str(new)] += 1
                     _observe(self.on_finish, job, end, new)
         except anyio.get_cancelled_exc_class():
@@ -180,6 +186,23 @@ class Dispatcher:
             self._store.wakeup.notify()
             if self._stopping and not self.active:
                 self._idle.set()
+
+    async def _until_written(self, job: Job, write: Callable[[], Awaitable[T]]) -> T:
+        """The record of an attempt that has ended, retried while the store refuses
+        writes (locked, disk full, read-only) until it takes them or the daemon stops:
+        the outcome is in hand, and giving up would leave the job `running` until the
+        next restart. The attempt keeps its slot meanwhile: no new claims pile up."""
+        delay_s = RECORD_RETRY_MIN_S
+        while True:
+            try:
+                return await write()
+            except StoreError as exc:
+                if self._stopping:
+                    raise
+                if delay_s == RECORD_RETRY_MIN_S:  # once per job: a fault may last a while
+                    log.warning("job.record_retry", job_id=job.id, error=str(exc))
+                await anyio.sleep(delay_s)
+                delay_s = min(delay_s * 2, RECORD_RETRY_MAX_S)
 
     async def drain(self, grace_s: float) -> int:
         """Stop claiming, let running attempts finish for up to `grace_s`, then cancel

@@ -54,6 +54,7 @@ class Runtime:
         error = self.store.last_error
         checks = [
             Check(name="store", ok=error is None, reason=f"database unwritable: {error}"),
+            Check(name="disk", ok=not self.store.low_space, reason=self.store.low_space or ""),
             Check(
                 name="backlog",
                 ok=queued < limit,
@@ -116,6 +117,7 @@ class Runtime:
                 "commits": self.store.commits,
                 "commit_errors": self.store.commit_errors,
                 "last_error": self.store.last_error,
+                "low_space": self.store.low_space,
             },
             "socket": self.config.daemon.socket,
             "health": msgspec.to_builtins(self.health.report()),

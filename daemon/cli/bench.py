@@ -115,6 +115,9 @@ def add_parser(sub: Any) -> None:
         "--keep", action="store_true", help="keep each scenario's directory (config, logs, db)"
     )
     throttle.set_defaults(func=run_throttle)
+    from daemon.cli import bench_perf  # light: the machinery loads when a bench runs
+
+    bench_perf.add_parsers(kinds)
 
 
 def machine() -> dict[str, Any]:

@@ -26,6 +26,7 @@ from daemon.control.client import ControlClient, DaemonUnavailable
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
 POLL_S = 0.2
+READY_POLL_S = 0.02  # fine enough to time a restart to the socket answering
 SUBMIT_BATCH = 500
 _ENV_DROP = ("RUNTIME_DIRECTORY", "VIGIL_SOCKET", "VIGIL_CONFIG", "STATE_DIRECTORY")
 
@@ -151,7 +152,7 @@ async def daemon(config_path: Path, state_dir: Path, log_path: Path) -> AsyncIte
                             await client.call("ping")
                         break
                     except DaemonUnavailable:
-                        await anyio.sleep(0.1)
+                        await anyio.sleep(READY_POLL_S)
             yield socket
 
 

@@ -34,6 +34,8 @@ from daemon.runtime import Runtime
 
 log = structlog.get_logger("vigil.control")
 MAX_CONNECTIONS = 256
+REFUSED_DRAIN_S = 1.0
+REFUSED_DRAIN_READS = 16  # of up to 64 KiB each
 IDLE_TIMEOUT_S = 3600.0
 
 
@@ -101,18 +103,20 @@ class ControlServer:
     async def _handle(self, stream: SocketStream) -> None:
         async with stream:
             if self._connections >= MAX_CONNECTIONS:
-                await self._send_error(stream, None, "busy", "too many control connections")
+                await self._refuse(stream, "busy", "too many control connections")
                 return
             peer = _peer(stream)
             if not self._allowed(peer):
                 log.warning("control.refused", peer_pid=peer and peer[0], peer_uid=peer and peer[1])
-                await self._send_error(stream, None, "forbidden", "peer not allowed")
+                await self._refuse(stream, "forbidden", "peer not allowed")
                 return
             self._connections += 1
             try:
                 await self._serve(stream, peer)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 pass  # the client went away mid-reply
+            except Exception:  # whatever a client did, it costs its connection, not us
+                log.exception("control.connection_failed", peer_pid=peer and peer[0])
             finally:
                 self._connections -= 1
 
@@ -169,9 +173,10 @@ class ControlServer:
     ) -> bytes | tuple[RequestId, AsyncIterator[Any]]:
         try:
             request = request_decoder.decode(line)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
             return encode_line(
-                Reply(_guess_id(line), False, error=ErrorBody("bad_request", f"bad request: {exc}"))
+                Reply(_guess_id(line), False, error=ErrorBody("bad_request", f"bad request: {why}"))
             )
         if request.cmd in MUTATING:
             log.info(
@@ -195,7 +200,26 @@ class ControlServer:
             )
         if isinstance(data, AsyncIterator):
             return request.id, data
-        return encode_line(Reply(request.id, True, data=data))
+        try:
+            return encode_line(Reply(request.id, True, data=data))
+        except (RecursionError, TypeError, ValueError, msgspec.EncodeError) as exc:
+            log.error("control.reply_unencodable", cmd=request.cmd, error=repr(exc)[:200])
+            error = ErrorBody("internal", f"the reply could not be encoded ({type(exc).__name__})")
+            return encode_line(Reply(request.id, False, error=error))
+
+    @classmethod
+    async def _refuse(cls, stream: SocketStream, code: str, message: str) -> None:
+        """Say why, then take in (and drop) what the client already sent before closing:
+        closing on unread data resets the connection, and the client would get the
+        reset instead of the reason. Bounded in time and bytes; nothing is parsed."""
+        await cls._send_error(stream, None, code, message)
+        with (
+            contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError),
+            anyio.move_on_after(REFUSED_DRAIN_S),
+        ):
+            await stream.send_eof()
+            for _ in range(REFUSED_DRAIN_READS):
+                await stream.receive()
 
     @staticmethod
     async def _send_error(stream: SocketStream, rid: RequestId, code: str, message: str) -> None:
@@ -207,7 +231,7 @@ def _guess_id(line: bytes) -> RequestId:
     """Echo the id of a request whose other parts are wrong, when it can be read."""
     try:
         value = msgspec.json.decode(line)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     if isinstance(value, dict):
         rid = value.get("id")

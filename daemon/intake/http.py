@@ -250,6 +250,9 @@ async def page(request: web.Request) -> web.Response:
 
 
 async def submit_jobs(request: web.Request) -> web.Response:
+    declared, limit = request.content_length, request.app[SETTINGS].max_body_bytes
+    if declared is not None and declared > limit:  # refused before any of it is read
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
     try:
         with anyio.fail_after(BODY_TIMEOUT_S):
             raw = await request.read()

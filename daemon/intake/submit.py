@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import msgspec
 
 from daemon.jobs import JobIds, JobSubmit
@@ -14,6 +15,11 @@ from daemon.live import Live
 from daemon.store.store import NewJob, Store, Submitted
 
 MAX_JOBS_PER_REQUEST = 10_000
+VALIDATE_INLINE_MAX = 100  # longer lists are validated in a worker thread
+MAX_INPUT_DEPTH = 64
+"""Nesting levels an input may have: deeper ones could be taken in yet never be encoded
+again (the JSON codec's own depth limit sits near 1000, less the caller's stack)."""
+PRIORITY_RANGE = range(-(2**63), 2**63)  # what SQLite's INTEGER holds
 
 
 class FieldError(msgspec.Struct, frozen=True):
@@ -48,6 +54,22 @@ def _convert(raw: Any, index: int | None) -> JobSubmit | FieldError:
             field = message.split("`")[1]
             message = "required"
         return FieldError(index, field, message)
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in `value` (iterative: no recursion limit)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, level)
+        if level <= MAX_INPUT_DEPTH:  # past the limit the answer is known
+            stack.extend((child, level + 1) for child in item)
+    return deepest
 
 
 class Intake:
@@ -96,6 +118,10 @@ class Intake:
                     )
                 )
                 continue
+            if _depth(converted.input) > MAX_INPUT_DEPTH:
+                message = f"nested deeper than {MAX_INPUT_DEPTH} levels"
+                errors.append(FieldError(index, "input", message))
+                continue
             size = len(msgspec.json.encode(converted.input))
             if size > limits.max_input_bytes:
                 errors.append(
@@ -106,6 +132,9 @@ class Intake:
                         "(queue.max_input_bytes)",
                     )
                 )
+                continue
+            if converted.priority not in PRIORITY_RANGE:
+                errors.append(FieldError(index, "priority", "out of range (a 64-bit integer)"))
                 continue
             errors.extend(FieldError(index, f, m) for f, m in analyzer.problems(converted.input))
             jobs.append(
@@ -127,7 +156,13 @@ class Intake:
         """Validate, then commit; returns only once the jobs are durable."""
         if self.closed_reason:
             raise IntakeClosed(f"not accepting jobs: {self.closed_reason}")
-        jobs = self.validate(raw, source)
+        if isinstance(raw, list) and len(raw) > VALIDATE_INLINE_MAX:
+            # Thousands of jobs are tens of milliseconds of CPU: in a thread, the loop
+            # gets the GIL back every switch interval and running attempts, status and
+            # other clients are not held up for the whole batch.
+            jobs = await anyio.to_thread.run_sync(self.validate, raw, source)
+        else:
+            jobs = self.validate(raw, source)
         submitted = await self._store.submit(jobs, max_backlog=self._live.config.queue.max_backlog)
         self.accepted += sum(s.created for s in submitted)
         return submitted

@@ -302,10 +302,11 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
 
     def _http_error(self, reply: _Reply, reservation: Reservation, estimate: int) -> ProviderError:
         status = reply.status
-        message, code = _error_text(reply.raw)
         key = os.environ.get(self.config.api_key_env) if self.config.api_key_env else None
-        if key:
-            message = message.replace(key, "[redacted]")  # some APIs echo the key back
+        # Some APIs echo the key back: scrubbed before the message is cut to length,
+        # or a key straddling the cut would leave its first part behind.
+        raw = reply.raw.replace(key.encode(), b"[redacted]") if key else reply.raw
+        message, code = _error_text(raw)
         hint = retry_after_s(reply.headers, tokens_needed=estimate)
         if status == 429:
             self.stats.rate_limited += 1

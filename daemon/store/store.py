@@ -9,6 +9,8 @@ a client a promise. Reads use a second connection, which WAL lets run beside wri
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import time
 from collections import Counter
@@ -21,13 +23,18 @@ from typing import Any, Literal, Self
 import aiosqlite
 import anyio
 import msgspec
+import structlog
 from anyio.abc import TaskStatus
 
+from daemon.errors import StartupError
 from daemon.jobs import STATES, Attempt, ErrorInfo, Job, State, Usage
 from daemon.store.schema import migrate
 from daemon.wakeup import Wakeup
 
+log = structlog.get_logger("vigil.store")
 Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
+WATCH_S = 1.0  # free space checked this often; a failed write re-probed this often
+PROBE_S = 10.0  # a write probe this often while healthy: a fault shows without traffic
 PROCESS_DIED = ErrorInfo("ProcessDied", "process died during the attempt")
 _INSERT_JOB = (
     "INSERT INTO jobs (id, analyzer, input, priority, idempotency_key, state, max_attempts, "
@@ -43,6 +50,10 @@ _JOB_COLUMNS = (
 
 class StoreError(Exception):
     """The database refused a write (full, read-only, locked, corrupt)."""
+
+
+class StoreOpenError(StartupError):
+    """The database cannot be opened, migrated or recovered (locked, read-only...)."""
 
 
 class BacklogFull(Exception):
@@ -100,6 +111,7 @@ class _Tx:
 
     pending: Counter[str] = field(default_factory=Counter)
     current: Counter[str] = field(default_factory=Counter)
+    probed: bool = False  # a write probe ran: committing proves the disk writable
 
     def move(self, old: str | None, new: str | None, n: int = 1) -> None:
         if old:
@@ -180,8 +192,11 @@ class Store(anyio.AsyncContextManagerMixin):
         synchronous: Synchronous = "FULL",
         max_batch: int = 1024,
         max_waiting_writes: int = 8192,
+        min_free_mb: int = 0,
     ) -> None:
         self.path = path
+        self._min_free_bytes = min_free_mb * 1024 * 1024
+        self.low_space: str | None = None  # set while free space is below min_free_mb
         self._synchronous = synchronous
         self._max_batch = max_batch
         self._send, self._receive = anyio.create_memory_object_stream[_Pending](max_waiting_writes)
@@ -204,28 +219,93 @@ class Store(anyio.AsyncContextManagerMixin):
             aiosqlite.connect(self.path, isolation_level=None) as db,
             aiosqlite.connect(self.path, isolation_level=None) as reader,
         ):
-            await db.execute("PRAGMA journal_mode = WAL")
-            await db.execute(f"PRAGMA synchronous = {self._synchronous}")
-            await db.execute("PRAGMA foreign_keys = ON")
-            await db.execute("PRAGMA busy_timeout = 5000")
-            await reader.execute("PRAGMA busy_timeout = 5000")
-            await reader.execute("PRAGMA query_only = ON")
-            await migrate(db)
-            self._db, self._reader = db, reader
-            self.recovered = await self._recover(db)
-            await self._load_counts(db)
+            try:
+                await self._open(db, reader)
+            except sqlite3.Error as exc:
+                raise StoreOpenError(f"cannot open the database {self.path}: {exc}") from None
             try:
                 async with anyio.create_task_group() as tg:
                     await tg.start(self._write_loop)
+                    watch = anyio.CancelScope()
+                    tg.start_soon(self._watch, watch)
                     try:
                         yield self
                     finally:
+                        watch.cancel()
                         # Let every accepted write land before the connection closes.
                         self._send.close()
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                    await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    try:
+                        await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    except sqlite3.Error as exc:  # committed work is safe in the WAL
+                        log.warning("store.checkpoint_failed", error=str(exc))
                 self._db = self._reader = None
+
+    async def _open(self, db: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        await db.execute("PRAGMA journal_mode = WAL")
+        await db.execute(f"PRAGMA synchronous = {self._synchronous}")
+        await db.execute("PRAGMA foreign_keys = ON")
+        await db.execute("PRAGMA busy_timeout = 5000")
+        await reader.execute("PRAGMA busy_timeout = 5000")
+        await reader.execute("PRAGMA query_only = ON")
+        await migrate(db)
+        self._db, self._reader = db, reader
+        self.recovered = await self._recover(db)
+        await self._load_counts(db)
+
+    # -- health -----------------------------------------------------------------
+
+    async def _watch(self, scope: anyio.CancelScope) -> None:
+        """Keeps `low_space` and `last_error` true to the disk without waiting for
+        traffic: free space every WATCH_S, a write probe every PROBE_S, and every
+        WATCH_S while writes fail, so readiness comes back once the fault clears."""
+        with scope:
+            next_probe = anyio.current_time() + PROBE_S
+            while True:
+                await anyio.sleep(WATCH_S)
+                try:
+                    low = await anyio.to_thread.run_sync(self._space_problem)
+                    if low and not self.low_space:
+                        log.warning("store.low_space", reason=low)
+                    elif self.low_space and not low:
+                        log.info("store.space_ok")
+                    self.low_space = low
+                    if self.last_error is not None or anyio.current_time() >= next_probe:
+                        next_probe = anyio.current_time() + PROBE_S
+                        with contextlib.suppress(StoreError):
+                            await self.probe()
+                except Exception:  # one bad round must not end the watch
+                    log.exception("store.watch_failed")
+
+    def _space_problem(self) -> str | None:
+        """Why intake should stop for lack of disk space, or None (blocking: a thread)."""
+        if not self._min_free_bytes:
+            return None
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return None  # the database's own errors will say more
+        free = st.f_bavail * st.f_frsize
+        if free >= self._min_free_bytes:
+            return None
+        return (
+            f"disk nearly full: {free / 2**20:.1f} MiB free under {self.path.parent}, "
+            f"below daemon.min_free_mb ({self._min_free_bytes // 2**20})"
+        )
+
+    async def probe(self) -> None:
+        """A write that changes nothing yet touches the disk (the schema version in the
+        header, rewritten): an empty transaction would succeed on a full or read-only
+        disk. Raises StoreError while the database cannot be written."""
+
+        async def op(db: aiosqlite.Connection, tx: _Tx) -> None:
+            async with db.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            await db.execute(f"PRAGMA user_version = {int(row[0]) if row else 0}")
+            tx.probed = True
+
+        await self._write(op)
 
     # -- the writer -------------------------------------------------------------
 
@@ -259,65 +339,78 @@ class Store(anyio.AsyncContextManagerMixin):
         assert self._db is not None
         db = self._db
         tx = _Tx()
-        # Savepoints let one failed operation roll back alone; a lone operation
-        # needs none: its failure rolls back the whole (one-op) transaction.
-        isolate = len(batch) > 1
         started = time.perf_counter()
+        changes = db.total_changes
         try:
-            await db.execute("BEGIN IMMEDIATE")
-            i = 0
-            while i < len(batch):
-                if batch[i].sync_op is not None:
-                    group = [batch[i]]
-                    while i + len(group) < len(batch) and batch[i + len(group)].sync_op:
-                        group.append(batch[i + len(group)])
-                    # aiosqlite's own thread and connection (private API, pinned in
-                    # uv.lock): the only way into this transaction without a hop per call.
-                    await db._execute(  # type: ignore[no-untyped-call]
-                        _run_sync_ops, db._conn, group, tx, isolate
-                    )
-                    i += len(group)
-                    continue
-                item = batch[i]
-                i += 1
-                before = Counter(tx.current)
-                if isolate:
-                    await db.execute("SAVEPOINT op")
-                try:
-                    assert item.op is not None
-                    item.result = await item.op(db, tx)
-                except sqlite3.Error as exc:
-                    if _is_fatal(exc):
-                        raise
-                    item.error = StoreError(str(exc))
-                except Exception as exc:
-                    item.error = exc
-                if item.error is not None:
-                    tx.current = before
-                    if isolate:
-                        await db.execute("ROLLBACK TO op")
-                if isolate:
-                    await db.execute("RELEASE op")
-            if not isolate and batch[0].error is not None:
-                await db.execute("ROLLBACK")
+            if all(item.sync_op is not None for item in batch):
+                # The usual batch (submits, claims, finishes): one hop for all of it.
+                # aiosqlite's own thread and connection (private API, pinned in
+                # uv.lock): the only way into its transaction without a hop per call.
+                await db._execute(  # type: ignore[no-untyped-call]
+                    _run_sync_transaction, db._conn, batch, tx
+                )
             else:
-                await db.execute("COMMIT")
+                await self._run_mixed(db, batch, tx)
         except sqlite3.Error as exc:
             self.commit_errors += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
             if db.in_transaction:
-                await db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):  # a failed disk may refuse this too
+                    await db.execute("ROLLBACK")
             for item in batch:
                 item.result, item.error = None, StoreError(f"database write failed: {exc}")
         else:
             self.commits += 1
             self.commit_seconds += time.perf_counter() - started
-            self.last_error = None
+            if tx.probed or db.total_changes != changes:  # an empty commit proves nothing
+                self.last_error = None
             self.counts.update(tx.current)
             if tx.current["queued"] > 0:
                 self.wakeup.notify()
         for item in batch:
             item.done.set()
+
+    async def _run_mixed(self, db: aiosqlite.Connection, batch: list[_Pending], tx: _Tx) -> None:
+        """A batch holding async ops: a hop per statement for those, one per run of
+        consecutive sync ops. Savepoints let one failed operation roll back alone; a
+        lone operation needs none: its failure rolls back the whole transaction."""
+        isolate = len(batch) > 1
+        await db.execute("BEGIN IMMEDIATE")
+        i = 0
+        while i < len(batch):
+            if batch[i].sync_op is not None:
+                group = [batch[i]]
+                while i + len(group) < len(batch) and batch[i + len(group)].sync_op:
+                    group.append(batch[i + len(group)])
+                await db._execute(  # type: ignore[no-untyped-call]
+                    _run_sync_ops, db._conn, group, tx, isolate
+                )
+                i += len(group)
+                continue
+            item = batch[i]
+            i += 1
+            before = Counter(tx.current)
+            if isolate:
+                await db.execute("SAVEPOINT op")
+            try:
+                assert item.op is not None
+                item.result = await item.op(db, tx)
+            except sqlite3.Error as exc:
+                if _is_fatal(exc):
+                    raise
+                item.error = StoreError(str(exc))
+            except Exception as exc:
+                item.error = exc
+            if item.error is not None:
+                tx.current = before
+                if isolate:
+                    await db.execute("ROLLBACK TO op")
+            if isolate:
+                await db.execute("RELEASE op")
+        if not isolate and batch[0].error is not None:
+            await db.execute("ROLLBACK")
+        else:
+            await db.execute("COMMIT")
 
     # -- start-up ---------------------------------------------------------------
 
@@ -352,7 +445,12 @@ class Store(anyio.AsyncContextManagerMixin):
 
     async def submit(self, jobs: Sequence[NewJob], *, max_backlog: int) -> list[Submitted]:
         """Insert jobs in one transaction; a repeated idempotency key returns the
-        first job. All or nothing: over the backlog bound, nothing is inserted."""
+        first job. All or nothing: over the backlog bound, nothing is inserted.
+        Refused at once while the disk is nearly full or writes are failing: running
+        attempts keep what room and writer time there is for their results."""
+        if self.low_space or self.last_error:
+            problem = self.low_space or f"database unwritable: {self.last_error}"
+            raise StoreError(f"not accepting jobs: {problem}")
 
         def op(db: sqlite3.Connection, tx: _Tx) -> list[Submitted]:
             queued = self.counts["queued"] + tx.current["queued"]
@@ -704,6 +802,28 @@ class Store(anyio.AsyncContextManagerMixin):
         ) as cur:
             row = await cur.fetchone()
         return None if row is None or row[0] is None else float(row[0])
+
+
+def _run_sync_transaction(db: sqlite3.Connection, batch: list[_Pending], tx: _Tx) -> None:
+    """A batch of sync ops as one transaction, in the connection's thread. Ops rarely
+    fail, so the batch first runs without savepoints (two statements fewer an op);
+    if one fails, it all rolls back and runs again, each op in its own savepoint, so
+    only the failed one is undone (ops read and write only the database: rerunnable)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        _run_sync_ops(db, batch, tx, isolate=False)
+        if len(batch) > 1 and any(item.error is not None for item in batch):
+            db.execute("ROLLBACK")
+            for item in batch:
+                item.result = item.error = None
+            tx.current.clear()
+            db.execute("BEGIN IMMEDIATE")
+            _run_sync_ops(db, batch, tx, isolate=True)
+        db.execute("ROLLBACK" if len(batch) == 1 and batch[0].error is not None else "COMMIT")
+    except sqlite3.Error:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def _run_sync_ops(db: sqlite3.Connection, group: list[_Pending], tx: _Tx, isolate: bool) -> None:
