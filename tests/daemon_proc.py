@@ -153,6 +153,8 @@ class DaemonProcess:
                 return
             except OSError:
                 time.sleep(0.05)
+        self.proc.kill()  # not left behind: the caller never got hold of it
+        self.proc.wait(10)
         raise TimeoutError(f"daemon not ready in {START_TIMEOUT_S} s:\n{self.log()}")
 
     def http_url(self) -> str:

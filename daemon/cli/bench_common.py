@@ -14,7 +14,7 @@ import statistics
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -70,10 +70,11 @@ def machine() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Setup:
-    """The daemon's side of a run. No rate limits: the overhead is what is measured."""
+    """The daemon's side of a run: the default config, with no rate limits (the
+    overhead is what is measured) and the provider pointed at the simulated API."""
 
-    queue_concurrency: int = 128
-    provider_concurrency: int = 64
+    queue_concurrency: int = 64  # the defaults of queue.max_concurrency
+    provider_concurrency: int = 16  # and providers.NAME.max_concurrency
     watchdog: bool = True
     http: bool = True
     latency_ms: float = 0.0
@@ -196,7 +197,7 @@ class Env:
     api: psutil.Process | None
     http_url: str | None
     ready_s: float  # from spawning `vigil run` to its socket answering
-    config: Path = field(default_factory=Path)
+    config: Path
 
     @property
     def db_path(self) -> Path:

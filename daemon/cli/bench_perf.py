@@ -11,6 +11,7 @@ it so the benchmarks cannot rot."""
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import sys
@@ -63,12 +64,12 @@ def add_parsers(kinds: Any) -> None:
     for scenario in SCENARIOS.values():
         parser = kinds.add_parser(scenario.name, help=scenario.help, parents=[common])
         if scenario.name == "watchdog":
-            parser.add_argument("--rounds", type=int, default=5, help="on/off pairs")
+            parser.add_argument("--rounds", type=int, default=7, help="on/off pairs")
         parser.set_defaults(func=run_perf, scenarios=[scenario.name])
     every = kinds.add_parser(
         "all", help="every performance scenario, one after another", parents=[common]
     )
-    every.add_argument("--rounds", type=int, default=5, help="watchdog: on/off pairs")
+    every.add_argument("--rounds", type=int, default=7, help="watchdog: on/off pairs")
     every.set_defaults(func=run_perf, scenarios=list(SCENARIOS))
 
 
@@ -104,7 +105,7 @@ def _command(name: str, args: argparse.Namespace, jobs: int) -> str:
 
 
 def _rounds(args: argparse.Namespace) -> int:
-    rounds: int = getattr(args, "rounds", 5)
+    rounds: int = getattr(args, "rounds", 7)
     return SMOKE_ROUNDS if args.smoke else rounds
 
 
@@ -162,6 +163,4 @@ def run_perf(args: argparse.Namespace) -> int:
 
 
 def _load() -> float:
-    import os
-
     return round(os.getloadavg()[0], 2)

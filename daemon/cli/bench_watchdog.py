@@ -18,7 +18,7 @@ from daemon.cli.bench_report import Result, at_least, info
 TARGET_RATIO = 0.98
 FULL_JOBS = 10_000
 SMOKE_JOBS = 150
-FULL_ROUNDS = 5
+FULL_ROUNDS = 7
 
 
 async def run(root: Path, jobs: int, judge: bool, rounds: int = FULL_ROUNDS) -> Result:
