@@ -1,4 +1,5 @@
-"""The daemon as a real subprocess, and the CLI run the way a user runs it."""
+"""The daemon as a real subprocess, the configs it runs with, and the CLI run the way a
+user runs it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,40 @@ START_TIMEOUT_S = 30.0
 CLI_TIMEOUT_S = 120.0
 
 
+def daemon_config(
+    sections: str,
+    *,
+    max_concurrency: int = 32,
+    max_backlog: int = 1_000_000,
+    grace_s: float = 10.0,
+    http_listen: str = "",
+    backoff_base_s: float = 0.05,
+    backoff_max_s: float = 0.5,
+    daemon_extra: str = "",
+    extra: str = "",
+) -> str:
+    """A whole daemon config around provider and analyzer sections."""
+    return f"""
+[daemon]
+shutdown_grace_s = {grace_s}
+{daemon_extra}
+
+[http]
+listen = "{http_listen}"
+
+[queue]
+max_concurrency = {max_concurrency}
+max_backlog = {max_backlog}
+backoff_base_s = {backoff_base_s}
+backoff_max_s = {backoff_max_s}
+
+[log]
+format = "json"
+{sections}
+{extra}
+"""
+
+
 def sim_config(
     *,
     error_rate: float = 0.0,
@@ -32,23 +67,9 @@ def sim_config(
     http_listen: str = "",
     extra: str = "",
 ) -> str:
-    """A daemon config against the built-in simulated API."""
-    return f"""
-[daemon]
-shutdown_grace_s = {grace_s}
-
-[http]
-listen = "{http_listen}"
-
-[queue]
-max_concurrency = {max_concurrency}
-max_backlog = {max_backlog}
-backoff_base_s = 0.05
-backoff_max_s = 0.5
-
-[log]
-format = "json"
-
+    """A daemon config against the built-in simulated API, with two analyzers:
+    `summarize` (text) and `classify` (JSON)."""
+    sections = f"""
 [providers.sim]
 kind = "simulated"
 max_concurrency = 16
@@ -79,8 +100,15 @@ max_tokens = 100
 output = "json"
 required_keys = ["sentiment"]
 max_attempts = {max_attempts}
-{extra}
 """
+    return daemon_config(
+        sections,
+        max_concurrency=max_concurrency,
+        max_backlog=max_backlog,
+        grace_s=grace_s,
+        http_listen=http_listen,
+        extra=extra,
+    )
 
 
 def run_cli(

@@ -17,11 +17,10 @@ import msgspec
 import pytest
 
 from daemon.providers.simulated import FAULT_HEADER, FAULT_RETRY_AFTER_MS, FAULTS
-from tests.daemon_proc import DaemonProcess
+from tests.daemon_proc import DaemonProcess, daemon_config
 from tests.torture_helpers import (
     ThreadedApi,
     analyzer,
-    daemon_config,
     ledger_problems,
     openai_provider,
     threaded_api,

@@ -25,10 +25,9 @@ import pytest
 from aiohttp import web
 
 from daemon.config import DEFAULT_HTTP_LISTEN, ConfigError, parse_config
-from tests.daemon_proc import DaemonProcess, run_cli, sim_config
+from tests.daemon_proc import DaemonProcess, daemon_config, run_cli, sim_config
 from tests.torture_helpers import (
     analyzer,
-    daemon_config,
     host_port,
     http_request,
     openai_provider,

@@ -23,11 +23,10 @@ import pytest
 
 from daemon.store.schema import MIGRATIONS, SCHEMA_VERSION
 from daemon.store.store import Store
-from tests.daemon_proc import DaemonProcess, run_cli
+from tests.daemon_proc import DaemonProcess, daemon_config, run_cli
 from tests.torture_helpers import (
     RawResponse,
     analyzer,
-    daemon_config,
     db_rows,
     host_port,
     http_request,

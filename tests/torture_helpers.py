@@ -196,40 +196,6 @@ timeout_s = {timeout_s}
 """
 
 
-def daemon_config(
-    sections: str,
-    *,
-    max_concurrency: int = 32,
-    max_backlog: int = 1_000_000,
-    grace_s: float = 10.0,
-    http_listen: str = "",
-    backoff_base_s: float = 0.05,
-    backoff_max_s: float = 0.5,
-    daemon_extra: str = "",
-    extra: str = "",
-) -> str:
-    """A whole daemon config around provider and analyzer sections."""
-    return f"""
-[daemon]
-shutdown_grace_s = {grace_s}
-{daemon_extra}
-
-[http]
-listen = "{http_listen}"
-
-[queue]
-max_concurrency = {max_concurrency}
-max_backlog = {max_backlog}
-backoff_base_s = {backoff_base_s}
-backoff_max_s = {backoff_max_s}
-
-[log]
-format = "json"
-{sections}
-{extra}
-"""
-
-
 # -- the simulated API -------------------------------------------------------------------
 
 

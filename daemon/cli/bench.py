@@ -120,16 +120,19 @@ def add_parser(sub: Any) -> None:
     bench_perf.add_parsers(kinds)
 
 
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version()}
+    return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version()}
 
 
 def daemon_config(s: Scenario, url: str) -> str:

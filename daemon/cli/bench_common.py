@@ -25,6 +25,7 @@ import msgspec
 import psutil  # type: ignore[import-untyped]  # no stubs; types-psutil is not a dependency
 
 from daemon import __version__
+from daemon.cli.bench import cpu_model
 from daemon.cli.bench_run import BenchError, daemon, simulated_api
 from daemon.control.client import ControlClient
 
@@ -50,17 +51,9 @@ def versions() -> dict[str, str]:
 def machine() -> dict[str, Any]:
     """CPU count and model, memory, the load when the run began (others' work on a
     shared box shows here), and the versions that ran."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "cpus": os.cpu_count(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "memory_mb": round(psutil.virtual_memory().total / 2**20),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "system": f"{platform.system()} {platform.release()}",

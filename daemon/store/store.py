@@ -14,7 +14,7 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +109,6 @@ class AttemptEnd(msgspec.Struct, frozen=True, kw_only=True):
 class _Tx:
     """Per-batch bookkeeping: state moves are applied to the counters only on commit."""
 
-    pending: Counter[str] = field(default_factory=Counter)
     current: Counter[str] = field(default_factory=Counter)
     probed: bool = False  # a write probe ran: committing proves the disk writable
 
@@ -120,16 +119,14 @@ class _Tx:
             self.current[new] += n
 
 
-WriteOp = Callable[[aiosqlite.Connection, _Tx], Awaitable[Any]]
-# A hot-path op as plain sqlite3 calls: consecutive ones run in one hop to the
-# connection's thread, instead of one hop (and a wake-up of the loop) per statement.
-SyncOp = Callable[[sqlite3.Connection, _Tx], Any]
+# A write as plain sqlite3 calls, run in the connection's thread: a whole batch of
+# them costs one hop there (and one wake-up of the loop), not one per statement.
+WriteOp = Callable[[sqlite3.Connection, _Tx], Any]
 
 
 @dataclass
 class _Pending:
-    op: WriteOp | None = None
-    sync_op: SyncOp | None = None  # instead of `op`: runs in the connection's thread
+    op: WriteOp
     done: anyio.Event = field(default_factory=anyio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -299,19 +296,18 @@ class Store(anyio.AsyncContextManagerMixin):
         header, rewritten): an empty transaction would succeed on a full or read-only
         disk. Raises StoreError while the database cannot be written."""
 
-        async def op(db: aiosqlite.Connection, tx: _Tx) -> None:
-            async with db.execute("PRAGMA user_version") as cur:
-                row = await cur.fetchone()
-            await db.execute(f"PRAGMA user_version = {int(row[0]) if row else 0}")
+        def op(db: sqlite3.Connection, tx: _Tx) -> None:
+            row = db.execute("PRAGMA user_version").fetchone()
+            db.execute(f"PRAGMA user_version = {int(row[0]) if row else 0}")
             tx.probed = True
 
         await self._write(op)
 
     # -- the writer -------------------------------------------------------------
 
-    async def _write(self, op: WriteOp | None = None, *, sync_op: SyncOp | None = None) -> Any:
+    async def _write(self, op: WriteOp) -> Any:
         """Queue a write and wait until it is committed; raises what the op raised."""
-        pending = _Pending(op, sync_op)
+        pending = _Pending(op)
         try:
             await self._send.send(pending)
         except anyio.ClosedResourceError:
@@ -342,15 +338,12 @@ class Store(anyio.AsyncContextManagerMixin):
         started = time.perf_counter()
         changes = db.total_changes
         try:
-            if all(item.sync_op is not None for item in batch):
-                # The usual batch (submits, claims, finishes): one hop for all of it.
-                # aiosqlite's own thread and connection (private API, pinned in
-                # uv.lock): the only way into its transaction without a hop per call.
-                await db._execute(  # type: ignore[no-untyped-call]
-                    _run_sync_transaction, db._conn, batch, tx
-                )
-            else:
-                await self._run_mixed(db, batch, tx)
+            # One hop for the whole batch. aiosqlite's own thread and connection
+            # (private API, pinned in uv.lock): the only way into its transaction
+            # without a hop per call.
+            await db._execute(  # type: ignore[no-untyped-call]
+                _run_transaction, db._conn, batch, tx
+            )
         except sqlite3.Error as exc:
             self.commit_errors += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -369,48 +362,6 @@ class Store(anyio.AsyncContextManagerMixin):
                 self.wakeup.notify()
         for item in batch:
             item.done.set()
-
-    async def _run_mixed(self, db: aiosqlite.Connection, batch: list[_Pending], tx: _Tx) -> None:
-        """A batch holding async ops: a hop per statement for those, one per run of
-        consecutive sync ops. Savepoints let one failed operation roll back alone; a
-        lone operation needs none: its failure rolls back the whole transaction."""
-        isolate = len(batch) > 1
-        await db.execute("BEGIN IMMEDIATE")
-        i = 0
-        while i < len(batch):
-            if batch[i].sync_op is not None:
-                group = [batch[i]]
-                while i + len(group) < len(batch) and batch[i + len(group)].sync_op:
-                    group.append(batch[i + len(group)])
-                await db._execute(  # type: ignore[no-untyped-call]
-                    _run_sync_ops, db._conn, group, tx, isolate
-                )
-                i += len(group)
-                continue
-            item = batch[i]
-            i += 1
-            before = Counter(tx.current)
-            if isolate:
-                await db.execute("SAVEPOINT op")
-            try:
-                assert item.op is not None
-                item.result = await item.op(db, tx)
-            except sqlite3.Error as exc:
-                if _is_fatal(exc):
-                    raise
-                item.error = StoreError(str(exc))
-            except Exception as exc:
-                item.error = exc
-            if item.error is not None:
-                tx.current = before
-                if isolate:
-                    await db.execute("ROLLBACK TO op")
-            if isolate:
-                await db.execute("RELEASE op")
-        if not isolate and batch[0].error is not None:
-            await db.execute("ROLLBACK")
-        else:
-            await db.execute("COMMIT")
 
     # -- start-up ---------------------------------------------------------------
 
@@ -491,7 +442,7 @@ class Store(anyio.AsyncContextManagerMixin):
                 out.append(Submitted(row[0], False))
             return out
 
-        result: list[Submitted] = await self._write(sync_op=op)
+        result: list[Submitted] = await self._write(op)
         return result
 
     async def claim(self, limit: int, skip_analyzers: Collection[str] = ()) -> list[Job]:
@@ -519,7 +470,7 @@ class Store(anyio.AsyncContextManagerMixin):
             jobs.sort(key=lambda j: (-j.priority, j.id))
             return jobs
 
-        result: list[Job] = await self._write(sync_op=op)
+        result: list[Job] = await self._write(op)
         return result
 
     async def finish(self, job: Job, end: AttemptEnd) -> State | None:
@@ -584,7 +535,7 @@ class Store(anyio.AsyncContextManagerMixin):
             tx.move("running", new)
             return new
 
-        result: State | None = await self._write(sync_op=op)
+        result: State | None = await self._write(op)
         return result
 
     async def requeue(
@@ -602,18 +553,18 @@ class Store(anyio.AsyncContextManagerMixin):
         rows = [(job.id, job.attempts) for job in jobs]
         error_type = outcome.capitalize()
 
-        async def op(db: aiosqlite.Connection, tx: _Tx) -> int:
+        def op(db: sqlite3.Connection, tx: _Tx) -> int:
             now = time.time()
             moved = 0
             for job_id, n in rows:
-                cur = await db.execute(
+                cur = db.execute(
                     "UPDATE jobs SET state = 'queued', attempts = attempts - 1, "
                     "not_before = ? WHERE id = ? AND state = 'running' AND attempts = ?",
                     (not_before, job_id, n),
                 )
                 if cur.rowcount == 1:
                     moved += 1
-                    await db.execute(
+                    db.execute(
                         "UPDATE attempts SET outcome = ?, finished_at = ?, "
                         "error_type = ?, error_message = ? "
                         "WHERE job_id = ? AND n = ? AND outcome = 'running'",
@@ -628,18 +579,18 @@ class Store(anyio.AsyncContextManagerMixin):
     async def cancel(self, job_id: str) -> State:
         """Cancel a queued or running job; returns the state it was in."""
 
-        async def op(db: aiosqlite.Connection, tx: _Tx) -> State:
-            state = await self._state_of(db, job_id)
+        def op(db: sqlite3.Connection, tx: _Tx) -> State:
+            state = _state_of(db, job_id)
             if state not in ("queued", "running"):
                 raise InvalidTransition(
                     f"job {job_id} is {state}; only queued or running jobs can be canceled"
                 )
             now = time.time()
-            await db.execute(
+            db.execute(
                 "UPDATE jobs SET state = 'canceled', finished_at = ? WHERE id = ?",
                 (now, job_id),
             )
-            await db.execute(
+            db.execute(
                 "UPDATE attempts SET outcome = 'canceled', finished_at = ? "
                 "WHERE job_id = ? AND outcome = 'running'",
                 (now, job_id),
@@ -655,10 +606,10 @@ class Store(anyio.AsyncContextManagerMixin):
         attempts; `None` retries every failed job. Attempt numbers keep counting up,
         so a stale attempt of the earlier run can never record over the new one."""
 
-        async def op(db: aiosqlite.Connection, tx: _Tx) -> int:
+        def op(db: sqlite3.Connection, tx: _Tx) -> int:
             if job_ids is not None:
                 for job_id in job_ids:
-                    state = await self._state_of(db, job_id)
+                    state = _state_of(db, job_id)
                     if state not in ("failed", "canceled"):
                         raise InvalidTransition(
                             f"job {job_id} is {state}; only failed or canceled jobs retry"
@@ -668,15 +619,14 @@ class Store(anyio.AsyncContextManagerMixin):
                 if job_ids is None
                 else (f"id IN ({','.join('?' * len(job_ids))})", tuple(job_ids))
             )
-            async with db.execute(
-                f"SELECT state, count(*) FROM jobs WHERE {where} GROUP BY state", params
-            ) as cur:
-                moving: dict[str, int] = {row[0]: row[1] for row in await cur.fetchall()}
+            moving: dict[str, int] = dict(
+                db.execute(f"SELECT state, count(*) FROM jobs WHERE {where} GROUP BY state", params)
+            )
             total = sum(moving.values())
             queued = self.counts["queued"] + tx.current["queued"]
             if queued + total > max_backlog:
                 raise BacklogFull(queued, max_backlog)
-            await db.execute(
+            db.execute(
                 f"UPDATE jobs SET state = 'queued', max_attempts = attempts + max_attempts, "
                 f"not_before = 0, "
                 f"finished_at = NULL WHERE {where}",
@@ -693,28 +643,19 @@ class Store(anyio.AsyncContextManagerMixin):
         """Delete finished jobs (and their attempts) that ended before the cut-off."""
         cutoff = time.time() - older_than_s
 
-        async def op(db: aiosqlite.Connection, tx: _Tx) -> int:
-            async with db.execute(
+        def op(db: sqlite3.Connection, tx: _Tx) -> int:
+            rows = db.execute(
                 "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'canceled') "
                 "AND finished_at <= ? RETURNING state",
                 (cutoff,),
-            ) as cur:
-                gone = Counter(row[0] for row in await cur.fetchall())
+            ).fetchall()
+            gone = Counter(row[0] for row in rows)
             for state, n in gone.items():
                 tx.move(state, None, n)
             return sum(gone.values())
 
         result: int = await self._write(op)
         return result
-
-    @staticmethod
-    async def _state_of(db: aiosqlite.Connection, job_id: str) -> State:
-        async with db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)) as cur:
-            row = await cur.fetchone()
-        if row is None:
-            raise JobNotFound(job_id)
-        state: State = row[0]
-        return state
 
     # -- reads ------------------------------------------------------------------
 
@@ -804,21 +745,32 @@ class Store(anyio.AsyncContextManagerMixin):
         return None if row is None or row[0] is None else float(row[0])
 
 
-def _run_sync_transaction(db: sqlite3.Connection, batch: list[_Pending], tx: _Tx) -> None:
-    """A batch of sync ops as one transaction, in the connection's thread. Ops rarely
+def _state_of(db: sqlite3.Connection, job_id: str) -> State:
+    """The job's state, inside the writer's transaction; JobNotFound if it has none."""
+    row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise JobNotFound(job_id)
+    state: State = row[0]
+    return state
+
+
+def _run_transaction(db: sqlite3.Connection, batch: list[_Pending], tx: _Tx) -> None:
+    """A batch of ops as one transaction, in the connection's thread. Ops rarely
     fail, so the batch first runs without savepoints (two statements fewer an op);
     if one fails, it all rolls back and runs again, each op in its own savepoint, so
-    only the failed one is undone (ops read and write only the database: rerunnable)."""
+    only the failed one is undone (ops read and write only the database: rerunnable).
+    A lone op needs no savepoint: its failure rolls back the whole transaction."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        _run_sync_ops(db, batch, tx, isolate=False)
+        _run_ops(db, batch, tx, isolate=False)
         if len(batch) > 1 and any(item.error is not None for item in batch):
             db.execute("ROLLBACK")
             for item in batch:
                 item.result = item.error = None
             tx.current.clear()
+            tx.probed = False
             db.execute("BEGIN IMMEDIATE")
-            _run_sync_ops(db, batch, tx, isolate=True)
+            _run_ops(db, batch, tx, isolate=True)
         db.execute("ROLLBACK" if len(batch) == 1 and batch[0].error is not None else "COMMIT")
     except sqlite3.Error:
         if db.in_transaction:
@@ -826,16 +778,16 @@ def _run_sync_transaction(db: sqlite3.Connection, batch: list[_Pending], tx: _Tx
         raise
 
 
-def _run_sync_ops(db: sqlite3.Connection, group: list[_Pending], tx: _Tx, isolate: bool) -> None:
-    """Sync ops, in the connection's thread, with the same savepoint rules as the
-    writer's async path; a fatal error propagates and spoils the batch."""
-    for item in group:
+def _run_ops(db: sqlite3.Connection, batch: list[_Pending], tx: _Tx, isolate: bool) -> None:
+    """Each op's result or error onto its item, its counter moves undone if it failed;
+    `isolate` wraps each in a savepoint so a failure undoes that op's writes alone. A
+    fatal error propagates: it spoils the whole batch."""
+    for item in batch:
         before = Counter(tx.current)
         if isolate:
             db.execute("SAVEPOINT op")
         try:
-            assert item.sync_op is not None
-            item.result = item.sync_op(db, tx)
+            item.result = item.op(db, tx)
         except sqlite3.Error as exc:
             if _is_fatal(exc):
                 raise
