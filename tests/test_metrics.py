@@ -1,11 +1,15 @@
 """GET /metrics from a real daemon, read back with prometheus_client's own text
 parser; the watchdog and circuit readers against the shapes they may meet; and the
-alert rules, which must only name series the daemon exposes."""
+alert rules: well-formed, and naming only series and labels the daemon exposes."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,12 +21,14 @@ from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.observe.metrics import circuit_state, lag_histogram, watchdog_metrics
+from daemon.observe.metrics import circuit_state, count_tasks, lag_histogram, watchdog_metrics
+from daemon.watchdog.tasks import TaskRegistry
 from tests.daemon_proc import DaemonProcess, sim_config
 
 StartDaemon = Callable[..., DaemonProcess]
 ALERTS = Path(__file__).parent.parent / "config" / "alerts.yml"
 JOB = {"analyzer": "summarize", "input": {"text": "a good day"}}
+CLASSIFY = {"analyzer": "classify", "input": {"text": "a good day", "audience": "ops"}}
 FULL_WATCHDOG = {
     "loop": {
         "lag_ms": {"p50": 1.0, "p99": 20.0, "max": 300.0, "window_s": 60},
@@ -62,6 +68,11 @@ class Families:
             for suffix in _SUFFIXES.get(family.type, ("",))
         }
 
+    def labels(self, name: str) -> set[str] | None:
+        """The label names the samples of series `name` carry; None if it has none."""
+        found = [dict(labels) for (sample, labels) in self.samples if sample == name]
+        return set().union(*found) - {"le", "quantile"} if found else None
+
 
 class _Fixed:
     def __init__(self, families: Iterable[Metric]) -> None:
@@ -87,6 +98,15 @@ async def status(daemon: DaemonProcess) -> Any:
     return await anyio.to_thread.run_sync(daemon.call, "status")
 
 
+async def wait_for_status(daemon: DaemonProcess, check: Callable[[Any], bool]) -> None:
+    """Poll the socket's status until `check` holds (bounded)."""
+    with anyio.fail_after(30):
+        while True:
+            if check(await status(daemon)):
+                return
+            await anyio.sleep(0.05)
+
+
 @pytest.mark.anyio
 async def test_metrics_carry_the_expected_series(start_daemon: StartDaemon) -> None:
     """After three jobs ran over HTTP, the text parses and holds the job, API, store,
@@ -98,11 +118,7 @@ async def test_metrics_carry_the_expected_series(start_daemon: StartDaemon) -> N
             assert r.status == 202
         async with session.request("PROPFIND", "/status") as r:  # a method not in the set
             assert r.status == 405
-    with anyio.fail_after(30):
-        while True:  # `finished` counts up after the finish hooks ran
-            if (await status(proc))["queue"]["finished"] >= 3:
-                break
-            await anyio.sleep(0.05)
+    await wait_for_status(proc, lambda s: s["queue"]["finished"] >= 3)  # after the hooks ran
     content_type, text = await scrape(proc)
     assert content_type.startswith("text/plain; version=0.0.4")
     m = Families(text)
@@ -110,7 +126,8 @@ async def test_metrics_carry_the_expected_series(start_daemon: StartDaemon) -> N
     assert {m.value("vigil_jobs", state=s) for s in ("queued", "running", "failed")} == {0}
     assert m.value("vigil_jobs", state="succeeded") == 3
     assert m.value("vigil_jobs", state="canceled") == 0
-    assert m.value("vigil_jobs_submitted_total") == 3
+    assert m.value("vigil_jobs_submitted_total", analyzer="summarize") == 3
+    assert m.value("vigil_jobs_submitted_total", analyzer="classify") == 0  # configured: 0
     assert m.value("vigil_jobs_finished_total", analyzer="summarize", outcome="succeeded") == 3
     assert m.value("vigil_attempts_total", analyzer="summarize", outcome="succeeded") == 3
     assert m.value("vigil_job_duration_seconds_count", analyzer="summarize") == 3
@@ -163,20 +180,250 @@ async def test_metrics_follow_backpressure_and_pause(start_daemon: StartDaemon) 
 
 
 @pytest.mark.anyio
-async def test_alert_rules_name_only_exposed_series(start_daemon: StartDaemon) -> None:
-    """Every vigil_ series config/alerts.yml uses is one the daemon exposes (a rule on a
-    misspelt series would never fire)."""
-    proc = start_daemon(sim_config(http_listen="127.0.0.1:0"))
-    exposed = Families((await scrape(proc))[1]).names()
-    exposed |= render(watchdog_metrics(FULL_WATCHDOG)).names()
-    text = ALERTS.read_text()
-    used = set(re.findall(r"\bvigil_[a-z0-9_]+", text))
-    assert used, "no vigil_ series found in alerts.yml"
-    assert used <= exposed, sorted(used - exposed)
+async def test_submitted_totals_count_every_intake_by_analyzer(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Jobs committed through the socket, HTTP and the spool are counted by analyzer;
+    a repeated idempotency key and a refused batch are not."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    spool = (
+        f'[intake.spool]\ndir = "{inbox}"\nanalyzer = "summarize"\npoll_s = 0.05\nsettle_s = 0\n'
+    )
+    proc = start_daemon(
+        sim_config(http_listen="127.0.0.1:0", extra=spool), env={"VIGIL_HTTP_TOKEN": ""}
+    )
+    keyed = {**JOB, "idempotency_key": "once"}
+    await anyio.to_thread.run_sync(lambda: proc.call("submit", jobs=[JOB, CLASSIFY, keyed]))
+    await anyio.to_thread.run_sync(lambda: proc.call("submit", jobs=[keyed]))
+    refused = await anyio.to_thread.run_sync(
+        lambda: proc.request("submit", jobs=[JOB, {"analyzer": "nope", "input": {}}])
+    )
+    assert not refused["ok"]
+    url = await anyio.to_thread.run_sync(proc.http_url)
+    async with (
+        aiohttp.ClientSession(url) as session,
+        session.post("/v1/jobs", json=[CLASSIFY, CLASSIFY]) as r,
+    ):
+        assert r.status == 202
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (staging / name).write_text("a spooled day")
+        os.rename(staging / name, inbox / name)  # whole files only, as a producer should
+    await wait_for_status(proc, lambda s: s["queue"]["accepted"] >= 7)
+    m = Families((await scrape(proc))[1])
+    assert m.value("vigil_jobs_submitted_total", analyzer="summarize") == 4
+    assert m.value("vigil_jobs_submitted_total", analyzer="classify") == 3
+    assert sum((await status(proc))["jobs"].values()) == 7  # what the store holds
+
+
+@pytest.mark.anyio
+async def test_task_gauge_follows_running_attempts(start_daemon: StartDaemon) -> None:
+    """vigil_tasks counts the tasks made after start-up: twenty attempts waiting on a
+    slow API add at least twenty."""
+    proc = start_daemon(sim_config(http_listen="127.0.0.1:0", latency_ms=3000))
+    before = Families((await scrape(proc))[1]).value("vigil_tasks")
+    await anyio.to_thread.run_sync(lambda: proc.call("submit", jobs=[JOB] * 20))
+    await wait_for_status(proc, lambda s: s["queue"]["active"] == 20)
+    assert Families((await scrape(proc))[1]).value("vigil_tasks") >= before + 20
+
+
+def _no_walk(*_: Any) -> Any:
+    raise AssertionError("asyncio.all_tasks() walked on a scrape")
+
+
+@pytest.mark.anyio
+async def test_task_count_reads_the_watchdog_registry() -> None:
+    """While the watchdog's registry is the loop's task factory, the count is its size
+    and no task is walked; otherwise every task is."""
+    registry = TaskRegistry()
+    assert count_tasks(registry) == count_tasks(None) == len(asyncio.all_tasks())
+    with registry.installed(asyncio.get_running_loop()):
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(anyio.sleep_forever)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(asyncio, "all_tasks", _no_walk)
+                counted = count_tasks(registry)
+            assert counted == registry.alive >= len(asyncio.all_tasks()) >= 6
+            tg.cancel_scope.cancel()
+
+
+# -- alert rules -------------------------------------------------------------------------
+
+RULE_KEYS = ("expr", "for", "labels", "annotations")
+DURATION = re.compile(r"(\d+(ms|s|m|h|d|w|y))+")
+QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+_PLAIN_START = set("-?:,[]{}#&*!|>'\"%@`")  # indicators a plain YAML scalar cannot start with
+
+
+@dataclass
+class Rule:
+    alert: str
+    fields: dict[str, str] = field(default_factory=dict)  # expr, for
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+def yaml_scalar(text: str, where: str) -> str:
+    """A double-quoted or plain scalar, as YAML reads it (escapes beyond JSON's are
+    refused: the file needs none)."""
+    if text.startswith('"'):
+        value = json.loads(text)
+        assert isinstance(value, str), where
+        return value
+    assert text[0] not in _PLAIN_START and ": " not in text and " #" not in text, where
+    return text
+
+
+def flow_mapping(text: str, where: str) -> dict[str, str]:
+    """`{key: value, ...}` of plain scalars."""
+    inner = re.fullmatch(r"\{(.*)\}", text)
+    assert inner, where
+    pairs = [item.split(": ", 1) for item in inner[1].split(", ")]
+    assert all(len(pair) == 2 for pair in pairs), where
+    return {key: yaml_scalar(value, where) for key, value in pairs}
+
+
+def block_scalar(lines: list[str]) -> str:
+    """A `|` block scalar: indentation of its first line removed, one final newline."""
+    while lines and not lines[-1].strip():
+        lines.pop()
+    indent = len(lines[0]) - len(lines[0].lstrip(" "))
+    return "".join(line[indent:] + "\n" for line in lines)
+
+
+def read_rules(text: str) -> tuple[list[str], list[Rule]]:
+    """Group names and alerting rules from Prometheus rule YAML laid out as alerts.yml
+    is (PyYAML is not a dependency). Strict: a line out of that layout, a tab, a
+    repeated key or a scalar YAML would read otherwise fails."""
+    groups: list[str] = []
+    rules: list[Rule] = []
+    seen_groups = in_rules = False
+    section: dict[str, str] | None = None  # the rule's labels or annotations, being read
+    block: tuple[str, list[str]] | None = None  # a `key: |` scalar, being read
+    for number, line in enumerate([*text.splitlines(), "#"], 1):
+        where = f"alerts.yml line {number}: {line!r}"
+        assert "\t" not in line, where
+        indent = len(line) - len(line.lstrip(" "))
+        if block is not None:
+            if not line.strip() or indent > 8:
+                block[1].append(line)
+                continue
+            rules[-1].fields[block[0]] = block_scalar(block[1])
+            block = None
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if (indent, line) == (0, "groups:") and not seen_groups:
+            seen_groups = True
+        elif indent == 2 and seen_groups and (m := re.fullmatch(r" *- name: (.+)", line)):
+            groups.append(yaml_scalar(m[1], where))
+            in_rules = False
+        elif (indent, line.strip()) == (4, "rules:") and groups and not in_rules:
+            in_rules = True
+        elif indent == 6 and in_rules and (m := re.fullmatch(r" *- alert: (.+)", line)):
+            rules.append(Rule(yaml_scalar(m[1], where)))
+            section = None
+        elif indent == 8 and rules and (m := re.fullmatch(r" *(\w+):(?: (.+))?", line)):
+            key, value, rule = m[1], m[2], rules[-1]
+            assert key in RULE_KEYS and key not in rule.fields, where
+            section = None
+            if key in ("labels", "annotations"):
+                target = getattr(rule, key)
+                assert not target, where
+                if value is None:
+                    section = target
+                else:
+                    target.update(flow_mapping(value, where))
+            elif value == "|":
+                block = (key, [])
+            else:
+                assert value is not None, where
+                rule.fields[key] = yaml_scalar(value, where)
+        elif indent == 10 and section is not None and (m := re.fullmatch(r" *(\w+): (.+)", line)):
+            assert m[1] not in section, where
+            section[m[1]] = yaml_scalar(m[2], where)
+        else:
+            raise AssertionError(f"unexpected: {where}")
+    return groups, rules
+
+
+def balanced(expr: str) -> bool:
+    """Brackets pair up outside quoted strings."""
+    stack: list[str] = []
+    for char in QUOTED.sub('""', expr):
+        if char in "([{":
+            stack.append(char)
+        elif char in ")]}" and (not stack or stack.pop() + char not in ("()", "[]", "{}")):
+            return False
+    return not stack and expr.count('"') % 2 == 0
+
+
+def test_alert_rules_are_well_formed() -> None:
+    """config/alerts.yml reads as Prometheus rule YAML: one group of uniquely named
+    alerts, each with a balanced expr, valid durations, a severity, a summary and a
+    description."""
+    groups, rules = read_rules(ALERTS.read_text())
+    assert groups == ["vigil"]
+    names = [rule.alert for rule in rules]
+    assert len(set(names)) == len(names), names
     for alert in ("VigilLoopBlocked", "VigilMemoryGrowth", "VigilBacklogNearFull"):
-        assert f"alert: {alert}" in text
+        assert alert in names
     for alert in ("VigilProviderPaused", "VigilProviderCircuitOpen", "VigilAttemptErrorRate"):
-        assert f"alert: {alert}" in text
+        assert alert in names
+    for rule in rules:
+        expr = rule.fields["expr"]
+        assert balanced(expr), rule.alert
+        durations = re.findall(r"\[([^\]]*)\]", QUOTED.sub('""', expr))
+        for duration in [*durations, *([rule.fields["for"]] if "for" in rule.fields else [])]:
+            assert DURATION.fullmatch(duration), (rule.alert, duration)
+        assert rule.labels.get("severity") in ("warning", "critical"), rule.alert
+        assert {"summary", "description"} <= rule.annotations.keys(), rule.alert
+        for text in rule.annotations.values():
+            assert text.count("{{") == text.count("}}"), rule.alert
+
+
+def test_rule_reader_refuses_what_yaml_would_read_otherwise() -> None:
+    """The reader is strict: a bad indent, an unknown key or an expr YAML would not
+    read as written fails it."""
+    good = "groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up == 0\n"
+    assert read_rules(good)[1][0].fields == {"expr": "up == 0"}
+    for bad in (
+        good.replace("        expr", "       expr"),
+        good.replace("expr:", "exp:"),
+        good.replace("up == 0", "{job: x}"),
+        good.replace("up == 0", "up == 0 # comment"),
+        good + "        expr: up\n",
+        good.replace("  ", "\t", 1),
+    ):
+        with pytest.raises(AssertionError):
+            read_rules(bad)
+
+
+@pytest.mark.anyio
+async def test_alert_rules_name_only_exposed_series(start_daemon: StartDaemon) -> None:
+    """Every vigil_ series alerts.yml names is in a real scrape (after a job ran, so the
+    labelled ones have samples), and so is each label an expr matches or groups by: a
+    rule on a misspelt series or label would never fire."""
+    proc = start_daemon(sim_config(http_listen="127.0.0.1:0"))
+    await anyio.to_thread.run_sync(lambda: proc.call("submit", jobs=[JOB]))
+    await wait_for_status(proc, lambda s: s["queue"]["finished"] == 1)
+    m = Families((await scrape(proc))[1])
+    _, rules = read_rules(ALERTS.read_text())
+    for rule in rules:
+        expr = QUOTED.sub('""', rule.fields["expr"])
+        named = " ".join([expr, *rule.annotations.values()])
+        labels = {name: m.labels(name) for name in re.findall(r"\bvigil_[a-z0-9_]+", named)}
+        missing = sorted(name for name, found in labels.items() if found is None)
+        assert not missing, f"{rule.alert}: {missing} not in /metrics"
+        for name, matchers in re.findall(r"\b(vigil_[a-z0-9_]+)\{([^}]*)\}", expr):
+            for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers):
+                assert label in (labels[name] or ()), (rule.alert, name, label)
+        in_expr = [found or set() for name, found in labels.items() if name in expr]
+        for grouping in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+            for label in {x.strip() for x in grouping.split(",")} - {"instance", "job"}:
+                assert all(label in found for found in in_expr), (rule.alert, label)
 
 
 def test_watchdog_figures_are_read_defensively() -> None:

@@ -5,6 +5,7 @@ transaction: a request is accepted whole or refused whole, never half written.""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import anyio
@@ -81,7 +82,13 @@ class Intake:
         self._live = live
         self._ids = JobIds()
         self.closed_reason: str | None = None
-        self.accepted = 0
+        # Jobs committed, by analyzer (names validated against the config, so the
+        # metrics' label set stays bounded); repeats of an idempotency key not counted.
+        self.accepted_by_analyzer: Counter[str] = Counter()
+
+    @property
+    def accepted(self) -> int:
+        return self.accepted_by_analyzer.total()
 
     def validate(self, raw: Any, source: str) -> list[NewJob]:
         items, single = (raw, False) if isinstance(raw, list) else ([raw], True)
@@ -164,5 +171,7 @@ class Intake:
         else:
             jobs = self.validate(raw, source)
         submitted = await self._store.submit(jobs, max_backlog=self._live.config.queue.max_backlog)
-        self.accepted += sum(s.created for s in submitted)
+        self.accepted_by_analyzer.update(
+            job.analyzer for job, s in zip(jobs, submitted, strict=True) if s.created
+        )
         return submitted

@@ -18,7 +18,7 @@ import itertools
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import psutil  # type: ignore[import-untyped]  # no stubs; types-psutil is not a dependency
@@ -36,6 +36,9 @@ from daemon import __version__
 from daemon.jobs import STATES, TERMINAL, Job, State
 from daemon.runtime import Runtime, provider_status
 from daemon.store.store import AttemptEnd
+
+if TYPE_CHECKING:
+    from daemon.watchdog.tasks import TaskRegistry
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -81,6 +84,16 @@ def _lookup(data: Any, path: tuple[str, ...]) -> float | None:
     for key in path:
         data = data.get(key) if isinstance(data, Mapping) else None
     return _number(data)
+
+
+def count_tasks(registry: TaskRegistry | None) -> int:
+    """Live asyncio tasks: the watchdog's count (a weak dict's size: tasks not yet
+    collected) while its factory is the loop's, else a walk of every pending task
+    (tens of ms at 100 k tasks; only with `watchdog.enabled = false`)."""
+    loop = asyncio.get_running_loop()
+    if registry is not None and loop.get_task_factory() is registry:
+        return registry.alive
+    return len(asyncio.all_tasks(loop))
 
 
 def circuit_state(status: Mapping[str, Any]) -> str | None:
@@ -198,11 +211,15 @@ class RuntimeCollector:
         for state in STATES:
             jobs.add_metric([state], rt.store.counts[state])
         yield jobs
-        yield CounterMetricFamily(
+        submitted = CounterMetricFamily(
             "vigil_jobs_submitted",
-            "Jobs accepted by any intake (repeats of an idempotency key not counted).",
-            rt.intake.accepted,
+            "Jobs accepted by any intake (idempotency-key repeats not counted).",
+            labels=["analyzer"],
         )
+        accepted = rt.intake.accepted_by_analyzer
+        for analyzer in sorted(accepted.keys() | rt.live.analyzers.keys()):  # zeros included
+            submitted.add_metric([analyzer], accepted[analyzer])
+        yield submitted
         dispatcher = rt.dispatcher
         yield GaugeMetricFamily(
             "vigil_queue_max_backlog", "queue.max_backlog.", rt.config.queue.max_backlog
@@ -243,11 +260,9 @@ class RuntimeCollector:
         )
         for name, provider in self._rt.providers.items():
             stats = provider.stats
-            answered = 0
             for code, n in stats.by_status.items():
                 requests.add_metric([name, code], n)
-                answered += n if code.isdigit() else 0
-            latency.add_metric([name], answered, stats.latency_ms_total / 1000)
+            latency.add_metric([name], stats.answered, stats.latency_ms_total / 1000)
             rate_limited.add_metric([name], stats.rate_limited)
             tokens.add_metric([name, "prompt"], stats.prompt_tokens)
             tokens.add_metric([name, "completion"], stats.completion_tokens)
@@ -347,7 +362,9 @@ class RuntimeCollector:
             yield histogram
 
     def _process(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("vigil_tasks", "asyncio tasks alive.", len(asyncio.all_tasks()))
+        watchdog = self._rt.watchdog
+        tasks = count_tasks(watchdog.registry if watchdog is not None else None)
+        yield GaugeMetricFamily("vigil_tasks", "asyncio tasks alive.", tasks)
         sample = self.process
         if sample is None:
             return
