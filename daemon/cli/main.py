@@ -68,8 +68,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = config_path(args)
     config = load_config(path)
     ring = LogRing(config.log.ring_size)
-    configure_logging(config.log.level, config.log.format, secrets=_secrets(config), ring=ring)
-    return run_async(lambda: run_daemon(config, config_path=path, log_ring=ring))
+    writer = configure_logging(
+        config.log.level, config.log.format, secrets=_secrets(config), ring=ring
+    )
+    try:
+        return run_async(lambda: run_daemon(config, config_path=path, log_ring=ring))
+    finally:
+        writer.flush()  # the lines of the loop's last iteration
 
 
 def _secrets(config: Config) -> list[str]:

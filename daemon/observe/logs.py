@@ -3,9 +3,11 @@ console format on a TTY; secrets are scrubbed from every event before rendering.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 import structlog
@@ -65,6 +67,49 @@ class RingRenderer:
         return line.decode()
 
 
+class LineWriter:
+    """structlog's logger. Lines logged on the event loop's thread are written together
+    at the end of the loop's iteration: a burst (attempts ending together) costs one
+    write(2) instead of one each, buffered or not (PYTHONUNBUFFERED). A line from
+    another thread (the watchdog's, start-up) is written at once, with any before it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._lines: list[str] = []  # bounded by one loop iteration's events
+        self._flush_pending = False  # read and written on the loop's thread only
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            self._lines.append(message)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if not self._flush_pending:
+            self._flush_pending = True
+            loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_pending = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what waits; the daemon calls it once more after its loop ends."""
+        with self._lock:
+            if not self._lines:
+                return
+            self._lines.append("")
+            text = "\n".join(self._lines)
+            self._lines.clear()
+            self._stream.write(text)
+            self._stream.flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
 def _level_number(level: str) -> int:
     return logging.getLevelNamesMapping()[level.upper()]
 
@@ -76,6 +121,25 @@ def set_level(level: str) -> None:
     logging.getLogger().setLevel(max(numeric, logging.INFO))
 
 
+class _WriterHandler(logging.Handler):
+    """The stdlib's records go through the same writer, in order with structlog's."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._writer.msg(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+def _factory(writer: LineWriter) -> Callable[..., LineWriter]:
+    """Every logger shares the one writer (structlog asks for a logger per event)."""
+    return lambda *_: writer
+
+
 def configure_logging(
     level: str = "info",
     fmt: str = "auto",
@@ -83,7 +147,8 @@ def configure_logging(
     stream: TextIO | None = None,
     secrets: Iterable[str] = (),
     ring: LogRing | None = None,
-) -> None:
+) -> LineWriter:
+    """Returns the writer: what it holds is written with `flush()` once the loop ends."""
     out = stream or sys.stdout
     console = fmt == "console" or (fmt == "auto" and out.isatty())
     shared: list[Processor] = [
@@ -92,16 +157,17 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         Redactor(secrets),
     ]
+    writer = LineWriter(out)
     renderer = RingRenderer(ring, structlog.dev.ConsoleRenderer(colors=False) if console else None)
     tail: list[Processor] = [] if console else [structlog.processors.dict_tracebacks]
     structlog.configure(
         processors=[*shared, structlog.processors.StackInfoRenderer(), *tail, renderer],
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=_factory(writer),
         cache_logger_on_first_use=False,
     )
     set_level(level)
     # Libraries (aiohttp, asyncio) log through the stdlib: same format, same stream.
-    handler = logging.StreamHandler(out)
+    handler = _WriterHandler(writer)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, *tail],
@@ -110,3 +176,4 @@ def configure_logging(
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    return writer
