@@ -11,6 +11,15 @@ import structlog
 
 from tests.daemon_proc import DaemonProcess
 
+SLOW_TIMEOUT_S = 1800  # the long runs bound their own loops; this is the backstop
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests outlast the suite's per-test timeout (300 s) by design."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
 
 @pytest.fixture
 def anyio_backend() -> str:

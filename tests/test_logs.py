@@ -137,7 +137,7 @@ def test_logs_by_job_and_follow_across_restart(start_daemon: StartDaemon) -> Non
 
     env = {**os.environ, "VIGIL_SOCKET": str(daemon.socket_path)}
     with subprocess.Popen(
-        [sys.executable, "-m", "daemon", "logs", "-f", "--json", "-n", "0", "--level", "info"],
+        [sys.executable, "-m", "daemon", "logs", "-f", "--json", "-n", "1", "--level", "info"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -145,7 +145,8 @@ def test_logs_by_job_and_follow_across_restart(start_daemon: StartDaemon) -> Non
     ) as follower:
         assert follower.stdout is not None and follower.stderr is not None
         try:
-            time.sleep(0.5)
+            # The last event, sent once the follower is connected: only then submit.
+            _read_until(follower.stdout, lambda e: True)
             live = daemon.call("submit", jobs={"analyzer": "summarize", "input": {"text": "c"}})
             _read_until(follower.stdout, lambda e: e.get("job_id") == live["ids"][0])
             assert daemon.terminate() == 0

@@ -30,11 +30,11 @@ from daemon.watchdog.introspect import Frame, coro_stack, headline
 log = structlog.get_logger("vigil.watchdog")
 
 CHECK_S = 1.0
-MAX_LEAD_S = 0.25  # sample this long before the timeout (or a tenth of it, if shorter)
+MAX_LEAD_S = 0.25  # sample this long before the timeout (or a quarter of it, if shorter)
 
 
 def _lead_s(timeout_s: float) -> float:
-    return min(MAX_LEAD_S, timeout_s / 10)
+    return min(MAX_LEAD_S, timeout_s / 4)
 
 
 class StuckWatch:
@@ -118,10 +118,12 @@ class StuckWatch:
             wake = min(wake, stuck_at)
             if key not in self._samples:
                 sample_at = entry.started + timeout - _lead_s(timeout)
-                if now >= sample_at:
-                    self._samples[key] = coro_stack(entry.task.get_coro())
-                else:
+                if now < sample_at:
                     wake = min(wake, sample_at)
+                elif now < entry.started + timeout:
+                    # Not once the deadline passed (a late wake on a busy loop): by
+                    # then the stack may have moved on from where the attempt waited.
+                    self._samples[key] = coro_stack(entry.task.get_coro())
         for key in self._samples.keys() - seen:
             del self._samples[key]  # ended without a timeout, or requeued
         return wake
