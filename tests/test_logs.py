@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import io
+import logging
 import os
 import subprocess
 import sys
@@ -13,10 +15,13 @@ from collections.abc import Callable
 from typing import IO, Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
+import structlog
 
 from daemon.cli.logs import parse_since
+from daemon.observe.logs import configure_logging
 from daemon.observe.ring import MAX_EVENT_BYTES, LogFilter, LogRing, encode_event
 from tests.daemon_proc import DaemonProcess, run_cli, sim_config
 
@@ -88,6 +93,69 @@ async def test_follow_yields_backlog_then_new_events_from_any_thread() -> None:
             thread.start()
             thread.join()
     assert seen == ["old3", "old4", "new-loop", "new-thread"]
+
+
+class CountingStream(io.StringIO):
+    """Counts writes: the log writer's promise is one per loop iteration."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [msgspec.json.decode(line) for line in stream.getvalue().splitlines()]
+
+
+@pytest.mark.anyio
+async def test_loop_lines_are_written_once_per_iteration_in_order() -> None:
+    """A burst of structlog and stdlib lines in one loop iteration is one write, in
+    the order logged; a line from another thread is written at once."""
+    stream = CountingStream()
+    writer = configure_logging("info", "json", stream=stream)
+    log = structlog.get_logger("t")
+    for i in range(50):
+        log.info("burst", i=i)
+    logging.getLogger("aiohttp.test").warning("from the stdlib")
+    assert stream.writes == 0
+    await anyio.lowlevel.checkpoint()  # the loop's next iteration
+    assert stream.writes == 1
+    assert [e.get("i", "stdlib") for e in _lines(stream)] == [*range(50), "stdlib"]
+
+    log.info("before the thread")
+    thread = threading.Thread(target=lambda: log.info("from a thread"))
+    thread.start()
+    thread.join()  # within this loop iteration: the line before it is still waiting
+    assert stream.writes == 2  # the thread's line carried the one waiting before it
+    assert [e["event"] for e in _lines(stream)][-2:] == ["before the thread", "from a thread"]
+    log.info("at the end")
+    writer.flush()  # what the daemon does once its loop has ended
+    assert _lines(stream)[-1]["event"] == "at the end"
+
+
+def test_secrets_are_scrubbed_from_fields_and_tracebacks() -> None:
+    """A known secret is masked in fields, nested values and a logged traceback;
+    secret-looking keys are dropped whatever their value."""
+    secret = "sk-canary-0123456789"
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream, secrets=[secret])
+    log = structlog.get_logger("t")
+    try:
+        raise RuntimeError(f"server echoed {secret}")
+    except RuntimeError:
+        log.exception("call.failed", note=f"key {secret}", nested={"list": [secret]}, n=3)
+    log.info("headers", authorization="Bearer whatever", api_key="short")
+    text = stream.getvalue()
+    assert secret not in text
+    failed, headers = _lines(stream)
+    assert failed["note"] == "key [redacted]" and failed["nested"] == {"list": ["[redacted]"]}
+    assert failed["n"] == 3
+    assert "server echoed [redacted]" in msgspec.json.encode(failed["exception"]).decode()
+    assert headers["authorization"] == headers["api_key"] == "[redacted]"
 
 
 def test_parse_since() -> None:

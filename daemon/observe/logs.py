@@ -42,10 +42,17 @@ class Redactor:
         return value
 
     def __call__(self, _: WrappedLogger, __: str, event: EventDict) -> EventDict:
-        return {
-            key: REDACTED if key.lower() in _SECRET_KEYS else self.scrub(value)
-            for key, value in event.items()
-        }
+        # In place (structlog hands each processor chain its own dict), and numbers are
+        # left alone: this runs for every line, one a job at least.
+        for key, value in event.items():
+            if key.lower() in _SECRET_KEYS:
+                event[key] = REDACTED
+            elif isinstance(value, str):
+                if self.secrets:
+                    event[key] = self.scrub(value)
+            elif isinstance(value, dict | list | tuple):
+                event[key] = self.scrub(value)
+        return event
 
 
 class RingRenderer:
@@ -155,13 +162,15 @@ def configure_logging(
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        Redactor(secrets),
     ]
+    # Last before rendering: a traceback (its messages, its frames' locals) is
+    # scrubbed too.
+    redact = Redactor(secrets)
     writer = LineWriter(out)
     renderer = RingRenderer(ring, structlog.dev.ConsoleRenderer(colors=False) if console else None)
     tail: list[Processor] = [] if console else [structlog.processors.dict_tracebacks]
     structlog.configure(
-        processors=[*shared, structlog.processors.StackInfoRenderer(), *tail, renderer],
+        processors=[*shared, structlog.processors.StackInfoRenderer(), *tail, redact, renderer],
         logger_factory=_factory(writer),
         cache_logger_on_first_use=False,
     )
@@ -170,7 +179,7 @@ def configure_logging(
     handler = _WriterHandler(writer)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, *tail],
+            foreign_pre_chain=[*shared, *tail, redact],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
