@@ -135,19 +135,13 @@ async def run_daemon(
             http = HttpServer(rt, config.http) if config.http.listen else None
             watchdog = Watchdog(rt)
             async with anyio.create_task_group() as tg:
+                # Signals first: a SIGTERM during start-up then drains like any other.
+                tg.start_soon(_watch_signals, rt, tg.cancel_scope, name="signals")
                 await tg.start(watchdog.run, name="watchdog")
                 await tg.start(rt.dispatcher.run)
                 await tg.start(control.run)
                 # Stays up while draining (/readyz answers 503); the final cancel stops it.
                 http_url = await tg.start(http.run) if http else None
-                if config.intake.spool is not None:
-                    spool = SpoolIntake(config.intake.spool, rt.intake, store, rt.live)
-                    rt.status_sections["spool"] = spool.status
-                    rt.health.register(spool.check)
-                    # Stops claiming once intake closes (below); keeps moving finished
-                    # files out while draining; the final cancel stops it.
-                    await tg.start(spool.run, name="spool")
-                tg.start_soon(_watch_signals, rt, tg.cancel_scope, name="signals")
                 # What start-up built lives as long as the process: out of the collector's
                 # sight, a full collection no longer rescans it (40-70 ms pauses under load).
                 gc.collect()
@@ -164,6 +158,13 @@ async def run_daemon(
                     jobs=dict(store.counts),
                     config=redacted(config),
                 )
+                if config.intake.spool is not None:
+                    spool = SpoolIntake(config.intake.spool, rt.intake, store, rt.live)
+                    rt.status_sections["spool"] = spool.status
+                    rt.health.register(spool.check)
+                    # Stops claiming once intake closes (below); keeps moving finished
+                    # files out while draining; the final cancel stops it.
+                    await tg.start(spool.run, name="spool")
                 while not rt.stopping:
                     await rt.stop_requested.wait()
                 systemd.notify("STOPPING=1")

@@ -47,6 +47,7 @@ def drop(inbox: Path, name: str, data: str | bytes) -> None:
     """Write elsewhere, then rename in: the way a producer should deliver a file."""
     staging = inbox.parent / "staging"
     staging.mkdir(exist_ok=True)
+    inbox.mkdir(exist_ok=True)  # the daemon makes it at its first poll, just after READY
     tmp = staging / name
     if isinstance(data, str):
         data = data.encode()

@@ -121,17 +121,14 @@ class SpoolIntake:
         )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
         try:
-            # The first poll makes the folders before the daemon says it is ready, so a
-            # file dropped in as soon as it is finds `dir` there (or the error is shown).
-            await self._poll_once()
-            task_status.started()
             next_at = anyio.current_time()
             while True:
+                await self._poll_once()
                 now = anyio.current_time()
                 next_at = max(next_at + self.config.poll_s, now)
                 await anyio.sleep_until(next_at)
-                await self._poll_once()
         finally:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
