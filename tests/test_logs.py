@@ -158,6 +158,47 @@ def test_secrets_are_scrubbed_from_fields_and_tracebacks() -> None:
     assert headers["authorization"] == headers["api_key"] == "[redacted]"
 
 
+class BrokenStream(CountingStream):
+    """stdout after journald went away."""
+
+    def write(self, text: str) -> int:
+        super().write(text)
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.anyio
+async def test_a_broken_stream_drops_lines_without_spinning() -> None:
+    """A failing stdout costs its lines: counted, not logged again (no loop of error
+    lines about error lines), and the loop runs on."""
+    stream = BrokenStream()
+    writer = configure_logging("info", "json", stream=stream)
+    structlog.get_logger("t").info("lost")
+    for _ in range(20):  # 20 loop iterations and more
+        await anyio.sleep(0.01)
+    assert stream.writes == 1 and writer.failed_writes == 1
+    writer.flush()  # the daemon's last call after its loop: nothing waits, nothing raises
+    assert stream.writes == 1
+
+
+def test_console_format_scrubs_tracebacks_and_keeps_stdlib_ones() -> None:
+    """On a TTY (console format) an exception's text is scrubbed too, and a stdlib
+    record's traceback (asyncio, aiohttp) is shown, not dropped."""
+    secret = "sk-canary-0123456789"
+    stream = io.StringIO()
+    ring = LogRing(10)
+    configure_logging("info", "console", stream=stream, secrets=[secret], ring=ring)
+    try:
+        raise ValueError(f"bad key {secret}")
+    except ValueError as exc:
+        structlog.get_logger("t").exception("structlog.failed")
+        logging.getLogger("asyncio").error("stdlib.failed", exc_info=exc)
+    text = stream.getvalue()
+    assert secret not in text
+    assert text.count("ValueError: bad key [redacted]") == 2
+    entries, _ = ring.recent(LogFilter(), 10)
+    assert len(entries) == 2 and all(secret.encode() not in e.line for e in entries)
+
+
 def test_parse_since() -> None:
     """Relative and absolute --since values become the daemon's timestamp format."""
     now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)

@@ -4,6 +4,7 @@ console format on a TTY; secrets are scrubbed from every event before rendering.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import threading
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from daemon.observe.ring import LogRing, encode_event
@@ -45,6 +47,8 @@ class Redactor:
         # In place (structlog hands each processor chain its own dict), and numbers are
         # left alone: this runs for every line, one a job at least.
         for key, value in event.items():
+            if key == "exc_info":
+                continue  # an exception object, rendered (and then scrubbed) elsewhere
             if key.lower() in _SECRET_KEYS:
                 event[key] = REDACTED
             elif isinstance(value, str):
@@ -85,6 +89,7 @@ class LineWriter:
         self._lock = threading.Lock()
         self._lines: list[str] = []  # bounded by one loop iteration's events
         self._flush_pending = False  # read and written on the loop's thread only
+        self.failed_writes = 0  # stdout gone (EPIPE, closed): those lines are dropped
 
     def msg(self, message: str) -> None:
         with self._lock:
@@ -96,22 +101,30 @@ class LineWriter:
             return
         if not self._flush_pending:
             self._flush_pending = True
-            loop.call_soon(self._flush_soon)
-
-    def _flush_soon(self) -> None:
-        self._flush_pending = False
-        self.flush()
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Write what waits; the daemon calls it once more after its loop ends."""
+        """Write what waits; the daemon calls it once more after its loop ends.
+        A stream that fails (a closed pipe, journald gone) costs those lines, never
+        the daemon: the error is counted and said once on stderr, not logged, which
+        would only queue more lines for the same stream."""
+        self._flush_pending = False  # also when a loop ended with the callback queued
         with self._lock:
             if not self._lines:
                 return
             self._lines.append("")
             text = "\n".join(self._lines)
             self._lines.clear()
-            self._stream.write(text)
-            self._stream.flush()
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError) as exc:
+                self.failed_writes += 1
+                if self.failed_writes == 1:
+                    with contextlib.suppress(OSError, ValueError):
+                        print(
+                            f"vigil: cannot write the log ({exc}); lines dropped", file=sys.stderr
+                        )
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
@@ -168,7 +181,14 @@ def configure_logging(
     redact = Redactor(secrets)
     writer = LineWriter(out)
     renderer = RingRenderer(ring, structlog.dev.ConsoleRenderer(colors=False) if console else None)
-    tail: list[Processor] = [] if console else [structlog.processors.dict_tracebacks]
+    # Tracebacks become text (console) or a dict (JSON) before the redactor sees them.
+    # No frame locals: a local may hold a key, and they are cut short, so a partial key
+    # would no longer match the known value the redactor looks for.
+    tail: list[Processor] = [
+        structlog.processors.format_exc_info
+        if console
+        else structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
+    ]
     structlog.configure(
         processors=[*shared, structlog.processors.StackInfoRenderer(), *tail, redact, renderer],
         logger_factory=_factory(writer),
