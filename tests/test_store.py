@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +27,7 @@ from daemon.store.store import (
     Store,
     StoreError,
     Submitted,
+    _is_fatal,
 )
 
 pytestmark = pytest.mark.anyio
@@ -770,3 +772,33 @@ async def test_claim_select_uses_the_pick_index(store: Store) -> None:
             plan = " | ".join(str(row[3]) for row in await cur.fetchall())
         assert "jobs_pick" in plan
         assert "TEMP B-TREE" not in plan
+
+
+def test_database_faults_fail_the_batch_and_operation_errors_only_their_op(
+    tmp_path: Path,
+) -> None:
+    """Classified by SQLite's result code: a read-only or corrupt database spoils the
+    whole batch; a constraint or a bad statement fails one operation."""
+    path = tmp_path / "t.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)")
+        db.execute("INSERT INTO t VALUES (1)")
+    errors: list[sqlite3.Error] = []
+    readonly = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    for conn, sql in (
+        (readonly, "INSERT INTO t VALUES (2)"),
+        (sqlite3.connect(path), "INSERT INTO t VALUES (1)"),
+        (sqlite3.connect(path), "SELECT * FROM missing"),
+    ):
+        try:
+            conn.execute(sql)
+        except sqlite3.Error as exc:
+            errors.append(exc)
+        conn.close()
+    assert [_is_fatal(e) for e in errors] == [True, False, False]
+    path.write_bytes(b"\0" * 4096 * 4)  # no longer a database
+    garbage = sqlite3.connect(path)
+    with pytest.raises(sqlite3.DatabaseError) as caught:
+        garbage.execute("SELECT * FROM t")
+    garbage.close()
+    assert _is_fatal(caught.value)

@@ -802,7 +802,16 @@ def _run_ops(db: sqlite3.Connection, batch: list[_Pending], tx: _Tx, isolate: bo
             db.execute("RELEASE op")
 
 
+# SQLite's primary result codes for faults of the database, not of one operation:
+# BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, NOTADB.
+_FATAL_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 26})
+
+
 def _is_fatal(exc: sqlite3.Error) -> bool:
-    """Errors that spoil the whole transaction, not only the one operation."""
-    text = str(exc).lower()
+    """Errors that spoil the whole transaction, not only the one operation: they fail
+    the batch and show in readiness. A constraint or a bad value fails its op alone."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _FATAL_CODES
+    text = str(exc).lower()  # raised by the sqlite3 module itself, without a code
     return any(word in text for word in ("full", "readonly", "read-only", "disk i/o", "locked"))
