@@ -14,8 +14,11 @@ from tests.daemon_proc import DaemonProcess
 SLOW_TIMEOUT_S = 1800  # the long runs bound their own loops; this is the backstop
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests outlast the suite's per-test timeout (300 s) by design."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests outlast the suite's per-test timeout (300 s) by design; a --timeout
+    given on the command line still wins."""
+    if config.getoption("timeout", None) is not None:
+        return
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
