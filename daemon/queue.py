@@ -20,7 +20,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from daemon.jobs import Job, State
-from daemon.store.store import AttemptEnd, Store, StoreError
+from daemon.store.store import AttemptEnd, Canceled, Store, StoreError
 
 log = structlog.get_logger("vigil.queue")
 POLL_S = 1.0
@@ -68,6 +68,7 @@ class Dispatcher:
         # Observers (metrics) told at the event; quick, and a failing one is only logged.
         self.on_claim: list[Callable[[Job], None]] = []
         self.on_finish: list[Callable[[Job, AttemptEnd, State | None], None]] = []
+        self.on_cancel: list[Callable[[Canceled], None]] = []
 
     def set_paused(self, paused: bool) -> None:
         self.paused = paused
@@ -77,12 +78,13 @@ class Dispatcher:
         self.max_concurrency = value
         self._store.wakeup.notify()
 
-    def cancel_running(self, job_id: str) -> bool:
+    def job_canceled(self, job_id: str, canceled: Canceled) -> None:
+        """The store has marked the job canceled: stop its attempt if one runs (its
+        end is not recorded again), and tell the observers."""
         entry = self.active.get(job_id)
-        if entry is None:
-            return False
-        entry.scope.cancel()
-        return True
+        if canceled.was == "running" and entry is not None:
+            entry.scope.cancel()
+        _observe(self.on_cancel, canceled)
 
     async def abandon(self, entry: ActiveAttempt, end: AttemptEnd) -> State | None:
         """Give up on an attempt that did not end when it should have (it shields

@@ -5,6 +5,7 @@ alert rules: well-formed, and naming only series and labels the daemon exposes."
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -177,6 +178,27 @@ async def test_metrics_follow_backpressure_and_pause(start_daemon: StartDaemon) 
     assert m.value("vigil_ready") == 0 and m.value("vigil_live") == 1
     assert m.value("vigil_health_check", check="backlog") == 0
     assert m.value("vigil_health_check", check="store") == 1
+
+
+@pytest.mark.anyio
+async def test_cancels_count_as_finished_and_a_running_one_as_an_attempt(
+    start_daemon: StartDaemon,
+) -> None:
+    """A canceled job is a final state in the finished totals; canceling a running job
+    also ends its attempt as `canceled`."""
+    proc = start_daemon(sim_config(http_listen="127.0.0.1:0", latency_ms=3000))
+    running = await anyio.to_thread.run_sync(lambda: proc.call("submit", jobs=[JOB]))
+    await wait_for_status(proc, lambda s: s["queue"]["active"] == 1)
+    await anyio.to_thread.run_sync(proc.call, "pause")
+    queued = await anyio.to_thread.run_sync(lambda: proc.call("submit", jobs=[CLASSIFY]))
+    for job_id in (*running["ids"], *queued["ids"]):
+        await anyio.to_thread.run_sync(functools.partial(proc.call, "cancel", id=job_id))
+    await wait_for_status(proc, lambda s: s["jobs"]["canceled"] == 2)
+    m = Families((await scrape(proc))[1])
+    assert m.value("vigil_jobs_finished_total", analyzer="summarize", outcome="canceled") == 1
+    assert m.value("vigil_jobs_finished_total", analyzer="classify", outcome="canceled") == 1
+    assert m.value("vigil_attempts_total", analyzer="summarize", outcome="canceled") == 1
+    assert m.value("vigil_jobs", state="canceled") == 2
 
 
 @pytest.mark.anyio

@@ -21,6 +21,7 @@ from daemon.store.schema import SCHEMA_VERSION, SchemaTooNew, migrate
 from daemon.store.store import (
     AttemptEnd,
     BacklogFull,
+    Canceled,
     InvalidTransition,
     JobNotFound,
     NewJob,
@@ -422,8 +423,8 @@ async def test_cancel_queued_and_running(store: Store) -> None:
         queued_id = await submit_one(store)
         running = await claim_one(store)
         assert running.id == running_id
-        assert await store.cancel(queued_id) == "queued"
-        assert await store.cancel(running_id) == "running"
+        assert await store.cancel(queued_id) == Canceled("queued", "summarize")
+        assert (await store.cancel(running_id)).was == "running"
         for job_id in (queued_id, running_id):
             job = await get(store, job_id)
             assert job.state == "canceled"

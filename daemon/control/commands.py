@@ -116,10 +116,9 @@ async def retry(rt: Runtime, args: RetryArgs) -> Any:
 
 
 async def cancel(rt: Runtime, args: IdArgs) -> Any:
-    was = await rt.store.cancel(args.id)
-    if was == "running":
-        rt.dispatcher.cancel_running(args.id)
-    return {"id": args.id, "was": was, "state": "canceled"}
+    canceled = await rt.store.cancel(args.id)
+    rt.dispatcher.job_canceled(args.id, canceled)
+    return {"id": args.id, "was": canceled.was, "state": "canceled"}
 
 
 async def purge(rt: Runtime, args: PurgeArgs) -> Any:

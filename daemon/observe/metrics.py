@@ -35,7 +35,7 @@ from prometheus_client.metrics_core import (
 from daemon import __version__
 from daemon.jobs import STATES, TERMINAL, Job, State
 from daemon.runtime import Runtime, provider_status
-from daemon.store.store import AttemptEnd
+from daemon.store.store import AttemptEnd, Canceled
 
 if TYPE_CHECKING:
     from daemon.watchdog.tasks import TaskRegistry
@@ -403,7 +403,8 @@ class Metrics:
         )
         self.finished = Counter(
             "vigil_jobs_finished",
-            "Jobs that ran to a final state, by analyzer and outcome (succeeded, failed).",
+            "Jobs that reached a final state, by analyzer and outcome (succeeded, failed, "
+            "canceled).",
             ["analyzer", "outcome"],
             registry=self.registry,
         )
@@ -429,6 +430,7 @@ class Metrics:
         )
         rt.dispatcher.on_claim.append(self.claimed)
         rt.dispatcher.on_finish.append(self.finished_attempt)
+        rt.dispatcher.on_cancel.append(self.canceled)
 
     def claimed(self, job: Job) -> None:
         ready_at = max(job.created_at, job.not_before)
@@ -440,6 +442,11 @@ class Metrics:
             self.duration.labels(job.analyzer).observe(end.latency_ms / 1000)
         if new is not None and new in TERMINAL:
             self.finished.labels(job.analyzer, new).inc()
+
+    def canceled(self, canceled: Canceled) -> None:
+        self.finished.labels(canceled.analyzer, "canceled").inc()
+        if canceled.was == "running":  # its attempt ends here, not in the dispatcher
+            self.attempts.labels(canceled.analyzer, "canceled").inc()
 
     async def render(self) -> bytes:
         """The exposition text (Prometheus format 0.0.4)."""

@@ -105,6 +105,13 @@ class AttemptEnd(msgspec.Struct, frozen=True, kw_only=True):
     retry_at: float | None = None  # set: requeue for then; unset on failure: dead letter
 
 
+class Canceled(msgspec.Struct, frozen=True):
+    """A job `cancel` ended: the state it was in, and its analyzer (for the metrics)."""
+
+    was: State
+    analyzer: str
+
+
 @dataclass
 class _Tx:
     """Per-batch bookkeeping: state moves are applied to the counters only on commit."""
@@ -576,11 +583,14 @@ class Store(anyio.AsyncContextManagerMixin):
         result: int = await self._write(op)
         return result
 
-    async def cancel(self, job_id: str) -> State:
-        """Cancel a queued or running job; returns the state it was in."""
+    async def cancel(self, job_id: str) -> Canceled:
+        """Cancel a queued or running job; says the state it was in."""
 
-        def op(db: sqlite3.Connection, tx: _Tx) -> State:
-            state = _state_of(db, job_id)
+        def op(db: sqlite3.Connection, tx: _Tx) -> Canceled:
+            row = db.execute("SELECT state, analyzer FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(job_id)
+            state: State = row[0]
             if state not in ("queued", "running"):
                 raise InvalidTransition(
                     f"job {job_id} is {state}; only queued or running jobs can be canceled"
@@ -596,9 +606,9 @@ class Store(anyio.AsyncContextManagerMixin):
                 (now, job_id),
             )
             tx.move(state, "canceled")
-            return state
+            return Canceled(state, row[1])
 
-        result: State = await self._write(op)
+        result: Canceled = await self._write(op)
         return result
 
     async def retry(self, job_ids: Sequence[str] | None, *, max_backlog: int) -> int:
