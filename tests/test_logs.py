@@ -199,6 +199,62 @@ def test_console_format_scrubs_tracebacks_and_keeps_stdlib_ones() -> None:
     assert len(entries) == 2 and all(secret.encode() not in e.line for e in entries)
 
 
+class ReentrantStream(CountingStream):
+    """A stream whose write logs, as a finalizer run by the garbage collector in the
+    middle of a write may (aiohttp's unclosed-session warning, say)."""
+
+    def write(self, text: str) -> int:
+        if self.writes == 0:
+            structlog.get_logger("t").warning("logged from inside a write")
+        return super().write(text)
+
+
+def test_a_line_logged_from_inside_a_write_neither_deadlocks_nor_is_lost() -> None:
+    """The writer holds no lock while writing; the line logged meanwhile follows."""
+    stream = ReentrantStream()
+    configure_logging("info", "json", stream=stream)
+    worker = threading.Thread(target=lambda: structlog.get_logger("t").info("first"), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "deadlocked"
+    assert [e["event"] for e in _lines(stream)] == ["first", "logged from inside a write"]
+
+
+class Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+class Holder:
+    """An object whose repr carries a secret (a headers mapping, say)."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    def __repr__(self) -> str:
+        return f"Holder(key={self.secret})"
+
+
+def test_odd_values_are_scrubbed_and_never_make_a_log_call_raise(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Sets, objects whose repr holds a secret, values that cannot be rendered and
+    stdlib records that cannot be formatted: no secret out, no exception raised."""
+    secret = "sk-canary-0123456789"
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream, secrets=[secret])
+    log = structlog.get_logger("t")
+    log.info("odd", tags={secret}, holder=Holder(secret), keyed={secret: 1})
+    log.info("broken", value=Unprintable())
+    logging.getLogger("lib").warning("%d items", secret)  # a bad format argument
+    odd, broken = _lines(stream)
+    assert secret not in stream.getvalue()
+    assert odd["tags"] == ["[redacted]"] and odd["holder"] == "Holder(key=[redacted])"
+    assert broken["event"] == "log.unrenderable" and broken["original"] == "broken"
+    err = capsys.readouterr().err
+    assert "could not be formatted" in err and secret not in err
+
+
 def test_parse_since() -> None:
     """Relative and absolute --since values become the daemon's timestamp format."""
     now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)

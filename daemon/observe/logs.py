@@ -8,7 +8,7 @@ import contextlib
 import logging
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
 import structlog
@@ -23,23 +23,34 @@ REDACTED = "[redacted]"
 
 class Redactor:
     """Drops values under secret-looking keys and masks known secret values anywhere
-    in a string (an API key echoed back inside an error message, say)."""
+    in a string (an API key echoed back inside an error message, say). `text` is the
+    backstop on the rendered line, for what the structure hid (an object's repr)."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self.secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
+        self._encoded = [(s.encode(), REDACTED.encode()) for s in self.secrets]
+
+    def text(self, value: str) -> str:
+        for secret in self.secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+
+    def line(self, value: bytes) -> bytes:
+        for secret, redacted in self._encoded:
+            if secret in value:
+                value = value.replace(secret, redacted)
+        return value
 
     def scrub(self, value: Any) -> Any:
         if isinstance(value, str):
-            for secret in self.secrets:
-                if secret in value:
-                    value = value.replace(secret, REDACTED)
-            return value
-        if isinstance(value, dict):
+            return self.text(value)
+        if isinstance(value, Mapping):
             return {
-                k: REDACTED if str(k).lower() in _SECRET_KEYS else self.scrub(v)
+                self.scrub(k): REDACTED if str(k).lower() in _SECRET_KEYS else self.scrub(v)
                 for k, v in value.items()
             }
-        if isinstance(value, list | tuple):
+        if isinstance(value, list | tuple | set | frozenset):
             return [self.scrub(v) for v in value]
         return value
 
@@ -53,28 +64,46 @@ class Redactor:
                 event[key] = REDACTED
             elif isinstance(value, str):
                 if self.secrets:
+                    event[key] = self.text(value)
+            elif isinstance(value, Mapping | list | tuple | set | frozenset):
+                try:
                     event[key] = self.scrub(value)
-            elif isinstance(value, dict | list | tuple):
-                event[key] = self.scrub(value)
+                except RecursionError:
+                    event[key] = "[too deeply nested]"
         return event
 
 
 class RingRenderer:
     """The last processor: encodes each event to JSON once, keeps it in the ring, and
     (JSON format) returns the same text for stdout, or hands the event on to the
-    console renderer."""
+    console renderer. An event that cannot be rendered becomes a `log.unrenderable`
+    line: a log call never raises."""
 
-    def __init__(self, ring: LogRing | None, console: Processor | None) -> None:
+    def __init__(self, ring: LogRing | None, console: Processor | None, redactor: Redactor) -> None:
         self._ring = ring
         self._console = console
+        self._redactor = redactor
 
     def __call__(self, logger: WrappedLogger, name: str, event: EventDict) -> str:
-        line = encode_event(event)
+        try:
+            return self._render(logger, name, event)
+        except Exception as exc:
+            fallback = {
+                "event": "log.unrenderable",
+                "level": str(event.get("level", "error")),
+                "timestamp": str(event.get("timestamp", "")),
+                "original": self._redactor.text(str(event.get("event", "?"))[:200]),
+                "error": type(exc).__name__,
+            }
+            return self._render(logger, name, fallback)
+
+    def _render(self, logger: WrappedLogger, name: str, event: EventDict) -> str:
+        line = self._redactor.line(encode_event(event))
         if self._ring is not None:
             self._ring.add(event, line)
         if self._console is not None:
             rendered: str = self._console(logger, name, event)  # type: ignore[assignment]
-            return rendered
+            return self._redactor.text(rendered)
         return line.decode()
 
 
@@ -82,17 +111,24 @@ class LineWriter:
     """structlog's logger. Lines logged on the event loop's thread are written together
     at the end of the loop's iteration: a burst (attempts ending together) costs one
     write(2) instead of one each, buffered or not (PYTHONUNBUFFERED). A line from
-    another thread (the watchdog's, start-up) is written at once, with any before it."""
+    another thread (the watchdog's, start-up) is written at once, with any before it.
+
+    No lock is held while writing: a finalizer that logs from inside a write (the
+    garbage collector runs them anywhere) must not wait on its own thread, and the
+    watchdog's thread must not wait on a loop stuck in a slow write. Whoever writes
+    takes every line that waits, so a flush turned away loses nothing."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
-        self._lock = threading.Lock()
         self._lines: list[str] = []  # bounded by one loop iteration's events
-        self._flush_pending = False  # read and written on the loop's thread only
+        self._lines_lock = threading.RLock()  # held only to append and to swap
+        self._writing = threading.Lock()  # one writer at a time, never waited on
+        self._local = threading.local()
+        self._flush_pending = False  # a flush is queued on the loop
         self.failed_writes = 0  # stdout gone (EPIPE, closed): those lines are dropped
 
     def msg(self, message: str) -> None:
-        with self._lock:
+        with self._lines_lock:
             self._lines.append(message)
         try:
             loop = asyncio.get_running_loop()
@@ -104,30 +140,46 @@ class LineWriter:
             loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Write what waits; the daemon calls it once more after its loop ends.
-        A stream that fails (a closed pipe, journald gone) costs those lines, never
-        the daemon: the error is counted and said once on stderr, not logged, which
-        would only queue more lines for the same stream."""
+        """Write what waits; the daemon calls it once more after its loop ends."""
         self._flush_pending = False  # also when a loop ended with the callback queued
-        with self._lock:
-            if not self._lines:
-                return
-            self._lines.append("")
-            text = "\n".join(self._lines)
-            self._lines.clear()
+        if getattr(self._local, "writing", False):
+            return  # logged from inside our own write: the loop below takes it
+        while self._writing.acquire(blocking=False):
+            self._local.writing = True
             try:
-                self._stream.write(text)
+                self._write_waiting()
+            finally:
+                self._local.writing = False
+                self._writing.release()
+            with self._lines_lock:
+                if not self._lines:  # else: appended by a flush turned away meanwhile
+                    return
+
+    def _write_waiting(self) -> None:
+        """A stream that fails (a closed pipe, journald gone) costs those lines, never
+        the daemon: counted and said once on stderr, not logged, which would only
+        queue more lines for the same stream."""
+        while True:
+            with self._lines_lock:
+                lines, self._lines = self._lines, []
+            if not lines:
+                return
+            lines.append("")
+            try:
+                self._stream.write("\n".join(lines))
                 self._stream.flush()
             except (OSError, ValueError) as exc:
                 self.failed_writes += 1
                 if self.failed_writes == 1:
-                    with contextlib.suppress(OSError, ValueError):
-                        print(
-                            f"vigil: cannot write the log ({exc}); lines dropped", file=sys.stderr
-                        )
+                    _stderr(f"vigil: cannot write the log ({exc}); lines dropped")
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
+
+
+def _stderr(text: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=sys.stderr)
 
 
 def _level_number(level: str) -> int:
@@ -153,6 +205,10 @@ class _WriterHandler(logging.Handler):
             self._writer.msg(self.format(record))
         except Exception:
             self.handleError(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """The stdlib's own version prints the record's arguments (secrets, maybe)."""
+        _stderr(f"vigil: a log record from {record.name!r} could not be formatted")
 
 
 def _factory(writer: LineWriter) -> Callable[..., LineWriter]:
@@ -180,7 +236,9 @@ def configure_logging(
     # scrubbed too.
     redact = Redactor(secrets)
     writer = LineWriter(out)
-    renderer = RingRenderer(ring, structlog.dev.ConsoleRenderer(colors=False) if console else None)
+    renderer = RingRenderer(
+        ring, structlog.dev.ConsoleRenderer(colors=False) if console else None, redact
+    )
     # Tracebacks become text (console) or a dict (JSON) before the redactor sees them.
     # No frame locals: a local may hold a key, and they are cut short, so a partial key
     # would no longer match the known value the redactor looks for.
