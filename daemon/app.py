@@ -85,12 +85,23 @@ async def _open_providers(
     return providers, simulated
 
 
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+def block_signals() -> None:
+    """Hold the daemon's signals back until `_watch_signals` receives them: before that
+    (opening and recovering the store, say) their default actions would kill the
+    process, SIGHUP and SIGUSR1 included. Threads started meanwhile inherit the mask,
+    so every one of these signals reaches the main thread."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+
+
 async def _watch_signals(rt: Runtime, force: anyio.CancelScope) -> None:
     """The one owner of signals: the first TERM/INT drains, a second one forces;
     HUP reloads the config; USR1 writes every thread's and task's stack to the log."""
-    with anyio.open_signal_receiver(
-        signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
-    ) as signals:
+    with anyio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
+        # Held back since start (`block_signals`): delivered now, to the receiver.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         async for signum in signals:
             name = signal.Signals(signum).name
             if signum == signal.SIGUSR1:
@@ -113,6 +124,7 @@ async def run_daemon(
 ) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     started = time.monotonic()
+    requeued: int | None = None  # stays None when a second signal cut the drain short
     async with (
         _state_lock(config.state_dir),
         Store(
@@ -147,6 +159,7 @@ async def run_daemon(
                 gc.collect()
                 gc.freeze()
                 systemd.notify("READY=1")
+                rt.ready = True
                 tg.start_soon(report_status, rt, name="systemd.status")
                 log.info(
                     "daemon.started",

@@ -85,8 +85,11 @@ def _plan(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
 
 async def reload(rt: Runtime) -> ReloadResult:
     """Apply the config file as it is now; raises ReloadError and changes nothing
-    when it is invalid."""
-    systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    when it is invalid. systemd hears of it only between start-up and stop: READY=1
+    before start-up is over, or after STOPPING=1, would tell it something false."""
+    announce = rt.ready and not rt.stopping
+    if announce:
+        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         try:
             new = await anyio.to_thread.run_sync(load_config, rt.config_path)
@@ -111,4 +114,5 @@ async def reload(rt: Runtime) -> ReloadResult:
         log.info("reload.done", applied=changed, needs_restart=restart)
         return ReloadResult(applied=changed, needs_restart=restart)
     finally:
-        systemd.notify("READY=1")
+        if announce:
+            systemd.notify("READY=1")

@@ -38,6 +38,7 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
     stop_requested: Wakeup = field(default_factory=Wakeup)
     stopping: bool = False
+    ready: bool = False  # READY=1 was sent: start-up is over
     health: Health = field(default_factory=Health)
     log_ring: LogRing = field(default_factory=LogRing)
     config_path: str | None = None

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,3 +117,76 @@ def test_second_daemon_on_same_state_dir_refuses(start_daemon: StartDaemon) -> N
     assert second.returncode == 1
     assert "another vigil daemon is using" in second.stderr
     assert daemon.call("ping")["pong"] is True
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        return any(os.path.realpath(fd) == str(path) for fd in fd_dir.iterdir())
+    except OSError:  # a descriptor closed while listed
+        return False
+
+
+def test_signals_during_start_up_are_held_until_the_daemon_handles_them(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """SIGHUP and SIGUSR1 while the store is still opening (here: waiting on a lock)
+    do not kill the daemon with their default actions: they are acted on once it
+    runs (a reload, a stack dump), systemd hears no reload before READY=1, and a
+    SIGTERM then drains and exits 0."""
+    daemon = start_daemon(sim_config())
+    assert daemon.terminate() == 0
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.setblocking(False)
+    daemon.env["NOTIFY_SOCKET"] = str(tmp_path / "notify.sock")
+    db = daemon.state_dir / "vigil.db"
+    locker = sqlite3.connect(db, timeout=30, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # the store's open waits on it (busy_timeout)
+    try:
+        with daemon.log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "daemon", "run", "--config", str(daemon.config_path)],
+                env=daemon.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        daemon.proc = proc
+        _wait(lambda: _has_open(proc.pid, db) or proc.poll() is not None, timeout_s=30)
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.3)
+        assert proc.poll() is None, daemon.log()
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    _wait(lambda: '"reload.done"' in daemon.log_path.read_text(), timeout_s=30)
+    _wait(lambda: '"stacks.thread"' in daemon.log_path.read_text(), timeout_s=30)
+    assert daemon.call("ping") is not None
+    assert daemon.terminate() == 0
+    messages = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            messages.append(notify.recv(4096).decode())
+    notify.close()
+    assert messages[0] == "READY=1" and messages[-1] == "STOPPING=1", messages
+    assert not [m for m in messages if m.startswith("RELOADING")], messages
+
+
+def test_a_second_sigterm_cuts_the_drain_short_and_costs_no_attempt(
+    start_daemon: StartDaemon,
+) -> None:
+    """TERM drains; a second TERM stops at once: exit 0, a stop line, and the cut-off
+    attempts requeued uncounted."""
+    daemon = start_daemon(sim_config(latency_ms=20_000, timeout_s=60, grace_s=60))
+    ids = _submit(daemon, 3)
+    _wait(lambda: daemon.call("status")["jobs"]["running"] == 3)
+    daemon.proc.send_signal(signal.SIGTERM)
+    _wait(lambda: '"daemon.draining"' in daemon.log_path.read_text())
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0, daemon.log()
+    log = daemon.log_path.read_text()
+    assert '"daemon.forced_stop"' in log and '"daemon.stopped"' in log, daemon.log()
+    rows = _rows(daemon.state_dir / "vigil.db", "SELECT id, state, attempts FROM jobs")
+    assert sorted(rows) == sorted((i, "queued", 0) for i in ids)

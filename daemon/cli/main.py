@@ -61,7 +61,9 @@ def run_async(func: Callable[[], Awaitable[int]]) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from daemon.app import run_daemon
+    from daemon.app import block_signals, run_daemon
+
+    block_signals()
     from daemon.observe.logs import configure_logging
     from daemon.observe.ring import LogRing
 
