@@ -19,8 +19,8 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from daemon.jobs import Job, State
-from daemon.store.store import AttemptEnd, Canceled, Store, StoreError
+from daemon.jobs import ErrorInfo, Job, State
+from daemon.store.store import AttemptEnd, Canceled, OpFailed, Store, StoreError
 
 log = structlog.get_logger("vigil.queue")
 POLL_S = 1.0
@@ -167,7 +167,7 @@ class Dispatcher:
                     )
                     self.outcomes["deferred"] += 1
                 else:
-                    new = await self._until_written(job, lambda: self._store.finish(job, end))
+                    end, new = await self._record(job, end)
                     self.outcomes["retried" if new == "queued" else str(new)] += 1
                     _observe(self.on_finish, job, end, new)
         except anyio.get_cancelled_exc_class():
@@ -189,17 +189,34 @@ class Dispatcher:
             if self._stopping and not self.active:
                 self._idle.set()
 
+    async def _record(self, job: Job, end: AttemptEnd) -> tuple[AttemptEnd, State | None]:
+        """Write the attempt's end. When the store refuses this very record (a value
+        SQLite will not take), the attempt is recorded as failed for that reason, so
+        the job ends instead of staying `running` until a restart."""
+        try:
+            return end, await self._until_written(job, lambda: self._store.finish(job, end))
+        except OpFailed as exc:
+            log.error("job.record_refused", job_id=job.id, error=str(exc))
+            failed = AttemptEnd(
+                outcome="error",
+                error=ErrorInfo("RecordFailed", f"the outcome could not be stored: {exc}"[:1000]),
+                http_status=end.http_status,
+                latency_ms=end.latency_ms,
+            )
+            return failed, await self._until_written(job, lambda: self._store.finish(job, failed))
+
     async def _until_written(self, job: Job, write: Callable[[], Awaitable[T]]) -> T:
         """The record of an attempt that has ended, retried while the store refuses
         writes (locked, disk full, read-only) until it takes them or the daemon stops:
         the outcome is in hand, and giving up would leave the job `running` until the
-        next restart. The attempt keeps its slot meanwhile: no new claims pile up."""
+        next restart. The attempt keeps its slot meanwhile: no new claims pile up.
+        A write refused for itself (OpFailed) would fail the same way again: raised."""
         delay_s = RECORD_RETRY_MIN_S
         while True:
             try:
                 return await write()
             except StoreError as exc:
-                if self._stopping:
+                if self._stopping or isinstance(exc, OpFailed):
                     raise
                 if delay_s == RECORD_RETRY_MIN_S:  # once per job: a fault may last a while
                     log.warning("job.record_retry", job_id=job.id, error=str(exc))

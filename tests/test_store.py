@@ -17,6 +17,7 @@ import msgspec
 import pytest
 
 from daemon.jobs import ErrorInfo, Job, JobIds, Usage
+from daemon.queue import Dispatcher
 from daemon.store.schema import SCHEMA_VERSION, SchemaTooNew, migrate
 from daemon.store.store import (
     AttemptEnd,
@@ -594,7 +595,7 @@ async def test_failing_op_in_a_batch_spares_the_others(store: Store) -> None:
                         expect_error,
                         functools.partial(store.submit, [duplicate_id], max_backlog=BIG),
                     )
-        assert sorted(type(e).__name__ for e in errors) == ["JobNotFound", "StoreError"]
+        assert sorted(type(e).__name__ for e in errors) == ["JobNotFound", "OpFailed"]
         # The duplicate was rolled back to its savepoint inside a shared transaction;
         # alone, it would have failed a whole commit.
         assert store.commit_errors == 0
@@ -803,3 +804,32 @@ def test_database_faults_fail_the_batch_and_operation_errors_only_their_op(
         garbage.execute("SELECT * FROM t")
     garbage.close()
     assert _is_fatal(caught.value)
+
+
+async def test_a_result_the_database_refuses_fails_the_job_instead_of_retrying(
+    store: Store,
+) -> None:
+    """An attempt's record SQLite will not take (here: longer than its length limit)
+    is not retried forever: the attempt is recorded as failed, naming why, and the
+    job ends while the database goes on serving."""
+    job_id = await submit_one(store, max_attempts=1)
+
+    async def execute(job: Job) -> AttemptEnd:
+        return AttemptEnd(outcome="succeeded", result="x" * 50_000, latency_ms=1)
+
+    db = store._db
+    assert db is not None  # in the connection's own thread, as sqlite3 requires
+    await db._execute(db._conn.setlimit, sqlite3.SQLITE_LIMIT_LENGTH, 20_000)  # type: ignore[no-untyped-call]
+    dispatcher = Dispatcher(store, execute, max_concurrency=1)
+    with anyio.fail_after(TIMEOUT_S):
+        async with anyio.create_task_group() as tg:
+            await tg.start(dispatcher.run)
+            while store.counts["failed"] == 0:  # noqa: ASYNC110  (the store's state)
+                await anyio.sleep(0.01)
+            await dispatcher.drain(1.0)
+            tg.cancel_scope.cancel()
+    job = await get(store, job_id)
+    assert job.state == "failed" and job.result is None
+    assert job.error is not None and job.error.type == "RecordFailed"
+    assert "too big" in job.error.message
+    assert store.last_error is None  # the database itself is fine

@@ -52,6 +52,11 @@ class StoreError(Exception):
     """The database refused a write (full, read-only, locked, corrupt)."""
 
 
+class OpFailed(StoreError):
+    """One operation failed on its own (a constraint, a value SQLite refuses): the
+    database is fine and trying the same write again fails the same way."""
+
+
 class StoreOpenError(StartupError):
     """The database cannot be opened, migrated or recovered (locked, read-only...)."""
 
@@ -801,7 +806,7 @@ def _run_ops(db: sqlite3.Connection, batch: list[_Pending], tx: _Tx, isolate: bo
         except sqlite3.Error as exc:
             if _is_fatal(exc):
                 raise
-            item.error = StoreError(str(exc))
+            item.error = OpFailed(str(exc))
         except Exception as exc:
             item.error = exc
         if item.error is not None:
@@ -813,15 +818,14 @@ def _run_ops(db: sqlite3.Connection, batch: list[_Pending], tx: _Tx, isolate: bo
 
 
 # SQLite's primary result codes for faults of the database, not of one operation:
-# BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, NOTADB.
-_FATAL_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 26})
+# PERM, BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB.
+_FATAL_CODES = frozenset({3, 5, 6, 7, 8, 10, 11, 13, 14, 15, 26})
 
 
 def _is_fatal(exc: sqlite3.Error) -> bool:
     """Errors that spoil the whole transaction, not only the one operation: they fail
     the batch and show in readiness. A constraint or a bad value fails its op alone."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in _FATAL_CODES
-    text = str(exc).lower()  # raised by the sqlite3 module itself, without a code
-    return any(word in text for word in ("full", "readonly", "read-only", "disk i/o", "locked"))
+    # Errors the sqlite3 module raises itself carry no code: a misused API (a wrong
+    # binding, say), which concerns the one operation.
+    code: int | None = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _FATAL_CODES
