@@ -19,6 +19,7 @@ from daemon.observe.ring import LogRing, encode_event
 
 _SECRET_KEYS = frozenset({"authorization", "api_key", "apikey", "token", "password", "secret"})
 REDACTED = "[redacted]"
+_PLAIN = frozenset({int, float, bool, type(None)})  # nothing to scrub, and the most common
 
 
 class Redactor:
@@ -58,13 +59,13 @@ class Redactor:
         # In place (structlog hands each processor chain its own dict), and numbers are
         # left alone: this runs for every line, one a job at least.
         for key, value in event.items():
-            if key == "exc_info":
-                continue  # an exception object, rendered (and then scrubbed) elsewhere
             if key.lower() in _SECRET_KEYS:
                 event[key] = REDACTED
             elif isinstance(value, str):
                 if self.secrets:
                     event[key] = self.text(value)
+            elif type(value) in _PLAIN or key == "exc_info":
+                continue  # exc_info: an exception, rendered (and then scrubbed) elsewhere
             elif isinstance(value, Mapping | list | tuple | set | frozenset):
                 try:
                     event[key] = self.scrub(value)
