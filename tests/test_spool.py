@@ -390,6 +390,7 @@ def test_a_file_written_in_place_waits_until_it_settles(
 ) -> None:
     """A file still being written is left alone; once quiet it runs, whole."""
     inbox = tmp_path / "inbox"
+    inbox.mkdir()  # as the operator would: the daemon makes it at its first poll
     daemon = start_daemon(
         sim_config(extra=spool_toml(inbox).replace("settle_s = 0", "settle_s = 2"))
     )
