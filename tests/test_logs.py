@@ -21,7 +21,7 @@ import pytest
 import structlog
 
 from daemon.cli.logs import parse_since
-from daemon.observe.logs import configure_logging
+from daemon.observe.logs import MAX_WAITING_LINES, configure_logging
 from daemon.observe.ring import MAX_EVENT_BYTES, LogFilter, LogRing, encode_event
 from tests.daemon_proc import DaemonProcess, run_cli, sim_config
 
@@ -218,6 +218,32 @@ def test_a_line_logged_from_inside_a_write_neither_deadlocks_nor_is_lost() -> No
     worker.join(10)
     assert not worker.is_alive(), "deadlocked"
     assert [e["event"] for e in _lines(stream)] == ["first", "logged from inside a write"]
+
+
+def test_a_stuck_write_bounds_the_lines_waiting_behind_it() -> None:
+    """While a write hangs (stdout not read), lines logged meanwhile wait, up to a
+    bound; past it they are counted and dropped; once the write returns, the waiting
+    ones follow."""
+    release, entered = threading.Event(), threading.Event()
+
+    class StuckStream(io.StringIO):
+        def write(self, text: str) -> int:
+            entered.set()
+            release.wait(10)
+            return super().write(text)
+
+    stream = StuckStream()
+    writer = configure_logging("info", "json", stream=stream)
+    log = structlog.get_logger("t")
+    first = threading.Thread(target=lambda: log.info("first"), daemon=True)
+    first.start()
+    assert entered.wait(10)
+    for i in range(MAX_WAITING_LINES + 5):
+        log.info("waiting", i=i)
+    assert writer.overflowed == 5
+    release.set()
+    first.join(10)
+    assert len(_lines(stream)) == 1 + MAX_WAITING_LINES
 
 
 class Unprintable:

@@ -108,6 +108,9 @@ class RingRenderer:
         return line.decode()
 
 
+MAX_WAITING_LINES = 10_000  # a stdout that stopped taking lines costs them, not memory
+
+
 class LineWriter:
     """structlog's logger. Lines logged on the event loop's thread are written together
     at the end of the loop's iteration: a burst (attempts ending together) costs one
@@ -121,15 +124,18 @@ class LineWriter:
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
-        self._lines: list[str] = []  # bounded by one loop iteration's events
+        self._lines: list[str] = []  # one loop iteration's lines, or a stuck write's
         self._lines_lock = threading.RLock()  # held only to append and to swap
         self._writing = threading.Lock()  # one writer at a time, never waited on
-        self._local = threading.local()
         self._flush_pending = False  # a flush is queued on the loop
         self.failed_writes = 0  # stdout gone (EPIPE, closed): those lines are dropped
+        self.overflowed = 0  # lines dropped while a write was stuck (MAX_WAITING_LINES)
 
     def msg(self, message: str) -> None:
         with self._lines_lock:
+            if len(self._lines) >= MAX_WAITING_LINES:
+                self.overflowed += 1
+                return
             self._lines.append(message)
         try:
             loop = asyncio.get_running_loop()
@@ -143,14 +149,12 @@ class LineWriter:
     def flush(self) -> None:
         """Write what waits; the daemon calls it once more after its loop ends."""
         self._flush_pending = False  # also when a loop ended with the callback queued
-        if getattr(self._local, "writing", False):
-            return  # logged from inside our own write: the loop below takes it
+        # Turned away when a write is under way, on another thread or on this one (a
+        # line logged from inside our own write): that writer takes these lines too.
         while self._writing.acquire(blocking=False):
-            self._local.writing = True
             try:
                 self._write_waiting()
             finally:
-                self._local.writing = False
                 self._writing.release()
             with self._lines_lock:
                 if not self._lines:  # else: appended by a flush turned away meanwhile
