@@ -592,10 +592,7 @@ class Store(anyio.AsyncContextManagerMixin):
         """Cancel a queued or running job; says the state it was in."""
 
         def op(db: sqlite3.Connection, tx: _Tx) -> Canceled:
-            row = db.execute("SELECT state, analyzer FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise JobNotFound(job_id)
-            state: State = row[0]
+            state, analyzer = _state_of(db, job_id)
             if state not in ("queued", "running"):
                 raise InvalidTransition(
                     f"job {job_id} is {state}; only queued or running jobs can be canceled"
@@ -611,7 +608,7 @@ class Store(anyio.AsyncContextManagerMixin):
                 (now, job_id),
             )
             tx.move(state, "canceled")
-            return Canceled(state, row[1])
+            return Canceled(state, analyzer)
 
         result: Canceled = await self._write(op)
         return result
@@ -624,7 +621,7 @@ class Store(anyio.AsyncContextManagerMixin):
         def op(db: sqlite3.Connection, tx: _Tx) -> int:
             if job_ids is not None:
                 for job_id in job_ids:
-                    state = _state_of(db, job_id)
+                    state, _ = _state_of(db, job_id)
                     if state not in ("failed", "canceled"):
                         raise InvalidTransition(
                             f"job {job_id} is {state}; only failed or canceled jobs retry"
@@ -760,13 +757,13 @@ class Store(anyio.AsyncContextManagerMixin):
         return None if row is None or row[0] is None else float(row[0])
 
 
-def _state_of(db: sqlite3.Connection, job_id: str) -> State:
-    """The job's state, inside the writer's transaction; JobNotFound if it has none."""
-    row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+def _state_of(db: sqlite3.Connection, job_id: str) -> tuple[State, str]:
+    """The job's state and analyzer, inside the writer's transaction; JobNotFound if
+    there is no such job."""
+    row = db.execute("SELECT state, analyzer FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
         raise JobNotFound(job_id)
-    state: State = row[0]
-    return state
+    return row[0], row[1]
 
 
 def _run_transaction(db: sqlite3.Connection, batch: list[_Pending], tx: _Tx) -> None:
