@@ -163,7 +163,7 @@ def test_signals_during_start_up_are_held_until_the_daemon_handles_them(
         locker.close()
     _wait(lambda: '"reload.done"' in daemon.log_path.read_text(), timeout_s=30)
     _wait(lambda: '"stacks.thread"' in daemon.log_path.read_text(), timeout_s=30)
-    assert daemon.call("ping") is not None
+    assert daemon.call("ping")["pong"] is True
     assert daemon.terminate() == 0
     messages = []
     with contextlib.suppress(BlockingIOError):

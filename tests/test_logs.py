@@ -127,9 +127,10 @@ async def test_loop_lines_are_written_once_per_iteration_in_order() -> None:
     assert [e.get("i", "stdlib") for e in _lines(stream)] == [*range(50), "stdlib"]
 
     log.info("before the thread")
-    thread = threading.Thread(target=lambda: log.info("from a thread"))
+    thread = threading.Thread(target=lambda: log.info("from a thread"), daemon=True)
     thread.start()
-    thread.join()  # within this loop iteration: the line before it is still waiting
+    thread.join(10)  # within this loop iteration: the line before it is still waiting
+    assert not thread.is_alive(), "deadlocked"
     assert stream.writes == 2  # the thread's line carried the one waiting before it
     assert [e["event"] for e in _lines(stream)][-2:] == ["before the thread", "from a thread"]
     log.info("at the end")

@@ -383,7 +383,8 @@ def check_http(answer: RawResponse, *, authed: bool, path: str, method: str) -> 
         # Nothing of /v1 without the token: no job list, job, submit or cancel answer.
         for marker in (b"next_before", b'"job":{', b'"ids":[', b'"was":'):
             assert marker not in answer.body, (method, path, answer.body[:300])
-    if not authed and path.split("?")[0].startswith("/v1/") and answer.status < 500:
+    route = path.split("?")[0]
+    if not authed and (route == "/v1" or route.startswith("/v1/")) and answer.status < 500:
         # 401, or refused by the HTTP layer before any route (bad syntax, too large,
         # `Expect:` not met, headers too big).
         assert answer.status in (400, 401, 413, 417, 431), (method, path, answer.status)

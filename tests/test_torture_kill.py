@@ -136,8 +136,8 @@ def kill_loop(
         "kills": kills,
         "succeeded": final["succeeded"],
         "failed": final["failed"],
-        "lost": 0,
-        "duplicated": 0,
+        "lost": sum(stored.get(key) != job_id for key, job_id in submitter.acked.items()),
+        "duplicated": len(stored) - len(submitter.acked),
         "attempts_counted": counted,
         "attempt_rows": attempt_rows,
         "crashed_attempts": crashed,
@@ -156,7 +156,7 @@ def test_kill_loop_short(tmp_path: Path) -> None:
     """300 jobs, 3 SIGKILLs at random moments: nothing lost, duplicated or run past its
     attempts; the API's count agrees."""
     figures = kill_loop(tmp_path, jobs=300, kills=3, seed=8, pause_s=0.3)
-    assert figures["kills"] == 3
+    assert figures["crashed_attempts"] > 0, "no kill landed while attempts ran"
 
 
 @pytest.mark.slow

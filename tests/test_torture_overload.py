@@ -34,7 +34,7 @@ def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-    return 0.0
+    raise AssertionError(f"process {pid} has no resident memory: it is gone")
 
 
 @dataclass

@@ -76,6 +76,8 @@ def as_user(uid: int, gid: int, action: Callable[[], bytes]) -> tuple[int, bytes
                 if not chunk:
                     break
                 data += chunk
+    if time.monotonic() >= deadline:
+        os.kill(pid, signal.SIGKILL)  # stuck in `action`: not waited on forever
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status), data
 
