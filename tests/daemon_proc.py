@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,3 +256,17 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 60.0, what: str = "") -> None:
+    """Poll `predicate` (bounded); fails naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"not reached in {timeout_s} s: {what}"
+        time.sleep(0.05)
+
+
+def db_rows(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """Rows straight from the daemon's database (a second connection; WAL lets it read)."""
+    with sqlite3.connect(db_path, timeout=30) as db:
+        return db.execute(sql, params).fetchall()

@@ -16,7 +16,7 @@ from aiohttp import web
 from daemon.jobs import ErrorInfo, Job, JobIds
 from daemon.queue import Dispatcher
 from daemon.store.store import AttemptEnd, NewJob, Store
-from tests.daemon_proc import DaemonProcess, run_cli
+from tests.daemon_proc import DaemonProcess, run_cli, wait_until
 
 StartDaemon = Callable[..., DaemonProcess]
 
@@ -108,20 +108,13 @@ max_attempts = 2
 """
 
 
-def _wait(predicate: Callable[[], bool], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
 def test_paused_provider_defers_jobs_without_spending_attempts(
     start_daemon: StartDaemon, api: SwitchableAPI
 ) -> None:
     """After a 401 pauses the provider, new jobs wait (attempts 0) until `resume`."""
     daemon = start_daemon(_config(api.url), env={"VIGIL_TEST_DEFERRAL_KEY": "sk-deferral-test"})
     first = daemon.call("submit", jobs={"analyzer": "summarize", "input": {"text": "a"}})
-    _wait(lambda: daemon.call("show", id=first["ids"][0])["job"]["state"] == "failed")
+    wait_until(lambda: daemon.call("show", id=first["ids"][0])["job"]["state"] == "failed")
     status = daemon.call("status")["providers"]["main"]
     assert "VIGIL_TEST_DEFERRAL_KEY" in status["paused"]
 
@@ -135,7 +128,7 @@ def test_paused_provider_defers_jobs_without_spending_attempts(
 
     api.refuse = False
     assert run_cli("resume", socket_path=daemon.socket_path).returncode == 0
-    _wait(lambda: daemon.call("show", id=job_id)["job"]["state"] == "succeeded", 60)
+    wait_until(lambda: daemon.call("show", id=job_id)["job"]["state"] == "succeeded", 60)
     done = daemon.call("show", id=job_id)
     assert done["job"]["attempts"] == 1
     assert done["attempts"][-1]["outcome"] == "succeeded"

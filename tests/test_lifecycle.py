@@ -12,23 +12,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from tests.daemon_proc import DaemonProcess, run_cli, sim_config
+from tests.daemon_proc import DaemonProcess, db_rows, run_cli, sim_config, wait_until
 
 StartDaemon = Callable[..., DaemonProcess]
-
-
-def _rows(db_path: Path, sql: str) -> list[Any]:
-    with sqlite3.connect(db_path) as db:
-        return db.execute(sql).fetchall()
-
-
-def _wait(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def _submit(daemon: DaemonProcess, n: int, analyzer: str = "summarize") -> list[str]:
@@ -42,7 +29,7 @@ def test_sigkill_mid_run_loses_nothing(start_daemon: StartDaemon) -> None:
     """SIGKILL with attempts in flight; after restart every job ends, once."""
     daemon = start_daemon(sim_config(error_rate=0.05, latency_ms=150, max_concurrency=16))
     ids = _submit(daemon, 300)
-    _wait(lambda: daemon.call("status")["jobs"]["succeeded"] >= 30)
+    wait_until(lambda: daemon.call("status")["jobs"]["succeeded"] >= 30)
     running = daemon.call("status")["jobs"]["running"]
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait(10)
@@ -52,14 +39,14 @@ def test_sigkill_mid_run_loses_nothing(start_daemon: StartDaemon) -> None:
     jobs = daemon.wait_all_terminal(timeout_s=120)
     assert jobs["succeeded"] + jobs["failed"] == 300
     db = daemon.state_dir / "vigil.db"
-    assert {r[0] for r in _rows(db, "SELECT id FROM jobs")} == set(ids)
-    assert not _rows(
+    assert {r[0] for r in db_rows(db, "SELECT id FROM jobs")} == set(ids)
+    assert not db_rows(
         db,
         "SELECT job_id FROM attempts WHERE outcome = 'succeeded' "
         "GROUP BY job_id HAVING count(*) > 1",
     ), "a job has two recorded results"
-    assert _rows(db, "SELECT count(*) FROM attempts WHERE outcome = 'crashed'")[0][0] > 0
-    mismatched = _rows(
+    assert db_rows(db, "SELECT count(*) FROM attempts WHERE outcome = 'crashed'")[0][0] > 0
+    mismatched = db_rows(
         db,
         "SELECT j.id FROM jobs j WHERE j.attempts != (SELECT count(*) FROM attempts a "
         "WHERE a.job_id = j.id AND a.outcome != 'interrupted')",
@@ -73,7 +60,7 @@ def test_a_job_that_kills_the_process_cannot_loop(start_daemon: StartDaemon) -> 
     daemon = start_daemon(sim_config(hang_rate=1.0, max_attempts=2, timeout_s=60))
     (job_id,) = _submit(daemon, 1)
     for _ in range(2):
-        _wait(lambda: daemon.call("show", id=job_id)["job"]["state"] == "running")
+        wait_until(lambda: daemon.call("show", id=job_id)["job"]["state"] == "running")
         daemon.proc.send_signal(signal.SIGKILL)
         daemon.proc.wait(10)
         daemon.restart()
@@ -88,12 +75,12 @@ def test_sigterm_requeues_what_does_not_finish_in_the_grace(start_daemon: StartD
     """SIGTERM: exit 0 within the grace; cut-off attempts are requeued, not counted."""
     daemon = start_daemon(sim_config(latency_ms=20_000, timeout_s=60, grace_s=0.5))
     ids = _submit(daemon, 5)
-    _wait(lambda: daemon.call("status")["jobs"]["running"] == 5)
+    wait_until(lambda: daemon.call("status")["jobs"]["running"] == 5)
     assert daemon.terminate(timeout_s=30) == 0
     db = daemon.state_dir / "vigil.db"
-    rows = _rows(db, "SELECT state, attempts FROM jobs")
+    rows = db_rows(db, "SELECT state, attempts FROM jobs")
     assert rows == [("queued", 0)] * 5
-    outcomes = _rows(db, "SELECT outcome FROM attempts")
+    outcomes = db_rows(db, "SELECT outcome FROM attempts")
     assert outcomes == [("interrupted",)] * 5
     stopped = [e for e in daemon.events() if e.get("event") == "daemon.stopped"]
     assert stopped and stopped[-1]["requeued"] == 5
@@ -104,9 +91,9 @@ def test_sigterm_lets_in_flight_attempts_finish(start_daemon: StartDaemon) -> No
     """SIGTERM with a long grace: running attempts complete and are recorded."""
     daemon = start_daemon(sim_config(latency_ms=1500, timeout_s=60, grace_s=30))
     _submit(daemon, 4)
-    _wait(lambda: daemon.call("status")["jobs"]["running"] == 4)
+    wait_until(lambda: daemon.call("status")["jobs"]["running"] == 4)
     assert daemon.terminate(timeout_s=60) == 0
-    rows = _rows(daemon.state_dir / "vigil.db", "SELECT state, attempts FROM jobs")
+    rows = db_rows(daemon.state_dir / "vigil.db", "SELECT state, attempts FROM jobs")
     assert rows == [("succeeded", 1)] * 4
 
 
@@ -153,7 +140,7 @@ def test_signals_during_start_up_are_held_until_the_daemon_handles_them(
                 stdin=subprocess.DEVNULL,
             )
         daemon.proc = proc
-        _wait(lambda: _has_open(proc.pid, db) or proc.poll() is not None, timeout_s=30)
+        wait_until(lambda: _has_open(proc.pid, db) or proc.poll() is not None, timeout_s=30)
         proc.send_signal(signal.SIGHUP)
         proc.send_signal(signal.SIGUSR1)
         time.sleep(0.3)
@@ -161,8 +148,8 @@ def test_signals_during_start_up_are_held_until_the_daemon_handles_them(
     finally:
         locker.execute("ROLLBACK")
         locker.close()
-    _wait(lambda: '"reload.done"' in daemon.log_path.read_text(), timeout_s=30)
-    _wait(lambda: '"stacks.thread"' in daemon.log_path.read_text(), timeout_s=30)
+    wait_until(lambda: '"reload.done"' in daemon.log_path.read_text(), timeout_s=30)
+    wait_until(lambda: '"stacks.thread"' in daemon.log_path.read_text(), timeout_s=30)
     assert daemon.call("ping")["pong"] is True
     assert daemon.terminate() == 0
     messages = []
@@ -181,12 +168,12 @@ def test_a_second_sigterm_cuts_the_drain_short_and_costs_no_attempt(
     attempts requeued uncounted."""
     daemon = start_daemon(sim_config(latency_ms=20_000, timeout_s=60, grace_s=60))
     ids = _submit(daemon, 3)
-    _wait(lambda: daemon.call("status")["jobs"]["running"] == 3)
+    wait_until(lambda: daemon.call("status")["jobs"]["running"] == 3)
     daemon.proc.send_signal(signal.SIGTERM)
-    _wait(lambda: '"daemon.draining"' in daemon.log_path.read_text())
+    wait_until(lambda: '"daemon.draining"' in daemon.log_path.read_text())
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(30) == 0, daemon.log()
     log = daemon.log_path.read_text()
     assert '"daemon.forced_stop"' in log and '"daemon.stopped"' in log, daemon.log()
-    rows = _rows(daemon.state_dir / "vigil.db", "SELECT id, state, attempts FROM jobs")
+    rows = db_rows(daemon.state_dir / "vigil.db", "SELECT id, state, attempts FROM jobs")
     assert sorted(rows) == sorted((i, "queued", 0) for i in ids)

@@ -30,7 +30,7 @@ from daemon.intake.submit import Intake
 from daemon.jobs import ErrorInfo
 from daemon.live import Live
 from daemon.store.store import AttemptEnd, Store
-from tests.daemon_proc import DaemonProcess, sim_config
+from tests.daemon_proc import DaemonProcess, sim_config, wait_until
 
 StartDaemon = Callable[..., DaemonProcess]
 TIMEOUT_S = 20.0
@@ -335,13 +335,6 @@ def test_a_relative_spool_dir_resolves_against_the_config(tmp_path: Path) -> Non
 # -- the daemon as a subprocess --------------------------------------------------------
 
 
-def _wait(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
 def _jobs_by_file(daemon: DaemonProcess) -> dict[str, list[tuple[str, str]]]:
     """filename -> [(job id, state)] straight from the database."""
     with sqlite3.connect(daemon.state_dir / "vigil.db") as db:
@@ -367,7 +360,7 @@ def test_dropped_files_become_jobs_and_end_in_done(
     for i, name in enumerate(names):
         drop(inbox, name, f"document {i}")
     drop(inbox, "notes.md", "not matched by the glob")
-    _wait(lambda: _spool_status(daemon)["done"] == len(names))
+    wait_until(lambda: _spool_status(daemon)["done"] == len(names))
     assert listing(inbox, "done") == sorted(names)
     assert listing(inbox) == ["done", "failed", "notes.md", "out", "processing"]
     jobs = _jobs_by_file(daemon)
@@ -406,8 +399,8 @@ def test_a_file_written_in_place_waits_until_it_settles(
             time.sleep(0.1)
             assert (inbox / "slow.txt").exists(), "claimed while still being written"
         # The spool was working meanwhile: the renamed-in file is done already.
-        _wait(lambda: listing(inbox, "done") == ["quick.txt"])
-    _wait(lambda: listing(inbox, "done") == ["quick.txt", "slow.txt"])
+        wait_until(lambda: listing(inbox, "done") == ["quick.txt"])
+    wait_until(lambda: listing(inbox, "done") == ["quick.txt", "slow.txt"])
     [(job_id, _)] = _jobs_by_file(daemon)["slow.txt"]
     assert daemon.call("show", id=job_id)["job"]["input"]["text"] == "".join(lines)
 
@@ -421,15 +414,15 @@ def test_a_full_backlog_leaves_files_in_the_inbox(
     daemon.call("pause")
     for i in range(8):
         drop(inbox, f"f{i}.txt", f"doc {i}")
-    _wait(lambda: _spool_status(daemon)["in_flight"] == 3)
-    _wait(lambda: str(_spool_status(daemon)["held"]).startswith("backlog full"))
+    wait_until(lambda: _spool_status(daemon)["in_flight"] == 3)
+    wait_until(lambda: str(_spool_status(daemon)["held"]).startswith("backlog full"))
     time.sleep(0.3)  # several polls: still nothing more taken, nothing lost
     status = _spool_status(daemon)
     assert (status["in_flight"], status["waiting"]) == (3, 5)
     assert len([n for n in listing(inbox) if n.endswith(".txt")]) == 5
     assert daemon.call("status")["jobs"]["queued"] == 3
     daemon.call("resume")
-    _wait(lambda: len(listing(inbox, "done")) == 8)
+    wait_until(lambda: len(listing(inbox, "done")) == 8)
     assert all(len(v) == 1 for v in _jobs_by_file(daemon).values())
     assert _spool_status(daemon)["held"] is None
 
@@ -446,13 +439,13 @@ def test_sigkill_while_processing_each_file_runs_once(
     for i in range(n):
         drop(inbox, f"doc{i:03}.txt", f"document number {i}")
     for done_at_least in (10, 60):
-        _wait(lambda: len(listing(inbox, "done")) >= done_at_least)  # noqa: B023
+        wait_until(lambda: len(listing(inbox, "done")) >= done_at_least)  # noqa: B023
         daemon.proc.send_signal(signal.SIGKILL)
         daemon.proc.wait(10)
         daemon.restart()
         # Files the killed run had claimed are taken up again from processing/.
-        _wait(lambda: _spool_status(daemon)["resumed"] > 0)
-    _wait(lambda: len(listing(inbox, "done")) == n, timeout_s=120)
+        wait_until(lambda: _spool_status(daemon)["resumed"] > 0)
+    wait_until(lambda: len(listing(inbox, "done")) == n, timeout_s=120)
     assert listing(inbox, "processing") == []
     assert listing(inbox, "failed") == []
     jobs = _jobs_by_file(daemon)

@@ -17,14 +17,13 @@ import msgspec
 import pytest
 
 from daemon.providers.simulated import FAULT_HEADER, FAULT_RETRY_AFTER_MS, FAULTS
-from tests.daemon_proc import DaemonProcess, daemon_config
+from tests.daemon_proc import DaemonProcess, daemon_config, wait_until
 from tests.torture_helpers import (
     ThreadedApi,
     analyzer,
     ledger_problems,
     openai_provider,
     threaded_api,
-    wait_until,
 )
 
 StartDaemon = Callable[..., DaemonProcess]

@@ -20,11 +20,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from tests.daemon_proc import DaemonProcess, daemon_config
+from tests.daemon_proc import DaemonProcess, daemon_config, db_rows
 from tests.torture_helpers import (
     SimApiProcess,
     analyzer,
-    db_rows,
     ledger_problems,
     openai_provider,
 )

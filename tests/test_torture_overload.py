@@ -16,10 +16,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from tests.daemon_proc import DaemonProcess, daemon_config
+from tests.daemon_proc import DaemonProcess, daemon_config, db_rows
 from tests.torture_helpers import (
     analyzer,
-    db_rows,
     host_port,
     http_request,
     ledger_problems,

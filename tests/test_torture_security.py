@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 
 from daemon.config import DEFAULT_HTTP_LISTEN, ConfigError, parse_config
-from tests.daemon_proc import DaemonProcess, daemon_config, run_cli, sim_config
+from tests.daemon_proc import DaemonProcess, daemon_config, run_cli, sim_config, wait_until
 from tests.torture_helpers import (
     analyzer,
     host_port,
@@ -34,7 +34,6 @@ from tests.torture_helpers import (
     raw_http,
     reachable,
     threaded_api,
-    wait_until,
 )
 
 StartDaemon = Callable[..., DaemonProcess]

@@ -23,17 +23,15 @@ import pytest
 
 from daemon.store.schema import MIGRATIONS, SCHEMA_VERSION
 from daemon.store.store import Store
-from tests.daemon_proc import DaemonProcess, daemon_config, run_cli
+from tests.daemon_proc import DaemonProcess, daemon_config, db_rows, run_cli, wait_until
 from tests.torture_helpers import (
     RawResponse,
     analyzer,
-    db_rows,
     host_port,
     http_request,
     ledger_problems,
     raw_http,
     simulated_provider,
-    wait_until,
 )
 
 StartDaemon = Callable[..., DaemonProcess]

@@ -7,14 +7,13 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import sqlite3
 import stat
 import subprocess
 import sys
 import sysconfig
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,23 +26,9 @@ from aiohttp import web
 
 from daemon.config import SimulateConfig
 from daemon.providers.simulated import SimulatedAPI, serve_api
-from tests.daemon_proc import DaemonProcess
+from tests.daemon_proc import DaemonProcess, db_rows
 
 START_TIMEOUT_S = 30.0
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 60.0, what: str = "") -> None:
-    """Poll `predicate` (bounded); fails naming `what`."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"not reached in {timeout_s} s: {what}"
-        time.sleep(0.05)
-
-
-def db_rows(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-    """Rows straight from the daemon's database (a second connection; WAL lets it read)."""
-    with sqlite3.connect(db_path, timeout=30) as db:
-        return db.execute(sql, params).fetchall()
 
 
 @contextmanager
