@@ -32,13 +32,15 @@ T = TypeVar("T")
 @dataclass(eq=False)
 class ActiveAttempt:
     """One running attempt, as observers (cancel, drain, the watchdog's stuck
-    detector) need it: its job, its cancel scope, when it started (time.monotonic)
+    detector) need it: its job, its cancel scope, when it started (the loop's clock, the
+    one attempt deadlines are set in: with `time.monotonic` a deadline could fire before
+    the stuck watch thought it due, and its sample show the stack past the wait)
     and its task once that runs (asyncio's: the daemon runs on asyncio, and
     `anyio.get_current_task()` costs 20 times more per attempt)."""
 
     job: Job
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=anyio.current_time)
     task: asyncio.Task[Any] | None = None
     abandoned: bool = False  # its end was recorded by `abandon`; the task may linger
 

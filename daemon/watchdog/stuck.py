@@ -17,6 +17,7 @@ import random
 import time
 from typing import Any
 
+import anyio
 import structlog
 
 from daemon.backoff import backoff_s
@@ -67,7 +68,7 @@ class StuckWatch:
     def _claimed(self, job: Job) -> None:
         timeout = self._timeout_s(job)
         if timeout is not None:
-            sample_at = time.monotonic() + timeout - _lead_s(timeout)
+            sample_at = anyio.current_time() + timeout - _lead_s(timeout)
             if sample_at < self._next_wake:
                 self._replan.notify()
 
@@ -96,13 +97,13 @@ class StuckWatch:
                 wake = await self._check()
             except Exception:  # a failed pass must not end the watch (or the daemon)
                 log.exception("watchdog.stuck_check_failed")
-                wake = time.monotonic() + CHECK_S
+                wake = anyio.current_time() + CHECK_S
             self._next_wake = wake
-            await self._replan.wait(max(0.0, wake - time.monotonic()))
+            await self._replan.wait(max(0.0, wake - anyio.current_time()))
 
     async def _check(self) -> float:
         """One pass over the running attempts; returns when the next is due."""
-        now = time.monotonic()  # the clock of ActiveAttempt.started
+        now = anyio.current_time()  # the loop's clock, as ActiveAttempt.started and deadlines
         wake = now + CHECK_S
         seen: set[tuple[str, int]] = set()
         for entry in list(self._dispatcher.active.values()):
@@ -133,7 +134,7 @@ class StuckWatch:
         self._samples.pop((job.id, job.attempts), None)
         stack = coro_stack(entry.task.get_coro()) if entry.task is not None else []
         top = headline(stack)
-        age_s = time.monotonic() - entry.started
+        age_s = anyio.current_time() - entry.started
         retry_in = None
         if job.attempts < job.max_attempts:
             queue = self._live.config.queue
