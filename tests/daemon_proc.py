@@ -3,6 +3,7 @@ user runs it."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 
 START_TIMEOUT_S = 30.0
@@ -141,6 +143,8 @@ class DaemonProcess:
     proc: subprocess.Popen[bytes]
     log_path: Path
     env: dict[str, str]
+    python: str = sys.executable
+    uid: int | None = None  # run as this user (gid = uid, no supplementary groups)
 
     @property
     def socket_path(self) -> Path:
@@ -148,32 +152,44 @@ class DaemonProcess:
 
     @classmethod
     def start(
-        cls, state_dir: Path, config: str, *, env: dict[str, str] | None = None
+        cls,
+        state_dir: Path,
+        config: str,
+        *,
+        env: dict[str, str] | None = None,
+        python: str = sys.executable,
+        uid: int | None = None,
     ) -> DaemonProcess:
         state_dir.mkdir(parents=True, exist_ok=True)
+        if uid is not None:
+            os.chown(state_dir, uid, uid)
         config_path = state_dir / "vigil.toml"
         config_path.write_text(config)
-        full_env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("RUNTIME_DIRECTORY", "VIGIL_SOCKET", "VIGIL_CONFIG")
-        }
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("VIGIL_", "RUNTIME_"))}
         full_env.update(env or {})
         full_env["STATE_DIRECTORY"] = str(state_dir)
-        daemon = cls(state_dir, config_path, None, state_dir / "daemon.log", full_env)  # type: ignore[arg-type]
+        log_path = state_dir / "daemon.log"
+        daemon = cls(state_dir, config_path, None, log_path, full_env, python, uid)  # type: ignore[arg-type]
         daemon.restart()
         return daemon
 
-    def restart(self) -> None:
-        """Start (again) on the same state directory and wait until it answers."""
+    def spawn(self) -> None:
+        """Start the process on the same state directory; returns at once."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "daemon", "run", "--config", str(self.config_path)],
+                [self.python, "-m", "daemon", "run", "--config", str(self.config_path)],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                user=self.uid,
+                group=self.uid,
+                extra_groups=None if self.uid is None else [],
             )
+
+    def restart(self) -> None:
+        """Start (again) on the same state directory and wait until it answers."""
+        self.spawn()
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -237,6 +253,19 @@ class DaemonProcess:
         if not reply["ok"]:
             raise AssertionError(f"{cmd} failed: {reply['error']}")
         return reply["data"]
+
+    async def acall(self, cmd: str, **args: Any) -> Any:
+        """`call` from async code: on a worker thread, off the event loop."""
+        return await anyio.to_thread.run_sync(functools.partial(self.call, cmd, **args))
+
+    async def wait_for_status(self, check: Callable[[Any], bool], timeout_s: float = 30.0) -> Any:
+        """Poll the socket's status until `check` holds (bounded); returns that status."""
+        with anyio.fail_after(timeout_s):
+            while True:
+                status = await self.acall("status")
+                if check(status):
+                    return status
+                await anyio.sleep(0.05)
 
     def wait_all_terminal(self, timeout_s: float = 120.0) -> dict[str, int]:
         deadline = time.monotonic() + timeout_s

@@ -7,8 +7,6 @@ import os
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,23 +121,19 @@ def test_signals_during_start_up_are_held_until_the_daemon_handles_them(
     SIGTERM then drains and exits 0."""
     daemon = start_daemon(sim_config())
     assert daemon.terminate() == 0
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify.sock"))
-    notify.setblocking(False)
-    daemon.env["NOTIFY_SOCKET"] = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify.sock"))
+        daemon.env["NOTIFY_SOCKET"] = str(tmp_path / "notify.sock")
+        _start_while_locked_and_signal(daemon, notify)
+
+
+def _start_while_locked_and_signal(daemon: DaemonProcess, notify: socket.socket) -> None:
     db = daemon.state_dir / "vigil.db"
     locker = sqlite3.connect(db, timeout=30, isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")  # the store's open waits on it (busy_timeout)
     try:
-        with daemon.log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "daemon", "run", "--config", str(daemon.config_path)],
-                env=daemon.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        daemon.proc = proc
+        daemon.spawn()
+        proc = daemon.proc
         wait_until(lambda: _has_open(proc.pid, db) or proc.poll() is not None, timeout_s=30)
         proc.send_signal(signal.SIGHUP)
         proc.send_signal(signal.SIGUSR1)
@@ -148,15 +142,16 @@ def test_signals_during_start_up_are_held_until_the_daemon_handles_them(
     finally:
         locker.execute("ROLLBACK")
         locker.close()
+    notify.settimeout(30)
+    messages = [notify.recv(4096).decode()]  # READY=1: socket, HTTP and store are up
     wait_until(lambda: '"reload.done"' in daemon.log_path.read_text(), timeout_s=30)
     wait_until(lambda: '"stacks.thread"' in daemon.log_path.read_text(), timeout_s=30)
     assert daemon.call("ping")["pong"] is True
     assert daemon.terminate() == 0
-    messages = []
+    notify.setblocking(False)
     with contextlib.suppress(BlockingIOError):
         while True:
             messages.append(notify.recv(4096).decode())
-    notify.close()
     assert messages[0] == "READY=1" and messages[-1] == "STOPPING=1", messages
     assert not [m for m in messages if m.startswith("RELOADING")], messages
 
