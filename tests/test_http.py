@@ -30,21 +30,6 @@ def http_config(*, max_body_bytes: int | None = None, **kwargs: Any) -> str:
     return config
 
 
-async def call(daemon: DaemonProcess, cmd: str, **args: Any) -> Any:
-    """A control-socket command, off the event loop."""
-    return await anyio.to_thread.run_sync(functools.partial(daemon.call, cmd, **args))
-
-
-async def wait_for_status(daemon: DaemonProcess, check: Callable[[Any], bool]) -> Any:
-    """Poll the socket's status until `check` holds (bounded)."""
-    with anyio.fail_after(WAIT_S):
-        while True:
-            status = await call(daemon, "status")
-            if check(status):
-                return status
-            await anyio.sleep(0.05)
-
-
 @pytest.fixture
 def daemon(start_daemon: StartDaemon) -> DaemonProcess:
     """A paused daemon (jobs stay queued) whose /v1 needs the bearer token."""
@@ -89,7 +74,7 @@ async def test_probes_and_status(
     async with client.get("/status") as r:
         assert r.status == 200
         http_status = await r.json()
-    socket_status = await call(daemon, "status")
+    socket_status = await daemon.acall("status")
     assert set(http_status) == set(socket_status)
     assert http_status["jobs"] == socket_status["jobs"]
     assert http_status["state"] == "paused"
@@ -114,7 +99,7 @@ async def test_v1_needs_the_bearer_token(
         async with client.get(path) as r:
             assert r.status == 200, path
             assert TOKEN not in await r.text()
-    assert (await call(daemon, "status"))["jobs"]["queued"] == 0
+    assert (await daemon.acall("status"))["jobs"]["queued"] == 0
     assert TOKEN not in daemon.log_path.read_text()
 
 
@@ -125,7 +110,7 @@ async def test_v1_is_open_without_a_token(start_daemon: StartDaemon) -> None:
     async with aiohttp.ClientSession(url) as session, session.get("/v1/jobs") as r:
         assert r.status == 200
         assert await r.json() == {"jobs": [], "next_before": None}
-    assert (await call(proc, "status"))["http"]["auth"] is False
+    assert (await proc.acall("status"))["http"]["auth"] is False
 
 
 async def test_submit_one_a_list_and_a_repeat(client: aiohttp.ClientSession) -> None:
@@ -163,7 +148,7 @@ async def test_invalid_jobs_get_400_with_field_errors(
     ) as r:
         error = await expect_error(r, 400, "invalid_job")
     assert [(d["index"], d["field"]) for d in error["details"]] == [(None, "input.audience")]
-    assert (await call(daemon, "status"))["jobs"]["queued"] == 0
+    assert (await daemon.acall("status"))["jobs"]["queued"] == 0
 
 
 MALFORMED: list[tuple[bytes, str]] = [
@@ -189,7 +174,7 @@ async def test_malformed_bodies_get_400(
             await expect_error(r, 400, code)
     async with client.get("/healthz") as r:
         assert r.status == 200
-    assert (await call(daemon, "status"))["jobs"]["queued"] == 0
+    assert (await daemon.acall("status"))["jobs"]["queued"] == 0
 
 
 async def test_garbage_and_huge_headers_do_not_hurt(
@@ -246,8 +231,8 @@ async def test_backlog_full_gets_429_then_recovers(
     reply = await anyio.to_thread.run_sync(functools.partial(daemon.request, "submit", jobs=JOB))
     assert reply["error"]["code"] == "backlog_full"
 
-    await call(daemon, "resume")
-    await wait_for_status(daemon, lambda s: s["jobs"]["queued"] == 0)
+    await daemon.acall("resume")
+    await daemon.wait_for_status(lambda s: s["jobs"]["queued"] == 0)
     async with client.get("/readyz") as r:
         assert r.status == 200
     async with client.post("/v1/jobs", json=JOB, headers=AUTH) as r:
@@ -332,8 +317,8 @@ async def test_draining_daemon_refuses_work_with_503(start_daemon: StartDaemon) 
     submits get 503 intake_closed."""
     proc = start_daemon(http_config(hang_rate=1.0, grace_s=60.0))
     url = await anyio.to_thread.run_sync(proc.http_url)
-    await call(proc, "submit", jobs=JOB)
-    await wait_for_status(proc, lambda s: s["jobs"]["running"] > 0)
+    await proc.acall("submit", jobs=JOB)
+    await proc.wait_for_status(lambda s: s["jobs"]["running"] > 0)
     async with aiohttp.ClientSession(url) as session:
         proc.proc.terminate()
         with anyio.fail_after(WAIT_S):

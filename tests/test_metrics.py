@@ -5,7 +5,6 @@ alert rules: well-formed, and naming only series and labels the daemon exposes."
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
 import re
@@ -95,19 +94,6 @@ async def scrape(daemon: DaemonProcess) -> tuple[str, str]:
         return r.headers["Content-Type"], await r.text()
 
 
-async def status(daemon: DaemonProcess) -> Any:
-    return await anyio.to_thread.run_sync(daemon.call, "status")
-
-
-async def wait_for_status(daemon: DaemonProcess, check: Callable[[Any], bool]) -> None:
-    """Poll the socket's status until `check` holds (bounded)."""
-    with anyio.fail_after(30):
-        while True:
-            if check(await status(daemon)):
-                return
-            await anyio.sleep(0.05)
-
-
 @pytest.mark.anyio
 async def test_metrics_carry_the_expected_series(start_daemon: StartDaemon) -> None:
     """After three jobs ran over HTTP, the text parses and holds the job, API, store,
@@ -119,7 +105,7 @@ async def test_metrics_carry_the_expected_series(start_daemon: StartDaemon) -> N
             assert r.status == 202
         async with session.request("PROPFIND", "/status") as r:  # a method not in the set
             assert r.status == 405
-    await wait_for_status(proc, lambda s: s["queue"]["finished"] >= 3)  # after the hooks ran
+    await proc.wait_for_status(lambda s: s["queue"]["finished"] >= 3)  # after the hooks ran
     content_type, text = await scrape(proc)
     assert content_type.startswith("text/plain; version=0.0.4")
     m = Families(text)
@@ -158,10 +144,10 @@ async def test_metrics_carry_the_expected_series(start_daemon: StartDaemon) -> N
         m.value("vigil_http_requests_total", route="unmatched", method="other", status="405") == 1
     )
     assert "PROPFIND" not in text  # labels come from bounded sets, not from the client
-    if "circuit" in (await status(proc))["providers"]["sim"]:
+    if "circuit" in (await proc.acall("status"))["providers"]["sim"]:
         assert m.value("vigil_api_circuit_state", provider="sim", state="closed") == 1
         assert m.value("vigil_api_circuit_open", provider="sim") == 0
-    if "watchdog" in await status(proc):  # the watchdog's own figures, when it runs
+    if "watchdog" in await proc.acall("status"):  # the watchdog's own figures, when it runs
         assert m.value("vigil_loop_blocked_total") >= 0
         assert m.families["vigil_loop_lag_seconds"].type == "histogram"
 
@@ -170,8 +156,8 @@ async def test_metrics_carry_the_expected_series(start_daemon: StartDaemon) -> N
 async def test_metrics_follow_backpressure_and_pause(start_daemon: StartDaemon) -> None:
     """A paused daemon with a full backlog shows it: paused, not ready, backlog check down."""
     proc = start_daemon(sim_config(http_listen="127.0.0.1:0", max_backlog=2))
-    await anyio.to_thread.run_sync(proc.call, "pause")
-    await anyio.to_thread.run_sync(lambda: proc.call("submit", jobs=[JOB, JOB]))
+    await proc.acall("pause")
+    await proc.acall("submit", jobs=[JOB, JOB])
     m = Families((await scrape(proc))[1])
     assert m.value("vigil_queue_paused") == 1
     assert m.value("vigil_jobs", state="queued") == 2
@@ -187,13 +173,13 @@ async def test_cancels_count_as_finished_and_a_running_one_as_an_attempt(
     """A canceled job is a final state in the finished totals; canceling a running job
     also ends its attempt as `canceled`."""
     proc = start_daemon(sim_config(http_listen="127.0.0.1:0", latency_ms=3000))
-    running = await anyio.to_thread.run_sync(lambda: proc.call("submit", jobs=[JOB]))
-    await wait_for_status(proc, lambda s: s["queue"]["active"] == 1)
-    await anyio.to_thread.run_sync(proc.call, "pause")
-    queued = await anyio.to_thread.run_sync(lambda: proc.call("submit", jobs=[CLASSIFY]))
+    running = await proc.acall("submit", jobs=[JOB])
+    await proc.wait_for_status(lambda s: s["queue"]["active"] == 1)
+    await proc.acall("pause")
+    queued = await proc.acall("submit", jobs=[CLASSIFY])
     for job_id in (*running["ids"], *queued["ids"]):
-        await anyio.to_thread.run_sync(functools.partial(proc.call, "cancel", id=job_id))
-    await wait_for_status(proc, lambda s: s["jobs"]["canceled"] == 2)
+        await proc.acall("cancel", id=job_id)
+    await proc.wait_for_status(lambda s: s["jobs"]["canceled"] == 2)
     m = Families((await scrape(proc))[1])
     assert m.value("vigil_jobs_finished_total", analyzer="summarize", outcome="canceled") == 1
     assert m.value("vigil_jobs_finished_total", analyzer="classify", outcome="canceled") == 1
@@ -216,8 +202,8 @@ async def test_submitted_totals_count_every_intake_by_analyzer(
         sim_config(http_listen="127.0.0.1:0", extra=spool), env={"VIGIL_HTTP_TOKEN": ""}
     )
     keyed = {**JOB, "idempotency_key": "once"}
-    await anyio.to_thread.run_sync(lambda: proc.call("submit", jobs=[JOB, CLASSIFY, keyed]))
-    await anyio.to_thread.run_sync(lambda: proc.call("submit", jobs=[keyed]))
+    await proc.acall("submit", jobs=[JOB, CLASSIFY, keyed])
+    await proc.acall("submit", jobs=[keyed])
     refused = await anyio.to_thread.run_sync(
         lambda: proc.request("submit", jobs=[JOB, {"analyzer": "nope", "input": {}}])
     )
@@ -233,11 +219,11 @@ async def test_submitted_totals_count_every_intake_by_analyzer(
     for name in ("a.txt", "b.txt"):
         (staging / name).write_text("a spooled day")
         os.rename(staging / name, inbox / name)  # whole files only, as a producer should
-    await wait_for_status(proc, lambda s: s["queue"]["accepted"] >= 7)
+    await proc.wait_for_status(lambda s: s["queue"]["accepted"] >= 7)
     m = Families((await scrape(proc))[1])
     assert m.value("vigil_jobs_submitted_total", analyzer="summarize") == 4
     assert m.value("vigil_jobs_submitted_total", analyzer="classify") == 3
-    assert sum((await status(proc))["jobs"].values()) == 7  # what the store holds
+    assert sum((await proc.acall("status"))["jobs"].values()) == 7  # what the store holds
 
 
 @pytest.mark.anyio
@@ -246,8 +232,8 @@ async def test_task_gauge_follows_running_attempts(start_daemon: StartDaemon) ->
     slow API add at least twenty."""
     proc = start_daemon(sim_config(http_listen="127.0.0.1:0", latency_ms=3000))
     before = Families((await scrape(proc))[1]).value("vigil_tasks")
-    await anyio.to_thread.run_sync(lambda: proc.call("submit", jobs=[JOB] * 20))
-    await wait_for_status(proc, lambda s: s["queue"]["active"] == 20)
+    await proc.acall("submit", jobs=[JOB] * 20)
+    await proc.wait_for_status(lambda s: s["queue"]["active"] == 20)
     assert Families((await scrape(proc))[1]).value("vigil_tasks") >= before + 20
 
 
@@ -429,8 +415,8 @@ async def test_alert_rules_name_only_exposed_series(start_daemon: StartDaemon) -
     labelled ones have samples), and so is each label an expr matches or groups by: a
     rule on a misspelt series or label would never fire."""
     proc = start_daemon(sim_config(http_listen="127.0.0.1:0"))
-    await anyio.to_thread.run_sync(lambda: proc.call("submit", jobs=[JOB]))
-    await wait_for_status(proc, lambda s: s["queue"]["finished"] == 1)
+    await proc.acall("submit", jobs=[JOB])
+    await proc.wait_for_status(lambda s: s["queue"]["finished"] == 1)
     m = Families((await scrape(proc))[1])
     _, rules = read_rules(ALERTS.read_text())
     for rule in rules:

@@ -31,28 +31,10 @@ from daemon.jobs import ErrorInfo
 from daemon.live import Live
 from daemon.store.store import AttemptEnd, Store
 from tests.daemon_proc import DaemonProcess, sim_config, wait_until
+from tests.spool_files import drop, spool_toml
 
 StartDaemon = Callable[..., DaemonProcess]
 TIMEOUT_S = 20.0
-
-
-def spool_toml(inbox: Path, extra: str = "") -> str:
-    return (
-        f'[intake.spool]\ndir = "{inbox}"\nanalyzer = "summarize"\n'
-        f"poll_s = 0.05\nsettle_s = 0\n{extra}"
-    )
-
-
-def drop(inbox: Path, name: str, data: str | bytes) -> None:
-    """Write elsewhere, then rename in: the way a producer should deliver a file."""
-    staging = inbox.parent / "staging"
-    staging.mkdir(exist_ok=True)
-    inbox.mkdir(exist_ok=True)  # the daemon makes it at its first poll, just after READY
-    tmp = staging / name
-    if isinstance(data, str):
-        data = data.encode()
-    tmp.write_bytes(data)
-    os.rename(tmp, inbox / name)
 
 
 def listing(inbox: Path, sub: str = "") -> list[str]:
@@ -270,19 +252,6 @@ async def test_one_daemon_per_spool_directory(tmp_path: Path) -> None:
             assert "another vigil daemon owns" in str(second.status()["error"])
             assert second.check().ok is False
         assert first.check().ok is True
-
-
-@pytest.mark.anyio
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a mode-000 file anyway")
-async def test_an_unreadable_file_fails(tmp_path: Path) -> None:
-    """A file the daemon may not read goes to failed/ with the OS's reason."""
-    async with open_env(tmp_path) as env:
-        drop(env.inbox, "secret.txt", "x")
-        (env.inbox / "secret.txt").chmod(0)
-        async with running(env.spool()) as spool:
-            await until(lambda: spool.status()["failed"] == 1)
-        reason = (env.inbox / "failed" / "secret.txt.reason").read_text()
-        assert reason.startswith("unreadable: Permission denied")
 
 
 def test_read_text_notices_a_file_written_after_its_claim(tmp_path: Path) -> None:

@@ -27,10 +27,12 @@ from hypothesis import strategies as st
 from daemon.control.commands import COMMANDS
 from daemon.control.server import MAX_CONNECTIONS
 from tests.daemon_proc import DaemonProcess, sim_config
+from tests.spool_files import drop, spool_toml
 from tests.torture_helpers import (
     RawResponse,
     host_port,
     http_request,
+    need_root,
     raw_http,
     reachable,
     start_as,
@@ -487,23 +489,13 @@ def test_http_serves_after_fuzzing(daemon: DaemonProcess, http_addr: tuple[str, 
 SECRET = "TOP-SECRET-9a7c1e"
 
 
-def _drop(inbox: Path, name: str | bytes, data: bytes) -> None:
-    """Written elsewhere, renamed in: the file appears whole."""
-    staging = inbox.parent / "staging"
-    staging.mkdir(exist_ok=True)
-    tmp = staging / "incoming"
-    tmp.write_bytes(data)
-    os.rename(tmp, os.path.join(os.fsencode(inbox), os.fsencode(name)))
-
-
 def test_spool_survives_hostile_entries(tmp_path: Path) -> None:
     """Binary, huge (sparse, never read), unreadable, empty files, symlinks (to a
     secret, dangling, looping, to /dev/zero, to a directory), a FIFO, a directory, and
     names with newlines, control characters, undecodable bytes and 255 bytes: each bad
     entry fails with a reason, each good one runs once, nothing hangs, nothing is read
     through a link, and the daemon (running as an unprivileged user) serves on."""
-    if os.geteuid() != 0:
-        pytest.skip("runs the daemon as uid 65534 so that file modes bind it")
+    need_root("running the daemon as uid 65534, so that file modes bind it,")
     nobody = 65534
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -521,19 +513,19 @@ def test_spool_survives_hostile_entries(tmp_path: Path) -> None:
         b"x" * 251 + b".txt": "a 255-byte name",
     }
     for raw_name, text in good.items():
-        _drop(inbox, raw_name, text.encode())
+        drop(inbox, raw_name, text.encode())
     bad: dict[str, str] = {}
-    _drop(inbox, "nul.txt", b"text\x00with a NUL")
+    drop(inbox, "nul.txt", b"text\x00with a NUL")
     bad["nul.txt"] = "binary"
-    _drop(inbox, "latin1.txt", bytes(range(0x80, 0x100)))
+    drop(inbox, "latin1.txt", bytes(range(0x80, 0x100)))
     bad["latin1.txt"] = "binary"
-    _drop(inbox, "empty.txt", b"")
+    drop(inbox, "empty.txt", b"")
     bad["empty.txt"] = "empty"
     with (inbox.parent / "staging" / "huge").open("wb") as f:
         f.truncate(8 * 2**30)  # 8 GiB, sparse: read, it would take a while
     os.rename(inbox.parent / "staging" / "huge", inbox / "huge.txt")
     bad["huge.txt"] = "too large"
-    _drop(inbox, "locked.txt", b"nobody may read this")
+    drop(inbox, "locked.txt", b"nobody may read this")
     (inbox / "locked.txt").chmod(0)
     bad["locked.txt"] = "unreadable: Permission denied"
     for name, target in {
@@ -552,10 +544,7 @@ def test_spool_survives_hostile_entries(tmp_path: Path) -> None:
     os.chown(inbox / "folder.txt", nobody, nobody)  # moving a directory needs its write bit
     bad["folder.txt"] = "not a regular file"
 
-    config = sim_config(
-        extra=f'[intake.spool]\ndir = "{inbox}"\nanalyzer = "summarize"\n'
-        "poll_s = 0.05\nsettle_s = 0\nmax_file_bytes = 4096\n"
-    )
+    config = sim_config(extra=spool_toml(inbox, "max_file_bytes = 4096\n"))
     with reachable(inbox):
         daemon = start_as(nobody, tmp_path / "d", config)
         try:

@@ -30,6 +30,7 @@ from tests.torture_helpers import (
     analyzer,
     host_port,
     http_request,
+    need_root,
     openai_provider,
     raw_http,
     reachable,
@@ -40,11 +41,6 @@ StartDaemon = Callable[..., DaemonProcess]
 NOBODY = 65534
 CANARY_KEY = "sk-canary-KEY-7f3a9c2e41d8b6a0e5f1c3d7b9a2e4f6"
 CANARY_TOKEN = "canary-TOKEN-91d0c4e7a3b5f8e2d6c1a9b7e3f5d2c8"
-
-
-def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("dropping to another uid needs root")
 
 
 def as_user(uid: int, gid: int, action: Callable[[], bytes]) -> tuple[int, bytes]:
@@ -101,7 +97,7 @@ def connect_and_ask(path: Path, line: bytes) -> Callable[[], bytes]:
 
 def test_socket_is_private_to_its_owner(start_daemon: StartDaemon) -> None:
     """Mode 0600, owned by the daemon's user: another uid cannot even connect."""
-    need_root()
+    need_root("dropping to another uid")
     daemon = start_daemon(sim_config())
     st = os.stat(daemon.socket_path)
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.getuid()
@@ -114,7 +110,7 @@ def test_socket_is_private_to_its_owner(start_daemon: StartDaemon) -> None:
 def test_peer_credentials_refuse_other_uids(start_daemon: StartDaemon) -> None:
     """Even with the file opened up (a careless chmod), the daemon checks the peer's
     uid (SO_PEERCRED): another user is told `forbidden` and its command never runs."""
-    need_root()
+    need_root("dropping to another uid")
     daemon = start_daemon(sim_config())
     os.chmod(daemon.socket_path, 0o666)
     line = b'{"id": 1, "cmd": "pause"}\n'
@@ -131,7 +127,7 @@ def test_peer_credentials_refuse_other_uids(start_daemon: StartDaemon) -> None:
 def test_socket_group_members_get_in(start_daemon: StartDaemon) -> None:
     """With daemon.socket_group, a process of that group gets in; another uid outside
     it does not (by the file mode, and by the peer check if the mode is opened up)."""
-    need_root()
+    need_root("dropping to another uid")
     config = sim_config().replace("[daemon]\n", '[daemon]\nsocket_group = "nogroup"\n')
     daemon = start_daemon(config)
     ping = connect_and_ask(daemon.socket_path, b'{"id": 1, "cmd": "ping"}\n')

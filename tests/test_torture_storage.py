@@ -30,6 +30,7 @@ from tests.torture_helpers import (
     host_port,
     http_request,
     ledger_problems,
+    need_root,
     raw_http,
     simulated_provider,
 )
@@ -103,11 +104,6 @@ def keys_in(db: Path) -> set[str]:
     return {row[0] for row in db_rows(db, "SELECT idempotency_key FROM jobs")}
 
 
-def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a test filesystem needs root")
-
-
 def run(*cmd: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
 
@@ -115,7 +111,7 @@ def run(*cmd: str) -> subprocess.CompletedProcess[str]:
 @contextmanager
 def tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
     """A small tmpfs at `path`, unmounted at the end."""
-    need_root()
+    need_root("mounting a test filesystem")
     path.mkdir(parents=True, exist_ok=True)
     mounted = run("mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(path))
     if mounted.returncode != 0:
@@ -278,7 +274,7 @@ def test_disk_completely_full(start_daemon: StartDaemon, tmp_path: Path) -> None
 def ext4_loop(tmp_path: Path) -> Iterator[tuple[Path, Path, str]]:
     """A 64 MiB ext4 image mounted with errors=remount-ro: yields (mount, image, the
     kernel's name for its device)."""
-    need_root()
+    need_root("mounting a test filesystem")
     image, mnt = tmp_path / "fs.img", tmp_path / "ext4"
     mnt.mkdir()
     with image.open("wb") as f:
@@ -345,7 +341,7 @@ def test_read_only_state_dir_at_start(start_daemon: StartDaemon) -> None:
     """A state directory mounted read-only: the daemon refuses to start with exit 1 and
     a message naming it (no traceback, nothing touched); writable again, it starts with
     every job it had."""
-    need_root()
+    need_root("mounting a test filesystem")
     daemon = start_daemon(storage_config())
     ids = daemon.call("submit", jobs=jobs("kept", 5))["ids"]
     daemon.wait_all_terminal()

@@ -26,9 +26,7 @@ from aiohttp import web
 
 from daemon.config import SimulateConfig
 from daemon.providers.simulated import SimulatedAPI, serve_api
-from tests.daemon_proc import DaemonProcess, db_rows
-
-START_TIMEOUT_S = 30.0
+from tests.daemon_proc import START_TIMEOUT_S, DaemonProcess, db_rows
 
 
 @contextmanager
@@ -79,35 +77,13 @@ def start_as(uid: int, state_dir: Path, config: str) -> DaemonProcess:
     if found is None:
         pytest.skip(f"no Python interpreter that uid {uid} may run with these packages")
     python, extra_env = found
-    state_dir.mkdir(parents=True, exist_ok=True)
-    os.chown(state_dir, uid, uid)
-    config_path = state_dir / "vigil.toml"
-    config_path.write_text(config)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIGIL_", "RUNTIME_"))}
-    env.update(extra_env, STATE_DIRECTORY=str(state_dir))
-    log_path = state_dir / "daemon.log"
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [python, "-m", "daemon", "run", "--config", str(config_path)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            user=uid,
-            group=uid,
-            extra_groups=[],
-        )
-    daemon = DaemonProcess(state_dir, config_path, proc, log_path, env)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {proc.returncode}:\n{daemon.log()}")
-        try:
-            daemon.call("ping")
-            return daemon
-        except OSError:
-            assert time.monotonic() < deadline, daemon.log()
-            time.sleep(0.05)
+    return DaemonProcess.start(state_dir, config, env=extra_env, python=python, uid=uid)
+
+
+def need_root(why: str) -> None:
+    """Skip unless root: `why` names what needs it."""
+    if os.geteuid() != 0:
+        pytest.skip(f"{why} needs root")
 
 
 # -- configs ---------------------------------------------------------------------------
