@@ -29,6 +29,7 @@ from daemon.intake.http import HttpServer
 from daemon.intake.spool import SpoolIntake
 from daemon.intake.submit import Intake
 from daemon.live import Live
+from daemon.observe.logs import LineWriter
 from daemon.observe.ring import LogRing
 from daemon.observe.sdstatus import extend_while_draining, report_status
 from daemon.providers.openai import OpenAIProvider
@@ -120,7 +121,11 @@ async def _watch_signals(rt: Runtime, force: anyio.CancelScope) -> None:
 
 
 async def run_daemon(
-    config: Config, *, config_path: str | None = None, log_ring: LogRing | None = None
+    config: Config,
+    *,
+    config_path: str | None = None,
+    log_ring: LogRing | None = None,
+    log_writer: LineWriter | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     started = time.monotonic()
@@ -142,6 +147,7 @@ async def run_daemon(
             rt.config_path = config_path
             if log_ring is not None:
                 rt.log_ring = log_ring
+            rt.log_writer = log_writer
             control = ControlServer(rt, config.socket_path, config.daemon.socket_group)
             # Built before the dispatcher starts, so its metrics see every attempt.
             http = HttpServer(rt, config.http) if config.http.listen else None

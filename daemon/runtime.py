@@ -17,6 +17,7 @@ from daemon.intake.submit import Intake
 from daemon.jobs import STATES
 from daemon.live import Live
 from daemon.observe.health import Check, Health
+from daemon.observe.logs import LineWriter
 from daemon.observe.ring import LogRing
 from daemon.providers.openai import OpenAIProvider
 from daemon.providers.simulated import SimulatedAPI
@@ -41,6 +42,7 @@ class Runtime:
     ready: bool = False  # READY=1 was sent: start-up is over
     health: Health = field(default_factory=Health)
     log_ring: LogRing = field(default_factory=LogRing)
+    log_writer: LineWriter | None = None  # stdout's writer, when logging was configured
     config_path: str | None = None
     simulated: dict[str, SimulatedAPI] = field(default_factory=dict)
     watchdog: Watchdog | None = None  # set by app.py; the debug commands use it
@@ -121,6 +123,7 @@ class Runtime:
                 "low_space": self.store.low_space,
             },
             "socket": self.config.daemon.socket,
+            "logs": self.log_writer.status() if self.log_writer else None,
             "health": msgspec.to_builtins(self.health.report()),
             **{name: section() for name, section in self.status_sections.items()},
         }

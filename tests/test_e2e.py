@@ -64,6 +64,8 @@ def test_500_jobs_through_the_cli(start_daemon: StartDaemon, tmp_path: Path) -> 
     counts = msgspec.json.decode(status.stdout)["jobs"]
     assert set(counts) == {"queued", "running", "succeeded", "failed", "canceled"}
     assert counts["succeeded"] + counts["failed"] == 500
+    table = run_cli("status", socket_path=daemon.socket_path).stdout
+    assert "logs: failed_writes 0  dropped_lines 0" in table, table
     assert daemon.terminate() == 0
 
 

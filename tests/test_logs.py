@@ -21,7 +21,7 @@ import pytest
 import structlog
 
 from daemon.cli.logs import parse_since
-from daemon.observe.logs import MAX_WAITING_LINES, configure_logging
+from daemon.observe.logs import MAX_FIELD_CHARS, MAX_WAITING_LINES, configure_logging
 from daemon.observe.ring import MAX_EVENT_BYTES, LogFilter, LogRing, encode_event
 from tests.daemon_proc import DaemonProcess, run_cli, sim_config
 
@@ -159,6 +159,21 @@ def test_secrets_are_scrubbed_from_fields_and_tracebacks() -> None:
     assert headers["authorization"] == headers["api_key"] == "[redacted]"
 
 
+def test_long_fields_are_cut_after_their_secrets_are_masked() -> None:
+    """A huge string field is cut to MAX_FIELD_CHARS with a note, and a key that
+    straddles the cut is masked whole first: no piece of it is left at the end."""
+    secret = "sk-canary-0123456789abcdef"
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream, secrets=[secret])
+    straddling = "x" * (MAX_FIELD_CHARS - 10) + secret + "y" * 100
+    structlog.get_logger("t").error("big", error=straddling, nested={"e": [straddling]})
+    (line,) = _lines(stream)
+    for value in (line["error"], line["nested"]["e"][0]):
+        assert value.startswith("x" * (MAX_FIELD_CHARS - 10) + "[redacte")
+        assert value.endswith(" more characters]") and "sk-canary" not in value
+        assert len(value) < MAX_FIELD_CHARS + 40
+
+
 class BrokenStream(CountingStream):
     """stdout after journald went away."""
 
@@ -176,7 +191,7 @@ async def test_a_broken_stream_drops_lines_without_spinning() -> None:
     structlog.get_logger("t").info("lost")
     for _ in range(20):  # 20 loop iterations and more
         await anyio.sleep(0.01)
-    assert stream.writes == 1 and writer.failed_writes == 1
+    assert stream.writes == 1 and writer.status() == {"failed_writes": 1, "dropped_lines": 1}
     writer.flush()  # the daemon's last call after its loop: nothing waits, nothing raises
     assert stream.writes == 1
 
@@ -241,7 +256,7 @@ def test_a_stuck_write_bounds_the_lines_waiting_behind_it() -> None:
     assert entered.wait(10)
     for i in range(MAX_WAITING_LINES + 5):
         log.info("waiting", i=i)
-    assert writer.overflowed == 5
+    assert writer.dropped_lines == 5 and writer.failed_writes == 0
     release.set()
     first.join(10)
     assert len(_lines(stream)) == 1 + MAX_WAITING_LINES

@@ -138,6 +138,9 @@ async def test_metrics_carry_the_expected_series(start_daemon: StartDaemon) -> N
     assert m.value("vigil_process_open_fds") > 3
     assert m.value("vigil_tasks") > 1
     assert (m.value("vigil_live"), m.value("vigil_ready")) == (1, 1)
+    assert m.value("vigil_log_lines_dropped_total") == 0
+    assert m.value("vigil_log_write_errors_total") == 0
+    assert (await proc.acall("status"))["logs"] == {"failed_writes": 0, "dropped_lines": 0}
     assert m.value("vigil_queue_max_backlog") == 1_000_000
     assert m.value("vigil_http_requests_total", route="/v1/jobs", method="POST", status="202") == 1
     assert (

@@ -74,7 +74,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         config.log.level, config.log.format, secrets=_secrets(config), ring=ring
     )
     try:
-        return run_async(lambda: run_daemon(config, config_path=path, log_ring=ring))
+        return run_async(
+            lambda: run_daemon(config, config_path=path, log_ring=ring, log_writer=writer)
+        )
     finally:
         writer.flush()  # the lines of the loop's last iteration
 

@@ -140,11 +140,11 @@ def watchdog_line(wd: Mapping[str, Any]) -> str:
 
 
 def sections(data: Mapping[str, Any], out: TextIO = sys.stdout) -> None:
-    """One line each for the parts components add to status (watchdog, spool, http)."""
+    """One line each for the parts components add to status (watchdog, spool, http, logs)."""
     watchdog = data.get("watchdog")
     if isinstance(watchdog, Mapping) and watchdog.get("enabled", True):
         print(f"\nwatchdog: {watchdog_line(watchdog)}", file=out)
-    for section in ("spool", "http"):
+    for section in ("spool", "http", "logs"):
         value = data.get(section)
         if isinstance(value, Mapping) and value:
             line = "  ".join(

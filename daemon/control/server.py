@@ -203,7 +203,7 @@ class ControlServer:
         try:
             return encode_line(Reply(request.id, True, data=data))
         except (RecursionError, TypeError, ValueError, msgspec.EncodeError) as exc:
-            log.error("control.reply_unencodable", cmd=request.cmd, error=repr(exc)[:200])
+            log.error("control.reply_unencodable", cmd=request.cmd, error=repr(exc))
             error = ErrorBody("internal", f"the reply could not be encoded ({type(exc).__name__})")
             return encode_line(Reply(request.id, False, error=error))
 

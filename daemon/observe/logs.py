@@ -20,12 +20,23 @@ from daemon.observe.ring import LogRing, encode_event
 _SECRET_KEYS = frozenset({"authorization", "api_key", "apikey", "token", "password", "secret"})
 REDACTED = "[redacted]"
 _PLAIN = frozenset({int, float, bool, type(None)})  # nothing to scrub, and the most common
+# One string field of a log line (a stack frame, an error message, a repr). Cut after
+# the secrets are masked, so a cut never leaves a piece of a key the mask would miss.
+MAX_FIELD_CHARS = 4000
+
+
+def clip(value: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """`value`, cut to `limit` characters with a note of how many were left out."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}... [{len(value) - limit} more characters]"
 
 
 class Redactor:
     """Drops values under secret-looking keys and masks known secret values anywhere
-    in a string (an API key echoed back inside an error message, say). `text` is the
-    backstop on the rendered line, for what the structure hid (an object's repr)."""
+    in a string (an API key echoed back inside an error message, say), then cuts long
+    strings (MAX_FIELD_CHARS). `text` is the backstop on the rendered line, for what
+    the structure hid (an object's repr)."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self.secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
@@ -43,9 +54,12 @@ class Redactor:
                 value = value.replace(secret, redacted)
         return value
 
+    def field(self, value: str) -> str:
+        return clip(self.text(value) if self.secrets else value)
+
     def scrub(self, value: Any) -> Any:
         if isinstance(value, str):
-            return self.text(value)
+            return self.field(value)
         if isinstance(value, Mapping):
             return {
                 self.scrub(k): REDACTED if str(k).lower() in _SECRET_KEYS else self.scrub(v)
@@ -62,8 +76,7 @@ class Redactor:
             if key.lower() in _SECRET_KEYS:
                 event[key] = REDACTED
             elif isinstance(value, str):
-                if self.secrets:
-                    event[key] = self.text(value)
+                event[key] = self.field(value)
             elif type(value) in _PLAIN or key == "exc_info":
                 continue  # exc_info: an exception, rendered (and then scrubbed) elsewhere
             elif isinstance(value, Mapping | list | tuple | set | frozenset):
@@ -93,7 +106,7 @@ class RingRenderer:
                 "event": "log.unrenderable",
                 "level": str(event.get("level", "error")),
                 "timestamp": str(event.get("timestamp", "")),
-                "original": self._redactor.text(str(event.get("event", "?"))[:200]),
+                "original": clip(self._redactor.text(str(event.get("event", "?"))), 200),
                 "error": type(exc).__name__,
             }
             return self._render(logger, name, fallback)
@@ -129,12 +142,12 @@ class LineWriter:
         self._writing = threading.Lock()  # one writer at a time, never waited on
         self._flush_pending = False  # a flush is queued on the loop
         self.failed_writes = 0  # stdout gone (EPIPE, closed): those lines are dropped
-        self.overflowed = 0  # lines dropped while a write was stuck (MAX_WAITING_LINES)
+        self.dropped_lines = 0  # by failed writes, or past MAX_WAITING_LINES
 
     def msg(self, message: str) -> None:
         with self._lines_lock:
             if len(self._lines) >= MAX_WAITING_LINES:
-                self.overflowed += 1
+                self.dropped_lines += 1
                 return
             self._lines.append(message)
         try:
@@ -175,8 +188,12 @@ class LineWriter:
                 self._stream.flush()
             except (OSError, ValueError) as exc:
                 self.failed_writes += 1
+                self.dropped_lines += len(lines) - 1
                 if self.failed_writes == 1:
                     _stderr(f"vigil: cannot write the log ({exc}); lines dropped")
+
+    def status(self) -> dict[str, int]:
+        return {"failed_writes": self.failed_writes, "dropped_lines": self.dropped_lines}
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg

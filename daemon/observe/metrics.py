@@ -204,6 +204,17 @@ class RuntimeCollector:
         for check in report.checks:
             checks.add_metric([check.name], check.ok)
         yield checks
+        if rt.log_writer is not None:
+            yield CounterMetricFamily(
+                "vigil_log_lines_dropped",
+                "Log lines lost: stdout refused them, or a stuck write held too many.",
+                rt.log_writer.dropped_lines,
+            )
+            yield CounterMetricFamily(
+                "vigil_log_write_errors",
+                "Writes to stdout that failed.",
+                rt.log_writer.failed_writes,
+            )
 
     def _jobs(self) -> Iterator[Metric]:
         rt = self._rt

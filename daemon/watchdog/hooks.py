@@ -58,12 +58,12 @@ def _origin(context: dict[str, Any]) -> dict[str, Any]:
         if code is not None:
             fields["defined_at"] = f"{code.co_filename}:{code.co_firstlineno}"
     elif future is not None:
-        fields["future"] = repr(future)[:200]
+        fields["future"] = repr(future)
     if context.get("handle") is not None:
-        fields["handle"] = repr(context["handle"])[:200]
+        fields["handle"] = repr(context["handle"])
     exc = context.get("exception")
     if isinstance(exc, BaseException):
-        fields["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+        fields["error"] = f"{type(exc).__name__}: {exc}"
         raised = traceback.extract_tb(exc.__traceback__)
         if raised:
             fields.update(file=raised[-1].filename, line=raised[-1].lineno)
