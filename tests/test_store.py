@@ -806,20 +806,12 @@ def test_database_faults_fail_the_batch_and_operation_errors_only_their_op(
     assert _is_fatal(caught.value)
 
 
-async def test_a_result_the_database_refuses_fails_the_job_instead_of_retrying(
-    store: Store,
-) -> None:
-    """An attempt's record SQLite will not take (here: longer than its length limit)
-    is not retried forever: the attempt is recorded as failed, naming why, and the
-    job ends while the database goes on serving."""
-    job_id = await submit_one(store, max_attempts=1)
+async def run_until_failed(store: Store, end: AttemptEnd) -> None:
+    """Dispatch with every attempt ending as `end`, until a job has failed."""
 
     async def execute(job: Job) -> AttemptEnd:
-        return AttemptEnd(outcome="succeeded", result="x" * 50_000, latency_ms=1)
+        return end
 
-    db = store._db
-    assert db is not None  # in the connection's own thread, as sqlite3 requires
-    await db._execute(db._conn.setlimit, sqlite3.SQLITE_LIMIT_LENGTH, 20_000)  # type: ignore[no-untyped-call]
     dispatcher = Dispatcher(store, execute, max_concurrency=1)
     with anyio.fail_after(TIMEOUT_S):
         async with anyio.create_task_group() as tg:
@@ -828,8 +820,36 @@ async def test_a_result_the_database_refuses_fails_the_job_instead_of_retrying(
                 await anyio.sleep(0.01)
             await dispatcher.drain(1.0)
             tg.cancel_scope.cancel()
+
+
+async def test_a_result_the_database_refuses_fails_the_job_instead_of_retrying(
+    store: Store,
+) -> None:
+    """An attempt's record SQLite will not take (here: longer than its length limit)
+    is not retried forever: the attempt is recorded as failed, naming why, and the
+    job ends while the database goes on serving."""
+    job_id = await submit_one(store, max_attempts=1)
+    db = store._db
+    assert db is not None  # in the connection's own thread, as sqlite3 requires
+    await db._execute(db._conn.setlimit, sqlite3.SQLITE_LIMIT_LENGTH, 20_000)  # type: ignore[no-untyped-call]
+    await run_until_failed(
+        store, AttemptEnd(outcome="succeeded", result="x" * 50_000, latency_ms=1)
+    )
     job = await get(store, job_id)
     assert job.state == "failed" and job.result is None
     assert job.error is not None and job.error.type == "RecordFailed"
     assert "too big" in job.error.message
     assert store.last_error is None  # the database itself is fine
+
+
+async def test_an_error_text_sqlite3_cannot_bind_still_ends_the_job(store: Store) -> None:
+    """A handler's exception text with a lone surrogate (sqlite3 cannot encode it)
+    fails that record alone, as one SQLite refuses: the job ends, naming why, instead
+    of staying `running` until a restart."""
+    job_id = await submit_one(store, max_attempts=1)
+    error = ErrorInfo("RuntimeError", "bad \ud800 text")
+    await run_until_failed(store, AttemptEnd(outcome="error", error=error, latency_ms=1))
+    job = await get(store, job_id)
+    assert job.state == "failed" and job.error is not None
+    assert job.error.type == "RecordFailed" and "UnicodeEncodeError" in job.error.message
+    assert store.last_error is None

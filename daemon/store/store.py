@@ -804,6 +804,8 @@ def _run_ops(db: sqlite3.Connection, batch: list[_Pending], tx: _Tx, isolate: bo
             if _is_fatal(exc):
                 raise
             item.error = OpFailed(str(exc))
+        except (ValueError, OverflowError) as exc:  # a value sqlite3 cannot bind
+            item.error = OpFailed(f"{type(exc).__name__}: {exc}")
         except Exception as exc:
             item.error = exc
         if item.error is not None:
