@@ -251,10 +251,22 @@ def _check(config: Config) -> list[str]:
             template_fields(analyzer.prompt)
         except ValueError as exc:
             problems.append(f"{path}.prompt: bad template: {exc}")
+    if config.daemon.socket_group and not _group_exists(config.daemon.socket_group):
+        problems.append(f"$.daemon.socket_group: no group named {config.daemon.socket_group!r}")
     spool = config.intake.spool
     if spool is not None:
         problems.extend(_check_spool(config, spool))
     return problems
+
+
+def _group_exists(name: str) -> bool:
+    import grp
+
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _check_spool(config: Config, spool: SpoolConfig) -> list[str]:

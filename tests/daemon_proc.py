@@ -159,7 +159,9 @@ class DaemonProcess:
         env: dict[str, str] | None = None,
         python: str = sys.executable,
         uid: int | None = None,
+        ready: bool = True,
     ) -> DaemonProcess:
+        """Write the config and start the daemon; with `ready`, wait until it answers."""
         state_dir.mkdir(parents=True, exist_ok=True)
         if uid is not None:
             os.chown(state_dir, uid, uid)
@@ -170,7 +172,7 @@ class DaemonProcess:
         full_env["STATE_DIRECTORY"] = str(state_dir)
         log_path = state_dir / "daemon.log"
         daemon = cls(state_dir, config_path, None, log_path, full_env, python, uid)  # type: ignore[arg-type]
-        daemon.restart()
+        daemon.restart() if ready else daemon.spawn()
         return daemon
 
     def spawn(self) -> None:

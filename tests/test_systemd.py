@@ -12,9 +12,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from tests.daemon_proc import DaemonProcess, run_cli, sim_config
+from tests.daemon_proc import DaemonProcess, run_cli, sim_config, wait_until
 
 StartDaemon = Callable[..., DaemonProcess]
 UNIT = Path(__file__).parent.parent / "systemd" / "vigil.service"
@@ -25,12 +26,26 @@ needs_systemd = pytest.mark.skipif(
 )
 
 
+def unit_text(operators: bool) -> str:
+    """The unit as shipped, or with its operator-group lines uncommented."""
+    text = UNIT.read_text()
+    if operators:
+        for line in ("SupplementaryGroups=vigil-ops", "SystemCallFilter=@chown"):
+            assert f"# {line}\n" in text, line
+            text = text.replace(f"# {line}\n", f"{line}\n")
+    return text
+
+
+both_variants = pytest.mark.parametrize("operators", [False, True], ids=["shipped", "operators"])
+
+
 @needs_systemd
-def test_unit_verifies_without_warnings(tmp_path: Path) -> None:
+@both_variants
+def test_unit_verifies_without_warnings(tmp_path: Path, operators: bool) -> None:
     """`systemd-analyze verify` prints nothing (it exits 0 even on unknown keys)."""
     vigil = Path(sys.executable).parent / "vigil"
     unit = tmp_path / "vigil.service"
-    unit.write_text(UNIT.read_text().replace("/opt/vigil/.venv/bin/vigil", str(vigil)))
+    unit.write_text(unit_text(operators).replace("/opt/vigil/.venv/bin/vigil", str(vigil)))
     out = subprocess.run(
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
     )
@@ -39,10 +54,13 @@ def test_unit_verifies_without_warnings(tmp_path: Path) -> None:
 
 
 @needs_systemd
-def test_unit_security_exposure_is_low() -> None:
-    """The offline security score is 1.5 or lower."""
+@both_variants
+def test_unit_security_exposure_is_low(tmp_path: Path, operators: bool) -> None:
+    """The offline security score is 1.5 or lower, also with operator access on."""
+    unit = tmp_path / "vigil.service"
+    unit.write_text(unit_text(operators))
     out = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", str(UNIT)],
+        ["systemd-analyze", "security", "--offline=true", str(unit)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -122,26 +140,34 @@ def test_broken_reload_keeps_the_old_config(start_daemon: StartDaemon) -> None:
 
 
 def test_reload_applies_limits_live_and_names_restarts(start_daemon: StartDaemon) -> None:
-    """Lower concurrency and a new analyzer apply without restart; a moved socket is named."""
-    daemon = start_daemon(sim_config(max_concurrency=32))
+    """Lower concurrency and a new analyzer apply without restart, also beside a
+    provider setting that needs one; what needs a restart (a moved socket, the pool
+    size) is named, and the provider then holds no more requests than its new limit."""
+    daemon = start_daemon(sim_config(max_concurrency=32, latency_ms=1500, timeout_s=30))
     before = daemon.call("status")
     assert before["providers"]["sim"]["max_concurrency"] == 16
     text = daemon.config_path.read_text()
     text = text.replace("max_concurrency = 32", "max_concurrency = 5")
     text = text.replace(
         '[providers.sim]\nkind = "simulated"\nmax_concurrency = 16',
-        '[providers.sim]\nkind = "simulated"\nmax_concurrency = 3',
+        '[providers.sim]\nkind = "simulated"\nmax_concurrency = 3\nmax_connections = 7',
     )
     text = text.replace("shutdown_grace_s =", 'socket = "elsewhere.sock"\nshutdown_grace_s =')
     text += '\n[analyzers.shout]\nprovider = "sim"\nmodel = "m"\nprompt = "Shout {text}"\n'
     daemon.config_path.write_text(text)
     out = run_cli("reload", "--json", socket_path=daemon.socket_path)
     assert out.returncode == 0, out.stderr
-    assert "daemon" in out.stdout  # the socket move needs a restart, and says so
+    result = msgspec.json.decode(out.stdout)
+    assert {"daemon", "providers.sim.max_connections"} <= set(result["needs_restart"]), result
     after = daemon.call("status")
     assert after["queue"]["max_concurrency"] == 5
     assert after["providers"]["sim"]["max_concurrency"] == 3
     assert after["socket"] == before["socket"]
-    data = daemon.call("submit", jobs={"analyzer": "shout", "input": {"text": "hi"}})
+    jobs = [{"analyzer": "shout", "input": {"text": f"hi {i}"}} for i in range(8)]
+    data = daemon.call("submit", jobs=jobs)
+    wait_until(lambda: daemon.call("status")["queue"]["active"] == 5, what="5 attempts")
+    for _ in range(10):  # 5 attempts run; the provider lets 3 of them call at once
+        assert daemon.call("status")["providers"]["sim"]["in_flight"] <= 3
+        time.sleep(0.05)
     daemon.wait_all_terminal(timeout_s=60)
     assert daemon.call("show", id=data["ids"][0])["job"]["state"] == "succeeded"

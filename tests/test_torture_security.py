@@ -34,6 +34,7 @@ from tests.torture_helpers import (
     openai_provider,
     raw_http,
     reachable,
+    start_as,
     threaded_api,
 )
 
@@ -43,16 +44,19 @@ CANARY_KEY = "sk-canary-KEY-7f3a9c2e41d8b6a0e5f1c3d7b9a2e4f6"
 CANARY_TOKEN = "canary-TOKEN-91d0c4e7a3b5f8e2d6c1a9b7e3f5d2c8"
 
 
-def as_user(uid: int, gid: int, action: Callable[[], bytes]) -> tuple[int, bytes]:
-    """Fork; the child drops to uid/gid (no supplementary groups) and runs `action`;
-    returns its exit code and what it wrote back (or the error it met)."""
+def as_user(
+    uid: int, gid: int, action: Callable[[], bytes], groups: tuple[int, ...] = ()
+) -> tuple[int, bytes]:
+    """Fork; the child drops to uid/gid (with only `groups` as supplementary groups)
+    and runs `action`; returns its exit code and what it wrote back (or the error it
+    met)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: only syscalls from here, then _exit
         code = 0
         try:
             os.close(read_end)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(gid)
             os.setuid(uid)
             out = action()
@@ -124,21 +128,48 @@ def test_peer_credentials_refuse_other_uids(start_daemon: StartDaemon) -> None:
     assert refused and refused[-1]["peer_uid"] == NOBODY
 
 
+def with_socket_group(group: str) -> str:
+    return sim_config().replace("[daemon]\n", f'[daemon]\nsocket_group = "{group}"\n')
+
+
 def test_socket_group_members_get_in(start_daemon: StartDaemon) -> None:
-    """With daemon.socket_group, a process of that group gets in; another uid outside
-    it does not (by the file mode, and by the peer check if the mode is opened up)."""
+    """With daemon.socket_group, a process of that group gets in, as its primary or as
+    a supplementary group (an operator added to the group); another uid outside it does
+    not (by the file mode, and by the peer check if the mode is opened up)."""
     need_root("dropping to another uid")
-    config = sim_config().replace("[daemon]\n", '[daemon]\nsocket_group = "nogroup"\n')
-    daemon = start_daemon(config)
+    daemon = start_daemon(with_socket_group("nogroup"))
     ping = connect_and_ask(daemon.socket_path, b'{"id": 1, "cmd": "ping"}\n')
     with reachable(daemon.socket_path):
         code, out = as_user(NOBODY, NOBODY, ping)  # nobody:nogroup
+        assert code == 0 and msgspec.json.decode(out)["ok"] is True, out
+        operator = (NOBODY - 2, NOBODY - 2)  # its own primary group, nogroup besides
+        code, out = as_user(*operator, ping, groups=(NOBODY,))
         assert code == 0 and msgspec.json.decode(out)["ok"] is True, out
         code, out = as_user(NOBODY - 1, 1, ping)  # another uid, group daemon
         assert code == 1 and out.startswith(b"PermissionError"), out
         os.chmod(daemon.socket_path, 0o666)
         code, out = as_user(NOBODY - 1, 1, ping)
     assert msgspec.json.decode(out)["error"]["code"] == "forbidden", out
+
+
+def test_a_socket_group_that_cannot_be_used_stops_the_daemon_for_good(tmp_path: Path) -> None:
+    """A socket group that does not exist is a config error (check-config names it);
+    one the daemon may not give its socket to (not a member; under systemd, a seccomp
+    filter without @chown) ends the start with exit 78, which systemd does not
+    restart, and a message naming the setting and the fix."""
+    need_root("dropping to another uid")
+    missing = tmp_path / "missing.toml"
+    missing.write_text(with_socket_group("no-such-grp"))
+    out = run_cli("check-config", str(missing))
+    assert out.returncode == 78 and "$.daemon.socket_group: no group named" in out.stderr, out
+    with reachable(tmp_path / "d"):
+        daemon = start_as(NOBODY, tmp_path / "d", with_socket_group("daemon"), ready=False)
+        try:
+            assert daemon.proc.wait(60) == 78, daemon.log()
+        finally:
+            daemon.kill()
+    assert "(daemon.socket_group): Operation not permitted" in daemon.log(), daemon.log()
+    assert "Traceback" not in daemon.log()
 
 
 # -- HTTP -------------------------------------------------------------------------------

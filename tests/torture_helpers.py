@@ -70,14 +70,16 @@ def python_for(uid: int) -> tuple[str, dict[str, str]] | None:
     return None
 
 
-def start_as(uid: int, state_dir: Path, config: str) -> DaemonProcess:
+def start_as(uid: int, state_dir: Path, config: str, *, ready: bool = True) -> DaemonProcess:
     """The daemon as another user (uid = gid, no supplementary groups), where file
     modes bind it as they bind a systemd DynamicUser; skips if no interpreter fits."""
     found = python_for(uid)
     if found is None:
         pytest.skip(f"no Python interpreter that uid {uid} may run with these packages")
     python, extra_env = found
-    return DaemonProcess.start(state_dir, config, env=extra_env, python=python, uid=uid)
+    return DaemonProcess.start(
+        state_dir, config, env=extra_env, python=python, uid=uid, ready=ready
+    )
 
 
 def need_root(why: str) -> None:

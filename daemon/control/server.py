@@ -1,4 +1,5 @@
-"""The control socket: a Unix stream socket, mode 0600, peers checked by uid.
+"""The control socket: a Unix stream socket, mode 0600 (0660 with a socket group),
+peers checked by uid and groups as the kernel reports them.
 
 A client can send anything; the answer is always a well-formed reply or a closed
 connection, and the daemon never dies of it."""
@@ -6,6 +7,7 @@ connection, and the daemon never dies of it."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import struct
@@ -43,6 +45,12 @@ class SocketInUse(StartupError):
     """Another process is serving the control socket."""
 
 
+class SocketGroupRefused(StartupError):
+    """The socket cannot be given to `daemon.socket_group`; a human must fix the setup."""
+
+    exit_code = 78
+
+
 def _peer(stream: SocketStream) -> tuple[int, int, int] | None:
     """(pid, uid, gid) of the connected process, from the kernel (SO_PEERCRED)."""
     sock = stream.extra(SocketAttribute.raw_socket)
@@ -51,6 +59,25 @@ def _peer(stream: SocketStream) -> tuple[int, int, int] | None:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", creds)
     return pid, uid, gid
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python may lack the name
+
+
+def _peer_groups(stream: SocketStream) -> tuple[int, ...]:
+    """The connected process's supplementary groups, from the kernel (SO_PEERGROUPS):
+    an operator is usually in the socket's group as a supplementary one. Read from the
+    socket, not /proc, which the unit hides (ProtectProc=invisible)."""
+    sock = stream.extra(SocketAttribute.raw_socket)
+    for size in (256, 65536):  # gid_t slots; NGROUPS_MAX is 65536
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * size)
+        except OSError as exc:
+            if exc.errno != errno.ERANGE:
+                return ()  # an older kernel: the primary group alone decides
+            continue
+        return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+    return ()
 
 
 async def _prepare_path(path: Path) -> None:
@@ -82,10 +109,7 @@ class ControlServer:
         mode = 0o660 if self._group else 0o600
         listener = await anyio.create_unix_listener(self.path, mode=mode)
         if self._group:
-            import grp
-
-            self._gid = grp.getgrnam(self._group).gr_gid
-            os.chown(self.path, -1, self._gid)
+            self._gid = self._give_to_group()
         try:
             async with listener, anyio.create_task_group() as tg:
                 task_status.started()
@@ -94,11 +118,30 @@ class ControlServer:
             with contextlib.suppress(OSError):
                 self.path.unlink()
 
-    def _allowed(self, peer: tuple[int, int, int] | None) -> bool:
+    def _give_to_group(self) -> int:
+        import grp
+
+        try:
+            gid = grp.getgrnam(self._group).gr_gid
+            os.chown(self.path, -1, gid)
+        except (KeyError, OSError) as exc:
+            reason = "no such group" if isinstance(exc, KeyError) else exc.strerror
+            raise SocketGroupRefused(
+                f"cannot give the control socket {self.path} to group {self._group!r} "
+                f"(daemon.socket_group): {reason}. The daemon's user must be in that group "
+                "(systemd: SupplementaryGroups=) and allowed to chown (SystemCallFilter=@chown)"
+            ) from None
+        return gid
+
+    def _allowed(self, stream: SocketStream, peer: tuple[int, int, int] | None) -> bool:
         if peer is None:
             return True
         _, uid, gid = peer
-        return uid in (0, self._uid) or (self._gid is not None and gid == self._gid)
+        if uid in (0, self._uid):
+            return True
+        if self._gid is None:
+            return False
+        return gid == self._gid or self._gid in _peer_groups(stream)
 
     async def _handle(self, stream: SocketStream) -> None:
         async with stream:
@@ -106,7 +149,7 @@ class ControlServer:
                 await self._refuse(stream, "busy", "too many control connections")
                 return
             peer = _peer(stream)
-            if not self._allowed(peer):
+            if not self._allowed(stream, peer):
                 log.warning("control.refused", peer_pid=peer and peer[0], peer_uid=peer and peer[1])
                 await self._refuse(stream, "forbidden", "peer not allowed")
                 return
