@@ -4,9 +4,9 @@ while running, and name what needs a restart.
 A config that fails to parse or validate changes nothing: the daemon keeps running
 on the old one and says why. What is applied: the log level, queue limits and
 concurrency, analyzers (templates, handlers, attempts, timeouts), provider limits
-and timeouts, the simulated API's behaviour. What needs a restart: anything that
-owns an open resource (state dir, socket, HTTP listener, spool, providers added,
-removed or pointed elsewhere)."""
+and timeouts, base URLs, the simulated API's behaviour. What needs a restart:
+anything that owns an open resource (state dir, socket, HTTP listener, spool,
+providers added or removed, a provider's kind, pool size or key variable)."""
 
 from __future__ import annotations
 
@@ -35,9 +35,13 @@ class ReloadError(Exception):
     """The new config was refused; the daemon runs on as before."""
 
 
-def _provider_identity(cfg: ProviderConfig) -> tuple[str, str, str, int]:
-    """What a running provider cannot change without a new session or server."""
-    return (cfg.kind, cfg.base_url, cfg.api_key_env, cfg.max_connections)
+# What a running provider cannot change: its kind (another client or server), its
+# connection pool, and its key variable (the log scrubber learns key values at start).
+RESTART_ONLY = ("kind", "api_key_env", "max_connections")
+
+
+def _restart_only_changes(before: ProviderConfig, after: ProviderConfig) -> list[str]:
+    return [key for key in RESTART_ONLY if getattr(before, key) != getattr(after, key)]
 
 
 def _plan(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
@@ -60,9 +64,12 @@ def _plan(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
                 providers.pop(name)
             else:
                 providers[name] = before
-        elif _provider_identity(before) != _provider_identity(after):
-            restart.append(f"providers.{name} (kind, base_url, api_key_env, max_connections)")
-            providers[name] = before
+        elif keys := _restart_only_changes(before, after):
+            # The rest of its new settings still apply.
+            restart.extend(f"providers.{name}.{key}" for key in keys)
+            providers[name] = msgspec.structs.replace(
+                after, **{key: getattr(before, key) for key in keys}
+            )
     for name, analyzer in new.analyzers.items():
         if analyzer.provider and analyzer.provider not in providers:
             raise ReloadError(

@@ -97,6 +97,7 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
         self._statuses = StatusCounter(self.stats)
         self.paused_reason: str | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._key()  # a key missing from the start pauses the provider at once, loudly
 
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
@@ -108,11 +109,11 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
             finally:
                 self._session = None
 
-    def configure(self, config: ProviderConfig) -> list[str]:
+    def configure(self, config: ProviderConfig) -> None:
         """Apply a reloaded config to the next requests: limits, concurrency, timeout,
-        breaker, key variable, base URL. Returns the settings that changed but need a
-        restart (the connection pool's size, the kind)."""
-        old, self.config = self.config, config
+        breaker, base URL. What it cannot change (kind, pool size, key variable) the
+        reload keeps as it was (daemon/reload.py RESTART_ONLY)."""
+        self.config = config
         self.limits.configure(
             max_concurrency=config.max_concurrency,
             requests_per_minute=config.requests_per_minute,
@@ -128,26 +129,37 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
         )
         if self._fixed_base_url is None:
             self.base_url = config.base_url.rstrip("/")
-        restart = [
-            key for key in ("kind", "max_connections") if getattr(old, key) != getattr(config, key)
-        ]
-        log.info("provider.configured", provider=self.name, needs_restart=restart)
-        return restart
+        log.info("provider.configured", provider=self.name)
+
+    def _key(self) -> str | None:
+        """The API key, read at use. A missing one pauses the provider, as a refused
+        one does: its jobs wait (`vigil resume` once the key is there) instead of the
+        whole backlog failing."""
+        env = self.config.api_key_env
+        if not env:
+            return None
+        key = os.environ.get(env)
+        if not key:
+            self.paused_reason = f"${env} (the API key) is not set in the daemon's environment"
+            log.error("provider.paused", provider=self.name, reason=self.paused_reason)
+        return key
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
-        env = self.config.api_key_env
-        if env:
-            key = os.environ.get(env)
+        if self.config.api_key_env:
+            key = self._key()
             if not key:
-                raise ProviderError(
-                    f"environment variable {env} (the API key of provider {self.name!r}) "
-                    "is not set",
-                    kind="MissingKey",
-                    retryable=False,
-                )
+                raise self._paused()
             headers["Authorization"] = f"Bearer {key}"
         return headers
+
+    def _paused(self) -> ProviderError:
+        return ProviderError(
+            f"provider {self.name!r} is paused: {self.paused_reason}",
+            kind="ProviderPaused",
+            retryable=True,
+            retry_after_s=PAUSED_RETRY_S,
+        )
 
     def available(self) -> bool:
         """Whether a call would be attempted now (not paused, circuit not open)."""
@@ -159,13 +171,8 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
     async def complete(self, request: ChatRequest) -> Completion:
         """One throttled call; raises ProviderError on every kind of failure."""
         if self.paused_reason:
-            raise ProviderError(
-                f"provider {self.name!r} is paused: {self.paused_reason}",
-                kind="ProviderPaused",
-                retryable=True,
-                retry_after_s=PAUSED_RETRY_S,
-            )
-        headers = self._headers()  # a missing key fails before taking budget
+            raise self._paused()
+        headers = self._headers()  # a missing key pauses before taking budget
         estimate = request.estimated_tokens()
         probe = self.breaker.admit()  # an open circuit fails here, before any budget
         failure: str | None = None
