@@ -13,6 +13,7 @@ import pytest
 
 from daemon.control.protocol import MAX_LINE_BYTES
 from tests.daemon_proc import DaemonProcess, run_cli, sim_config
+from tests.spool_files import spool_toml
 
 StartDaemon = Callable[..., DaemonProcess]
 
@@ -90,6 +91,43 @@ def test_unknown_command_and_bad_args(daemon: DaemonProcess) -> None:
     assert error["code"] == "bad_args" and "limit" in str(error["message"])
     wrong_type = msgspec.json.decode(daemon.send_raw(b'{"id": 1, "cmd": 5}\n'))
     assert wrong_type["ok"] is False and wrong_type["id"] == 1
+
+
+def test_bad_args_name_the_field(daemon: DaemonProcess) -> None:
+    """A refused argument is named in the message and in field details, like a bad job."""
+    error = _error(daemon.request("jobs", limit=0))
+    assert error["code"] == "bad_args" and "limit" in str(error["message"])
+    assert error["details"] == [{"index": None, "field": "limit", "message": "Expected `int` >= 1"}]
+    error = _error(daemon.request("show"))
+    assert error["details"] == [{"index": None, "field": "id", "message": "required"}]
+
+
+def test_jobs_pages_with_a_cursor_that_ends(daemon: DaemonProcess) -> None:
+    """The socket's `jobs` gives the same `next_before` as HTTP: null on a full last page."""
+    ids = daemon.call("submit", jobs=[{"analyzer": "summarize", "input": {"text": "x"}}] * 3)["ids"]
+    newest = sorted(ids, reverse=True)
+    first = daemon.call("jobs", limit=2)
+    assert ([j["id"] for j in first["jobs"]], first["next_before"]) == (newest[:2], newest[1])
+    last = daemon.call("jobs", limit=1, before=newest[1])
+    assert ([j["id"] for j in last["jobs"]], last["next_before"]) == (newest[2:], None)
+
+
+def test_passing_health_checks_carry_no_reason(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """`vigil status --json`: a passing check's reason is empty, a failing one keeps its own."""
+    proc = start_daemon(sim_config(extra=spool_toml(tmp_path / "inbox")))
+
+    def checks() -> dict[str, dict[str, object]]:
+        out = run_cli("status", "--json", socket_path=proc.socket_path)
+        assert out.returncode == 0, out.stderr
+        return {c["name"]: c for c in msgspec.json.decode(out.stdout)["health"]["checks"]}
+
+    healthy = checks()
+    assert {"store", "backlog", "provider.sim", "loop", "spool"} <= set(healthy)
+    assert [c for c in healthy.values() if c["ok"] and c["reason"]] == []
+    proc.call("drain")
+    draining = checks()
+    assert draining["intake"]["ok"] is False and "draining" in str(draining["intake"]["reason"])
+    assert [c for c in draining.values() if c["ok"] and c["reason"]] == []
 
 
 def test_oversize_line_gets_an_error(daemon: DaemonProcess) -> None:

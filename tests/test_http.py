@@ -280,6 +280,36 @@ async def test_list_filters_and_pages(client: aiohttp.ClientSession) -> None:
             await expect_error(r, 400, "bad_args")
 
 
+async def test_next_before_is_null_on_a_full_last_page(client: aiohttp.ClientSession) -> None:
+    """A last page that is exactly full has no cursor; one job more gives one, and
+    following it yields that last job with no cursor."""
+
+    async def page(**params: str) -> tuple[list[str], str | None]:
+        async with client.get("/v1/jobs", params={"limit": "2", **params}, headers=AUTH) as r:
+            assert r.status == 200
+            body = await r.json()
+        return [job["id"] for job in body["jobs"]], body["next_before"]
+
+    async with client.post("/v1/jobs", json=[JOB] * 2, headers=AUTH) as r:
+        ids = (await r.json())["ids"]
+    assert await page() == (sorted(ids, reverse=True), None)
+    async with client.post("/v1/jobs", json=JOB, headers=AUTH) as r:
+        ids += (await r.json())["ids"]
+    newest = sorted(ids, reverse=True)
+    assert await page() == (newest[:2], newest[1])
+    assert await page(before=newest[1]) == (newest[2:], None)
+
+
+async def test_bad_list_values_name_the_field(client: aiohttp.ClientSession) -> None:
+    """A value the command refuses gets 400 with field details, as an unknown
+    parameter does."""
+    for query, field in (("limit=0", "limit"), ("limit=10001", "limit"), ("state=weird", "state")):
+        async with client.get(f"/v1/jobs?{query}", headers=AUTH) as r:
+            error = await expect_error(r, 400, "bad_args")
+        assert [(d["index"], d["field"]) for d in error["details"]] == [(None, field)], query
+        assert error["details"][0]["message"] and field in error["message"]
+
+
 async def test_show_and_cancel(client: aiohttp.ClientSession) -> None:
     """GET and DELETE /v1/jobs/{id}: the job, its cancel, 409 when already over, 404
     for an unknown id."""

@@ -115,6 +115,24 @@ def test_notify_sequence_ready_status_reload_stopping(
     assert daemon.proc.wait(30) == 0
 
 
+def test_a_drain_that_makes_progress_extends_the_stop_timeout(
+    start_daemon: StartDaemon, notify_socket: socket.socket, tmp_path: Path
+) -> None:
+    """While attempts still finish during a drain, EXTEND_TIMEOUT_USEC follows
+    STOPPING=1 every few seconds, so TimeoutStopSec does not kill a drain that works."""
+    config = sim_config(latency_ms=6000, timeout_s=60, grace_s=60)
+    daemon = start_daemon(config, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    jobs = [{"analyzer": "summarize", "input": {"text": f"long {i}"}} for i in range(10)]
+    daemon.call("submit", jobs=jobs)
+    wait_until(lambda: daemon.call("status")["queue"]["active"] == 10, what="10 attempts")
+    time.sleep(1.5)  # attempts of ~6 s (sigma 0.2): most end 3-6 s into the drain
+    daemon.proc.send_signal(signal.SIGTERM)
+    got = _messages(notify_socket, lambda m: any(x.startswith("EXTEND_TIMEOUT_USEC") for x in m))
+    got = [m for m in got if not m.startswith("STATUS=")]
+    assert got.index("STOPPING=1") < got.index("EXTEND_TIMEOUT_USEC=15000000"), got
+    assert daemon.proc.wait(60) == 0
+
+
 def test_broken_reload_keeps_the_old_config(start_daemon: StartDaemon) -> None:
     """A reload with an invalid config is refused; the daemon runs on unchanged."""
     daemon = start_daemon(sim_config(max_concurrency=7))

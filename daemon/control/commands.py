@@ -10,7 +10,7 @@ import msgspec
 from msgspec import Meta
 
 from daemon.control.protocol import CommandError
-from daemon.intake.submit import IntakeClosed, SubmitError
+from daemon.intake.submit import IntakeClosed, SubmitError, field_error
 from daemon.jobs import Job, State
 from daemon.observe.ring import LEVELS, LogFilter
 from daemon.reload import ReloadError, reload
@@ -93,10 +93,14 @@ async def submit(rt: Runtime, args: SubmitArgs) -> Any:
 
 
 async def jobs(rt: Runtime, args: JobsArgs) -> Any:
+    """Newest first. One row past the page tells whether another page exists, so
+    `next_before` (the cursor to pass as `before`) is null on the last page."""
     found = await rt.store.list_jobs(
-        state=args.state, analyzer=args.analyzer, limit=args.limit, before=args.before
+        state=args.state, analyzer=args.analyzer, limit=args.limit + 1, before=args.before
     )
-    return {"jobs": [job_data(j) for j in found]}
+    page = found[: args.limit]
+    more = len(found) > args.limit
+    return {"jobs": [job_data(j) for j in page], "next_before": page[-1].id if more else None}
 
 
 async def show(rt: Runtime, args: IdArgs) -> Any:
@@ -244,7 +248,9 @@ async def execute(rt: Runtime, cmd: str, raw_args: dict[str, Any]) -> Any:
     try:
         args = msgspec.convert(raw_args, args_type)
     except msgspec.ValidationError as exc:
-        raise CommandError("bad_args", f"{cmd}: {exc}") from None
+        error = field_error(exc, None, "args")
+        details = [msgspec.to_builtins(error)]
+        raise CommandError("bad_args", f"{cmd}: {error.field}: {error.message}", details) from None
     try:
         return await handler(rt, args)
     except SubmitError as exc:

@@ -288,10 +288,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     if errors:
         first = errors[0]
         raise CommandError("bad_args", f"{first['field']}: {first['message']}", errors)
-    data = await _run(request, "jobs", args)
-    limit = args.get("limit", 50)
-    found = data["jobs"]
-    return _json({**data, "next_before": found[-1]["id"] if len(found) >= limit else None})
+    return _json(await _run(request, "jobs", args))
 
 
 async def show_job(request: web.Request) -> web.Response:

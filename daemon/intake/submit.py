@@ -44,17 +44,31 @@ class IntakeClosed(Exception):
     """The daemon is draining or stopping and takes no new work."""
 
 
+# msgspec names these fields in the message, not the path (the path is their object's).
+_OBJECT_FAULTS = (
+    ("Object missing required field", "required"),
+    ("Object contains unknown field", "unknown field"),
+)
+
+
+def field_error(exc: msgspec.ValidationError, index: int | None, whole: str) -> FieldError:
+    """msgspec's "<message> - at `$.<path>`" as the field error every surface shows
+    (`{"index", "field", "message"}`); `whole` names the value itself (a job, a
+    command's arguments) when no field is at fault."""
+    message, _, path = str(exc).partition(" - at `$")
+    field = path.rstrip("`").lstrip(".")
+    for prefix, short in _OBJECT_FAULTS:
+        if message.startswith(prefix):
+            name = message.split("`")[1]
+            field, message = f"{field}.{name}" if field else name, short
+    return FieldError(index, field or whole, message)
+
+
 def _convert(raw: Any, index: int | None) -> JobSubmit | FieldError:
     try:
         return msgspec.convert(raw, JobSubmit)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        message, _, path = text.partition(" - at `$")
-        field = path.rstrip("`").lstrip(".") or "job"
-        if message.startswith("Object missing required field"):
-            field = message.split("`")[1]
-            message = "required"
-        return FieldError(index, field, message)
+        return field_error(exc, index, "job")
 
 
 def _depth(value: Any) -> int:

@@ -21,7 +21,7 @@ class Check(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     ok: bool
     affects: Affects = "ready"
-    reason: str = ""
+    reason: str = ""  # why it fails; empty once the report holds it and it passes
 
 
 class HealthReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,7 +49,14 @@ class Health:
         checks: list[Check] = []
         for fn in self._checks:
             out = fn()
-            checks.extend(out if isinstance(out, list) else [out])
+            checks.extend(_as_reported(c) for c in (out if isinstance(out, list) else [out]))
         live = all(c.ok for c in checks if c.affects == "live")
         ready = live and all(c.ok for c in checks if c.affects == "ready")
         return HealthReport(live=live, ready=ready, checks=checks)
+
+
+def _as_reported(check: Check) -> Check:
+    """A passing check has nothing to explain. Producers may word their failure
+    unconditionally ("backlog full: ..."); that text must not reach a reader of a
+    passing check, on any surface."""
+    return msgspec.structs.replace(check, reason="") if check.ok and check.reason else check
