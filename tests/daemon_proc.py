@@ -115,6 +115,11 @@ max_attempts = {max_attempts}
     )
 
 
+def with_socket_group(group: str) -> str:
+    """`sim_config()` whose control socket belongs to `group` (daemon.socket_group)."""
+    return sim_config().replace("[daemon]\n", f'[daemon]\nsocket_group = "{group}"\n')
+
+
 def run_cli(
     *args: str,
     socket_path: Path | None = None,

@@ -7,12 +7,13 @@ import socket
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 
 from daemon.control.protocol import MAX_LINE_BYTES
-from tests.daemon_proc import DaemonProcess, run_cli, sim_config
+from tests.daemon_proc import DaemonProcess, run_cli, sim_config, with_socket_group
 from tests.spool_files import spool_toml
 
 StartDaemon = Callable[..., DaemonProcess]
@@ -154,6 +155,23 @@ def test_socket_is_private(daemon: DaemonProcess) -> None:
     assert mode == 0o600
 
 
+def test_mutating_commands_are_logged_with_the_peer(daemon: DaemonProcess) -> None:
+    """A command that changes something is logged with the peer's uid and pid as the
+    kernel reports them; a read-only one is not."""
+
+    def logged() -> list[dict[str, Any]]:
+        return [e for e in daemon.events() if e.get("event") == "control.command"]
+
+    before = len(logged())  # the fixture paused the daemon
+    daemon.call("status")
+    daemon.call("resume")
+    daemon.call("pause")
+    new = logged()[before:]
+    assert [e["cmd"] for e in new] == ["resume", "pause"], new
+    assert all(e["peer_uid"] == os.getuid() for e in new), new
+    assert all(isinstance(e["peer_pid"], int) and e["peer_pid"] > 0 for e in new), new
+
+
 def test_cli_without_daemon_exits_69_naming_the_socket(tmp_path: Path) -> None:
     """No daemon: exit 69 (EX_UNAVAILABLE) and the socket path tried."""
     path = tmp_path / "nothing.sock"
@@ -182,9 +200,7 @@ def test_socket_group_makes_the_socket_group_usable(start_daemon: StartDaemon) -
     """With daemon.socket_group set, the socket is mode 0660 owned by that group."""
     import grp
 
-    group = grp.getgrgid(os.getgid()).gr_name
-    config = sim_config().replace("[daemon]\n", f'[daemon]\nsocket_group = "{group}"\n')
-    daemon = start_daemon(config)
+    daemon = start_daemon(with_socket_group(grp.getgrgid(os.getgid()).gr_name))
     info = os.stat(daemon.socket_path)
     assert stat.S_IMODE(info.st_mode) == 0o660
     assert info.st_gid == os.getgid()

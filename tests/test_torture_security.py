@@ -25,7 +25,14 @@ import pytest
 from aiohttp import web
 
 from daemon.config import DEFAULT_HTTP_LISTEN, ConfigError, parse_config
-from tests.daemon_proc import DaemonProcess, daemon_config, run_cli, sim_config, wait_until
+from tests.daemon_proc import (
+    DaemonProcess,
+    daemon_config,
+    run_cli,
+    sim_config,
+    wait_until,
+    with_socket_group,
+)
 from tests.torture_helpers import (
     analyzer,
     host_port,
@@ -126,10 +133,6 @@ def test_peer_credentials_refuse_other_uids(start_daemon: StartDaemon) -> None:
     assert daemon.call("status")["state"] == "running", "the refused command ran"
     refused = [e for e in daemon.events() if e.get("event") == "control.refused"]
     assert refused and refused[-1]["peer_uid"] == NOBODY
-
-
-def with_socket_group(group: str) -> str:
-    return sim_config().replace("[daemon]\n", f'[daemon]\nsocket_group = "{group}"\n')
 
 
 def test_socket_group_members_get_in(start_daemon: StartDaemon) -> None:
