@@ -1,5 +1,7 @@
 """The kill loop: jobs against an API that fails 5 % of requests, the daemon SIGKILLed
-at random moments (mid-submit, mid-attempt, mid-recovery) and restarted each time.
+at random moments (mid-submit, mid-attempt) and restarted each time, so start-up
+recovery runs after every kill (a kill waits until the restarted daemon answers: none
+lands inside recovery itself).
 
 The simulated API runs as its own process (`python -m daemon simulate-api`), so its
 request count spans every restart. A submitter keeps submitting batches keyed by

@@ -244,25 +244,34 @@ def test_disk_nearly_full(start_daemon: StartDaemon, tmp_path: Path) -> None:
         assert not ledger_problems(db)
 
 
-@pytest.mark.slow
 def test_disk_completely_full(start_daemon: StartDaemon, tmp_path: Path) -> None:
-    """Something else fills the disk to the last byte while attempts run: writes that
-    cannot land are retried, not dropped; freed, every accepted job ends, once."""
+    """Something else fills the disk to the last byte while attempts run (no
+    min_free_mb reserve): readiness false naming SQLite's error, submits refused,
+    writes that cannot land retried, not dropped; freed, readiness returns by itself
+    and every accepted job ends, once."""
     with tmpfs(tmp_path / "mnt", 32) as mnt:
         daemon = start_daemon(
             storage_config(state_dir=mnt, socket=socket_in(tmp_path), min_free_mb=0, latency_ms=300)
         )
         db = mnt / "vigil.db"
-        accepted = daemon.call("submit", jobs=jobs("before", 80))["ids"]
+        accepted = daemon.call("submit", jobs=jobs("before", 40))["ids"]
         wait_until(lambda: daemon.call("status")["jobs"]["succeeded"] > 0, what="running")
         filler = fill(mnt, leave_bytes=0)
-        # Let attempts end against the full disk (the WAL may still have room for
-        # some; the rest fail and wait).
-        wait_until(lambda: daemon.call("status")["store"]["commit_errors"] > 0, timeout_s=60)
+        # Attempts end against the full disk (the WAL may still have room for some; the
+        # rest fail and wait).
+        wait_until(
+            lambda: not_ready_because(daemon, "store", "full"),
+            timeout_s=60,
+            what="readiness false: database or disk is full",
+        )
+        reply = daemon.request("submit", jobs=jobs("refused", 2))
+        assert reply["ok"] is False and reply["error"]["code"] == "store_error", reply
         filler.unlink()
+        wait_until(lambda: readyz(daemon).status == 200, timeout_s=30, what="ready again")
         final = daemon.wait_all_terminal(timeout_s=120)
         assert final["succeeded"] + final["failed"] == len(accepted), final
         assert daemon.terminate() == 0
+        assert not {k for k in keys_in(db) if k.startswith("refused")}
         assert len(keys_in(db)) == len(accepted)
         assert not ledger_problems(db)
 
