@@ -178,7 +178,7 @@ async def run_daemon(
                     config=redacted(config),
                 )
                 if config.intake.spool is not None:
-                    spool = SpoolIntake(config.intake.spool, rt.intake, store, rt.live)
+                    spool = SpoolIntake(rt.intake, store, rt.live)
                     rt.status_sections["spool"] = spool.status
                     rt.health.register(spool.check)
                     # Stops claiming once intake closes (below); keeps moving finished

@@ -255,7 +255,7 @@ def _check(config: Config) -> list[str]:
         problems.append(f"$.daemon.socket_group: no group named {config.daemon.socket_group!r}")
     spool = config.intake.spool
     if spool is not None:
-        problems.extend(_check_spool(config, spool))
+        problems.extend(check_spool(config, spool))
     return problems
 
 
@@ -269,7 +269,7 @@ def _group_exists(name: str) -> bool:
     return True
 
 
-def _check_spool(config: Config, spool: SpoolConfig) -> list[str]:
+def check_spool(config: Config, spool: SpoolConfig) -> list[str]:
     """A spool job's input is {field: text, "filename": name}; anything else its
     analyzer's prompt needs would fail every file, so it is a config error."""
     problems: list[str] = []

@@ -4,9 +4,10 @@ while running, and name what needs a restart.
 A config that fails to parse or validate changes nothing: the daemon keeps running
 on the old one and says why. What is applied: the log level, queue limits and
 concurrency, analyzers (templates, handlers, attempts, timeouts), provider limits
-and timeouts, base URLs, the simulated API's behaviour. What needs a restart:
-anything that owns an open resource (state dir, socket, HTTP listener, spool,
-providers added or removed, a provider's kind, pool size or key variable)."""
+and timeouts, base URLs, the spool's settings, the simulated API's behaviour. What
+needs a restart: anything that owns an open resource (state dir, socket, HTTP
+listener, the spool's directory, a spool added or removed, providers added or
+removed, a provider's kind, pool size or key variable)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,14 @@ import structlog
 
 from daemon import systemd
 from daemon.analyzers import build_analyzers
-from daemon.config import Config, ConfigError, ProviderConfig, load_config
+from daemon.config import (
+    Config,
+    ConfigError,
+    ProviderConfig,
+    SpoolConfig,
+    check_spool,
+    load_config,
+)
 from daemon.observe.logs import set_level
 from daemon.runtime import Runtime
 
@@ -44,15 +52,33 @@ def _restart_only_changes(before: ProviderConfig, after: ProviderConfig) -> list
     return [key for key in RESTART_ONLY if getattr(before, key) != getattr(after, key)]
 
 
+def _plan_spool(
+    old: SpoolConfig | None, new: SpoolConfig | None, restart: list[str]
+) -> SpoolConfig | None:
+    """The spool settings to run on: the new ones, but the directory (it holds the
+    files in flight) and the spool's presence need a restart."""
+    if old is None or new is None:
+        if old != new:
+            restart.append(f"intake.spool ({'added' if old is None else 'removed'})")
+        return old
+    if new.dir != old.dir:
+        restart.append("intake.spool.dir")
+        return msgspec.structs.replace(new, dir=old.dir)
+    return new
+
+
 def _plan(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
     """The config to run on (new, with restart-only parts kept as they are), what
     changes, and what needs a restart."""
     restart: list[str] = []
     keep: dict[str, Any] = {}
-    for section in ("daemon", "http", "intake", "watchdog"):
+    for section in ("daemon", "http", "watchdog"):
         if getattr(old, section) != getattr(new, section):
             restart.append(section)
             keep[section] = getattr(old, section)
+    spool = _plan_spool(old.intake.spool, new.intake.spool, restart)
+    if spool != new.intake.spool:
+        keep["intake"] = msgspec.structs.replace(new.intake, spool=spool)
     if (old.log.format, old.log.ring_size) != (new.log.format, new.log.ring_size):
         restart.append("log.format/log.ring_size")
     providers = dict(new.providers)
@@ -82,9 +108,15 @@ def _plan(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
         log=msgspec.structs.replace(new.log, format=old.log.format, ring_size=old.log.ring_size),
         **keep,
     )
+    kept_spool = planned.intake.spool
+    if kept_spool is not None and kept_spool is not new.intake.spool:
+        # A spool kept as it was must still suit the new analyzers.
+        problems = check_spool(planned, kept_spool)
+        if problems:
+            raise ReloadError("; ".join(problems) + " (the spool changes only with a restart)")
     changed = [
         field
-        for field in ("log", "queue", "providers", "analyzers")
+        for field in ("log", "queue", "providers", "analyzers", "intake")
         if getattr(old, field) != getattr(planned, field)
     ]
     return planned, changed, restart

@@ -43,7 +43,8 @@ AUTH = f"Bearer {TOKEN}"
 SHORT_EXAMPLES = 200
 LONG_EXAMPLES = 6000
 REPLY_TIMEOUT_S = 20.0
-CASES: dict[str, int] = {"socket": 0, "http": 0}
+CASES: dict[str, int] = {"socket": 0, "http": 0, "long": 0}  # long: long runs begun
+LONG_RUNS_MIN_CASES = 10_000
 
 
 def fuzz_settings(examples: int) -> settings:
@@ -213,6 +214,7 @@ def test_socket_fuzz(daemon: DaemonProcess, payload: bytes) -> None:
 @fuzz_settings(LONG_EXAMPLES)
 def test_socket_fuzz_long(daemon: DaemonProcess, payload: bytes) -> None:
     """The long run of the socket fuzzer (with the HTTP one, over 10,000 cases)."""
+    CASES["long"] += 1
     fuzz_socket(daemon, payload)
 
 
@@ -482,6 +484,8 @@ def test_http_serves_after_fuzzing(daemon: DaemonProcess, http_addr: tuple[str, 
     )
     assert answer.status == 202, answer
     print("fuzz cases:", CASES, "pid", os.getpid())
+    if CASES["long"]:  # the long runs took place: they promise their number of cases
+        assert CASES["socket"] + CASES["http"] >= LONG_RUNS_MIN_CASES, CASES
 
 
 # -- the spool directory ---------------------------------------------------------------

@@ -78,14 +78,14 @@ class _Entry:
 
 class SpoolIntake:
     """Owns one spool directory for the daemon's lifetime (one daemon per directory,
-    enforced with a lock file). Reads the live queue limits on each poll."""
+    enforced with a lock file). Reads its settings and the queue limits live, so a
+    reload applies to the next poll; only the directory needs a restart."""
 
-    def __init__(self, config: SpoolConfig, intake: Intake, store: Store, live: Live) -> None:
-        self.config = config
+    def __init__(self, intake: Intake, store: Store, live: Live) -> None:
         self._intake = intake
         self._store = store
         self._live = live
-        self._layout = Layout(Path(config.dir))
+        self._layout = Layout(Path(self.config.dir))
         self._entries: dict[str, _Entry] = {}
         self._seen: dict[str, tuple[Sig, float]] = {}  # inbox name -> (version, since)
         self._lock_fd: int | None = None
@@ -94,6 +94,12 @@ class SpoolIntake:
         self.held: str | None = None
         self.waiting = 0
         self.claimed = self.resumed = self.done = self.failed = 0
+
+    @property
+    def config(self) -> SpoolConfig:
+        spool = self._live.config.intake.spool
+        assert spool is not None, "a spool is added or removed only by a restart"
+        return spool
 
     def status(self) -> dict[str, Any]:
         """The spool's part of `vigil status`; counts are since the daemon started."""
