@@ -68,6 +68,8 @@ class Dispatcher:
         self.finished = 0
         self.outcomes: Counter[str] = Counter()  # attempt ends: succeeded, retried, failed
         # Observers (metrics) told at the event; quick, and a failing one is only logged.
+        # A claim is told once its attempt's task runs: observers (the stuck watch) can
+        # then see that task in `active`.
         self.on_claim: list[Callable[[Job], None]] = []
         self.on_finish: list[Callable[[Job, AttemptEnd, State | None], None]] = []
         self.on_cancel: list[Callable[[Canceled], None]] = []
@@ -132,7 +134,6 @@ class Dispatcher:
                 for job in jobs:
                     entry = ActiveAttempt(job)
                     self.active[job.id] = entry
-                    _observe(self.on_claim, job)
                     tg.start_soon(self._run_one, entry, name=f"job {job.id}")
                 if not jobs:
                     await self._store.wakeup.wait(await self._until_next_retry())
@@ -149,6 +150,7 @@ class Dispatcher:
     async def _run_one(self, entry: ActiveAttempt) -> None:
         job, scope = entry.job, entry.scope
         entry.task = asyncio.current_task()
+        _observe(self.on_claim, job)
         try:
             with scope:
                 end = await self._execute(job)

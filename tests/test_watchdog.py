@@ -112,7 +112,8 @@ def test_gil_holding_stall_is_dumped_by_faulthandler(start_daemon: StartDaemon) 
     thread writes the stuck frame (file, function) to stderr."""
     daemon = start_daemon(watchdog_config("stall_dump_s = 0.5"))
     submit(daemon, "hogs", seconds=2.5)
-    dumped = re.compile(rf'^  File "{re.escape(HANDLERS_FILE)}", line \d+ in hogs_gil$', re.M)
+    line = marked_line("hogs_gil")
+    dumped = re.compile(rf'^  File "{re.escape(HANDLERS_FILE)}", line {line} in hogs_gil$', re.M)
     deadline = time.monotonic() + WAIT_S
     text = ""
     while not dumped.search(text):
@@ -123,6 +124,28 @@ def test_gil_holding_stall_is_dumped_by_faulthandler(start_daemon: StartDaemon) 
         text = "\n".join(line for line in lines if not line.startswith("{"))
     assert "Timeout (0:00:00.500000)!" in text
     assert "most recent call first" in text
+
+
+def test_gil_held_in_c_is_a_blocked_loop_with_no_stale_site(start_daemon: StartDaemon) -> None:
+    """A C call holding the GIL past the threshold: loop.blocked says so (held_gil)
+    and names no frame, since the side thread can only look once the call is over."""
+    daemon = start_daemon(watchdog_config())
+    submit(daemon, "hogs", seconds=1.5)
+
+    blocked = wait_event(daemon, "loop.blocked")
+    assert blocked["held_gil"] is True, blocked
+    assert blocked["sampled_late_ms"] > blocked["threshold_ms"]
+    assert not {"file", "line", "function", "code", "task", "stack"} & blocked.keys()
+    assert "stall_dump_s" in blocked["hint"] and blocked["stall_dump_s"] == 10.0
+    unblocked = wait_event(daemon, "loop.unblocked")
+    assert unblocked["held_gil"] is True and "file" not in unblocked
+    assert unblocked["blocked_ms"] >= blocked["threshold_ms"]
+
+    daemon.wait_all_terminal(timeout_s=WAIT_S)
+    loop = daemon.call("status")["watchdog"]["loop"]
+    assert loop["blocked_count"] == loop["held_gil"]["count"] == 1
+    assert loop["sites"] == []  # what ran after the call is not where the loop blocked
+    assert daemon.terminate() == 0
 
 
 def test_memory_growth_names_the_growing_site(start_daemon: StartDaemon) -> None:
@@ -202,6 +225,33 @@ max_attempts = 2
     stuck_status = daemon.call("status")["watchdog"]["stuck"]
     assert stuck_status["abandoned"] == 2 and stuck_status["timeouts_with_stack"] >= 2
     assert daemon.call("show", id=shielded_id)["job"]["state"] == "failed"
+    assert daemon.terminate() == 0
+
+
+def test_attempts_claimed_together_each_log_their_timeout_stack(
+    start_daemon: StartDaemon,
+) -> None:
+    """Attempts claimed in one batch while the stuck watch waits: every one logs job.timeout."""
+    analyzers = """
+[analyzers.forever]
+handler = "tests.watchdog_handlers:forever"
+timeout_s = 0.5
+max_attempts = 1
+"""
+    daemon = start_daemon(watchdog_config(analyzers=analyzers))
+    # Having sampled this attempt, the stuck watch next looks CHECK_S (1 s) later; the
+    # batch, claimed well before that and due sooner, wakes it: a wake that came before
+    # the batch's tasks ran saw nothing to sample and lost all their stacks.
+    first = submit(daemon, "forever")
+    daemon.wait_all_terminal(timeout_s=WAIT_S)
+    batch = submit(daemon, "forever", n=5)
+    daemon.wait_all_terminal(timeout_s=WAIT_S)
+
+    timeouts = {e["job_id"]: e for e in events_named(daemon, "job.timeout")}
+    assert sorted(timeouts) == sorted(first + batch), daemon.log()
+    for event in timeouts.values():
+        assert (event["file"], event["line"]) == (HANDLERS_FILE, marked_line("forever"))
+    assert daemon.call("status")["watchdog"]["stuck"]["timeouts_with_stack"] == 6
     assert daemon.terminate() == 0
 
 

@@ -4,6 +4,7 @@ daemon subprocess imports them). Lines the tests look for carry a `# MARK:` tag.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
@@ -21,12 +22,23 @@ async def blocks(input: dict[str, Any], ctx: HandlerContext) -> str:
 
 
 async def hogs_gil(input: dict[str, Any], ctx: HandlerContext) -> str:
-    """Holds the GIL in C calls (sum over a range) for a while: the side thread
-    starves, faulthandler's C thread does not."""
-    until = time.monotonic() + float(input.get("seconds", 3.0))
-    while time.monotonic() < until:
-        sum(range(3_000_000))
+    """Holds the GIL in one C call (a sum over a range) for about `seconds`: the side
+    thread starves until it returns, faulthandler's C thread does not."""
+    items = int(float(input.get("seconds", 3.0)) / _sum_s_per_item())
+    sum(range(items))  # MARK: hogs_gil
     return "hogged"
+
+
+def _sum_s_per_item() -> float:
+    """What sum() over a range takes per item on this machine: the fastest of a few
+    short runs, so the long one lasts at least as long as asked."""
+    items = 100_000
+    best_s = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        sum(range(items))
+        best_s = min(best_s, time.perf_counter() - start)
+    return best_s / items
 
 
 async def leaks(input: dict[str, Any], ctx: HandlerContext) -> str:

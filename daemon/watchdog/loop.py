@@ -5,7 +5,9 @@ time it next expects to run is its heartbeat. A side thread, which keeps running
 while the loop is stuck in a blocking call, watches that heartbeat: once the loop is
 `block_threshold_ms` late, it takes the main thread's stack and logs `loop.blocked`
 with the blocking call first, then `loop.unblocked` with the total. A C call that
-holds the GIL starves that thread too; faulthandler's own C thread covers it, armed
+holds the GIL starves that thread too: it can look only once the call has returned,
+when the stack shows whatever the loop runs next, so it logs such a block as
+`held_gil`, with no stack and no site. faulthandler's own C thread covers it, armed
 to dump every stack if the heartbeat has not re-armed it for `stall_dump_s`."""
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from daemon.watchdog.introspect import Frame, frame_stack, headline
+from daemon.watchdog.introspect import UNKNOWN, Frame, frame_stack, headline
 
 log = structlog.get_logger("vigil.watchdog")
 
@@ -126,11 +128,20 @@ class LoopMonitor:
             "blocked_count": detector.count,
             "blocked_seconds": round(detector.total_s, 3),
             "threshold_ms": round(self.threshold_s * 1000),
+            "held_gil": {
+                "count": detector.held_gil.count,
+                "total_s": round(detector.held_gil.total_s, 3),
+            },
             "sites": [
                 {"site": str(s.frame), "count": s.count, "total_s": round(s.total_s, 3)}
                 for s in sites
             ],
         }
+
+
+def _named(frame: Frame) -> dict[str, Any]:
+    """A frame as log fields."""
+    return {"file": frame.file, "line": frame.line, "function": frame.function}
 
 
 @contextlib.contextmanager
@@ -166,7 +177,10 @@ class BlockedDetector:
         self.count = 0
         self.total_s = 0.0
         self.sites: dict[tuple[str, int, str], Site] = {}
-        self.current: Site | None = None
+        # Blocks this thread saw only once they were over (C code holding the GIL):
+        # counted and logged like a site, but not one: nobody saw where they were.
+        self.held_gil = Site(UNKNOWN)
+        self.current: Site | None = None  # where the loop is blocked now, if seen
         self._stop = threading.Event()
         self._loop_ident = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -200,14 +214,15 @@ class BlockedDetector:
                 wait_s = max(0.005, monitor.due + threshold - time.monotonic())
             else:
                 wait_s = threshold
+            wake_at = time.monotonic() + wait_s
             if self._stop.wait(wait_s):
                 return
             try:
-                self._check()
+                self._check(wake_at)
             except Exception:  # the watcher must outlive its own bugs
                 log.exception("watchdog.thread_error")
 
-    def _check(self) -> None:
+    def _check(self, wake_at: float) -> None:
         monitor = self._monitor
         if not monitor.running:
             return
@@ -217,17 +232,24 @@ class BlockedDetector:
             return
         late_s = time.monotonic() - monitor.due
         if late_s >= monitor.threshold_s:
-            self._begin(late_s)
+            self._begin(late_s, wake_at)
 
-    def _begin(self, late_s: float) -> None:
+    def _begin(self, late_s: float, wake_at: float) -> None:
+        """The main thread's stack shows the blocking call only if this thread ran
+        about when it meant to (`wake_at`); one that got the GIL a threshold later
+        sees whatever ran after the call that held it."""
         monitor = self._monitor
         frame = sys._current_frames().get(self._loop_ident)
-        stack = frame_stack(frame)
-        top = headline(stack)
-        site = self._site(top)
+        sampled_late_s = time.monotonic() - wake_at
+        if sampled_late_s > monitor.threshold_s:
+            site, where = self.held_gil, self._held_gil_fields(sampled_late_s)
+        else:
+            stack = frame_stack(frame)
+            top = headline(stack)
+            site, where = self._site(top), self._site_fields(top, stack)
+            self.current = site
         site.count += 1
         self.count += 1
-        self.current = site
         self._blocked_tick, self._blocked_due = monitor.ticks, monitor.due
         now = time.monotonic()
         self._logged = now - site.last_logged >= REPEAT_LOG_S
@@ -239,32 +261,40 @@ class BlockedDetector:
             "loop.blocked",
             blocked_ms=round(late_s * 1000),
             threshold_ms=round(monitor.threshold_s * 1000),
-            file=top.file,
-            line=top.line,
-            function=top.function,
-            code=linecache.getline(top.file, top.line).strip(),
-            task=self._current_task_name(),
+            **where,
             times_here=site.count,
             not_logged_since_last=site.suppressed,
-            stack=[str(f) for f in stack],
         )
         site.last_logged, site.suppressed = now, 0
+
+    def _site_fields(self, top: Frame, stack: list[Frame]) -> dict[str, Any]:
+        return {
+            **_named(top),
+            "code": linecache.getline(top.file, top.line).strip(),
+            "task": self._current_task_name(),
+            "stack": [str(f) for f in stack],
+        }
+
+    def _held_gil_fields(self, sampled_late_s: float) -> dict[str, Any]:
+        return {
+            "held_gil": True,
+            "sampled_late_ms": round(sampled_late_s * 1000),
+            "stall_dump_s": self._monitor.stall_dump_s,
+            "hint": "C code held the GIL, so this thread could take the loop's stack only "
+            "after that call returned, when it no longer shows it; faulthandler writes "
+            "every thread's stack, the blocking line included, to stderr once a stall "
+            "lasts watchdog.stall_dump_s",
+        }
 
     def _end(self) -> None:
         total_s = max(0.0, self._monitor.heartbeat - self._blocked_due)
         self.total_s += total_s
-        site = self.current
-        if site is not None:
-            site.total_s += total_s
-            if self._logged:
-                # Logged before `blocked` clears: nothing (systemd pings) resumes first.
-                log.warning(
-                    "loop.unblocked",
-                    blocked_ms=round(total_s * 1000),
-                    file=site.frame.file,
-                    line=site.frame.line,
-                    function=site.frame.function,
-                )
+        site = self.held_gil if self.current is None else self.current
+        site.total_s += total_s
+        if self._logged:
+            # Logged before `blocked` clears: nothing (systemd pings) resumes first.
+            where = {"held_gil": True} if site is self.held_gil else _named(site.frame)
+            log.warning("loop.unblocked", blocked_ms=round(total_s * 1000), **where)
         self.current = None
         self.blocked = False
 

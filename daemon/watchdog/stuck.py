@@ -57,7 +57,9 @@ class StuckWatch:
         self.timeouts_logged = 0
 
     def attach(self) -> None:
-        """Hear of claims (to wake for an earlier deadline) and attempt ends."""
+        """Hear of claims (to wake for an earlier deadline) and attempt ends. A claim
+        is heard once its attempt's task runs: a pass before that could not sample it,
+        and would next look only CHECK_S later, past a short timeout."""
         self._dispatcher.on_claim.append(self._claimed)
         self._dispatcher.on_finish.append(self._finished)
 
@@ -70,6 +72,7 @@ class StuckWatch:
         if timeout is not None:
             sample_at = anyio.current_time() + timeout - _lead_s(timeout)
             if sample_at < self._next_wake:
+                self._next_wake = sample_at  # kept if heard during a pass (no one waits)
                 self._replan.notify()
 
     def _finished(self, job: Job, end: AttemptEnd, new: State | None) -> None:
@@ -93,12 +96,13 @@ class StuckWatch:
 
     async def run(self) -> None:
         while True:
+            self._next_wake = math.inf  # a claim heard while the pass awaits lowers it
             try:
                 wake = await self._check()
             except Exception:  # a failed pass must not end the watch (or the daemon)
                 log.exception("watchdog.stuck_check_failed")
                 wake = anyio.current_time() + CHECK_S
-            self._next_wake = wake
+            self._next_wake = wake = min(wake, self._next_wake)
             await self._replan.wait(max(0.0, wake - anyio.current_time()))
 
     async def _check(self) -> float:
@@ -109,7 +113,7 @@ class StuckWatch:
         for entry in list(self._dispatcher.active.values()):
             timeout = self._timeout_s(entry.job)
             if timeout is None or entry.task is None:
-                continue
+                continue  # not started yet: its start is heard as its claim
             key = (entry.job.id, entry.job.attempts)
             seen.add(key)
             stuck_at = entry.started + timeout + self._margin_s
