@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 
-from daemon.config import AnalyzerConfig, Config, PriceConfig, template_fields
+from daemon.config import AnalyzerConfig, Config, ConfigError, PriceConfig, template_fields
 from daemon.jobs import Job, Usage
 from daemon.providers.base import (
     ChatRequest,
@@ -174,25 +174,30 @@ class Analyzer:
         return AnalysisResult(result=result, usage=calls.usage, http_status=calls.http_status)
 
 
-class HandlerImportError(Exception):
-    pass
+class HandlerImportError(ConfigError):
+    """A handler that cannot be loaded is a config error: restarting will not fix it."""
 
 
-def load_handler(spec: str) -> Handler:
-    """Import `package.module:function`; runs at start-up and reload, not per job."""
+def load_handler(analyzer: str, spec: str) -> Handler:
+    """Import `package.module:function`; runs at start-up and reload, not per job.
+    Whatever the import raises (a SyntaxError, a module that fails at import time)
+    is reported against the analyzer's `handler` key."""
     module_name, _, attr = spec.partition(":")
+    where = f"$.analyzers.{analyzer}.handler"
     try:
         module = importlib.import_module(module_name)
         handler: Handler = getattr(module, attr)
-    except (ImportError, AttributeError) as exc:
-        raise HandlerImportError(f"cannot load handler {spec!r}: {exc}") from None
+    except Exception as exc:
+        raise HandlerImportError(
+            f"{where}: cannot load {spec!r}: {type(exc).__name__}: {exc}"
+        ) from None
     if not callable(handler):
-        raise HandlerImportError(f"handler {spec!r} is not callable")
+        raise HandlerImportError(f"{where}: {spec!r} is not callable")
     return handler
 
 
 def build_analyzers(config: Config) -> dict[str, Analyzer]:
     return {
-        name: Analyzer(name, cfg, load_handler(cfg.handler) if cfg.handler else None)
+        name: Analyzer(name, cfg, load_handler(name, cfg.handler) if cfg.handler else None)
         for name, cfg in config.analyzers.items()
     }

@@ -353,9 +353,6 @@ def _reword(message: str, prefix: str = "$") -> str:
     match = re.match(r"^(.*) - at `\$(.*)`$", message)
     if match:
         return f"{prefix}{match.group(2)}: {match.group(1)}"
-    match = re.match(r"^(.*) - at `key` in `\$(.*)`$", message)
-    if match:  # a bad table name, e.g. [analyzers."bad name"]
-        return f"{prefix}{match.group(2)}: bad name: {match.group(1)}"
     return f"{prefix}: {message}"
 
 
@@ -363,16 +360,24 @@ _NAMED_SECTIONS: dict[str, type[Base]] = {"providers": ProviderConfig, "analyzer
 
 
 def _locate(raw: dict[str, object], exc: msgspec.ValidationError) -> str:
-    """msgspec reports dict entries as `[...]`; find which named entry is at fault."""
+    """msgspec reports dict entries as `[...]` and a bad table name without the name;
+    find which named entry is at fault."""
     for section, entry_type in _NAMED_SECTIONS.items():
         entries = raw.get(section)
-        if f"$.{section}[...]" not in str(exc) or not isinstance(entries, dict):
+        if not isinstance(entries, dict):
             continue
-        for name, value in entries.items():
-            try:
-                msgspec.convert(value, type=entry_type)
-            except msgspec.ValidationError as inner:
-                return _reword(str(inner), f"$.{section}.{name}")
+        if f"`key` in `$.{section}`" in str(exc):
+            for name in entries:
+                try:
+                    msgspec.convert(name, type=Name)
+                except msgspec.ValidationError as inner:
+                    return f"$.{section}: bad name {name!r}: {inner}"
+        if f"$.{section}[...]" in str(exc):
+            for name, value in entries.items():
+                try:
+                    msgspec.convert(value, type=entry_type)
+                except msgspec.ValidationError as inner:
+                    return _reword(str(inner), f"$.{section}.{name}")
     return _reword(str(exc))
 
 

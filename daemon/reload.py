@@ -137,7 +137,7 @@ async def reload(rt: Runtime) -> ReloadResult:
         except (ConfigError, ReloadError) as exc:
             log.error("reload.failed", error=str(exc), config=rt.config_path)
             raise ReloadError(str(exc)) from None
-        except Exception as exc:  # a handler that fails to import
+        except Exception as exc:  # anything else: the old config keeps running all the same
             log.error("reload.failed", error=f"{type(exc).__name__}: {exc}")
             raise ReloadError(f"{type(exc).__name__}: {exc}") from None
         rt.live.config = planned

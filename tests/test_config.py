@@ -105,6 +105,12 @@ def test_nested_provider_value_names_the_path() -> None:
     assert "$.providers.p.simulate.error_rate" in message
 
 
+def test_a_bad_table_name_is_named() -> None:
+    """A provider or analyzer name outside the allowed characters is quoted in the error."""
+    message = error_of(analyzer().replace("[analyzers.x]", '[analyzers."bad name"]'))
+    assert message.startswith("$.analyzers: bad name 'bad name'"), message
+
+
 def test_analyzer_with_unknown_provider() -> None:
     """An analyzer pointing at a provider that is not configured is refused."""
     message = error_of(analyzer().replace('provider = "p"', 'provider = "nope"'))

@@ -99,6 +99,8 @@ _FILLER = " ".join(
 
 
 def add_parser(sub: Any) -> None:
+    from daemon.cli.main import positive_int
+
     bench: argparse.ArgumentParser = sub.add_parser(
         "bench", help="benchmarks against the simulated API"
     )
@@ -108,7 +110,7 @@ def add_parser(sub: Any) -> None:
     )
     throttle.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
     throttle.add_argument(
-        "--jobs", type=int, help="jobs measured after the warm-up (default: per scenario)"
+        "--jobs", type=positive_int, help="jobs measured after the warm-up (default: per scenario)"
     )
     throttle.add_argument("--json", action="store_true", help="print only the JSON lines")
     throttle.add_argument(
@@ -187,7 +189,7 @@ def run_throttle(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     for name in names:
         scenario = SCENARIOS[name]
-        if args.jobs:
+        if args.jobs is not None:
             scenario = replace(scenario, jobs=args.jobs)
         if not args.json:
             print(f"{name}: {scenario.about} ...", file=sys.stderr, flush=True)

@@ -52,8 +52,12 @@ SMOKE_ROUNDS = 1
 
 
 def add_parsers(kinds: Any) -> None:
+    from daemon.cli.main import positive_int
+
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--jobs", type=int, help="jobs (default: the scenario's full size)")
+    common.add_argument(
+        "--jobs", type=positive_int, help="jobs (default: the scenario's full size)"
+    )
     common.add_argument(
         "--smoke", action="store_true", help="a tiny run of each scenario; judges nothing"
     )
@@ -64,12 +68,12 @@ def add_parsers(kinds: Any) -> None:
     for scenario in SCENARIOS.values():
         parser = kinds.add_parser(scenario.name, help=scenario.help, parents=[common])
         if scenario.name == "watchdog":
-            parser.add_argument("--rounds", type=int, default=7, help="on/off pairs")
+            parser.add_argument("--rounds", type=positive_int, default=7, help="on/off pairs")
         parser.set_defaults(func=run_perf, scenarios=[scenario.name])
     every = kinds.add_parser(
         "all", help="every performance scenario, one after another", parents=[common]
     )
-    every.add_argument("--rounds", type=int, default=7, help="watchdog: on/off pairs")
+    every.add_argument("--rounds", type=positive_int, default=7, help="watchdog: on/off pairs")
     every.set_defaults(func=run_perf, scenarios=list(SCENARIOS))
 
 

@@ -7,13 +7,15 @@ import argparse
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import anyio
 import msgspec
 
 from daemon.cli import render
+from daemon.config import NonNegFloat
 from daemon.control.client import ControlClient, RemoteError
 
 SUBMIT_BATCH = 500
@@ -65,18 +67,31 @@ def _inputs(args: argparse.Namespace) -> Iterator[Any]:
             raise UsageError(f"--input is not valid JSON: {exc}") from None
     for name in args.files:
         path = Path(name)
-        try:
+        with _reading(name):
             text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read {path}: {exc}") from None
         yield {"text": text, "filename": path.name}
     if args.jsonl is not None:
-        yield from _jsonl(sys.stdin if args.jsonl == "-" else None, args.jsonl)
+        yield from _jsonl(args.jsonl)
 
 
-def _jsonl(stream: TextIO | None, name: str) -> Iterator[Any]:
-    handle = stream or open(name, encoding="utf-8")  # noqa: SIM115 (closed below)
+@contextmanager
+def _reading(name: str) -> Iterator[None]:
+    """A file that cannot be read (missing, unreadable, a directory, not UTF-8) is the
+    user's to fix: a usage error naming it, not a traceback."""
     try:
+        yield
+    except OSError as exc:
+        raise UsageError(f"cannot read {name}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"cannot read {name}: not UTF-8 text ({exc.reason})") from None
+
+
+def _jsonl(name: str) -> Iterator[Any]:
+    """Standard input ("-") is decoded as strict UTF-8 too, whatever the locale says."""
+    stdin = name == "-"
+    source = sys.stdin.fileno() if stdin else name
+    # A line that is not UTF-8 fails as it is read, so the whole loop is in _reading.
+    with _reading(name), open(source, encoding="utf-8", closefd=not stdin) as handle:
         for lineno, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -84,9 +99,6 @@ def _jsonl(stream: TextIO | None, name: str) -> Iterator[Any]:
                 yield msgspec.json.decode(line)
             except msgspec.DecodeError as exc:
                 raise UsageError(f"{name}:{lineno}: not valid JSON: {exc}") from None
-    finally:
-        if stream is None:
-            handle.close()
 
 
 def _jobs(args: argparse.Namespace) -> Iterator[Any]:
@@ -118,6 +130,17 @@ def _check_submit(args: argparse.Namespace) -> None:
         raise UsageError("submit needs --input JSON, files, or --jsonl FILE|-")
     if args.analyzer is None and (args.files or args.input is not None):
         raise UsageError("-a/--analyzer is required with --input and files")
+    if args.analyzer is None and (args.priority is not None or args.idempotency_key is not None):
+        raise UsageError(
+            "--priority and --idempotency-key apply only with -a ANALYZER; without it "
+            "each --jsonl line is a whole job object that sets its own"
+        )
+    several = args.jsonl is not None or (args.input is not None) + len(args.files) > 1
+    if args.idempotency_key is not None and several:
+        raise UsageError(
+            "--idempotency-key applies to a single job (--input or one file); for "
+            "--jsonl, leave out -a and give each line its own idempotency_key"
+        )
 
 
 async def submit(client: ControlClient, args: argparse.Namespace) -> int:
@@ -126,21 +149,26 @@ async def submit(client: ControlClient, args: argparse.Namespace) -> int:
     sent = 0
     # A big file blocks only this client, not a daemon; the reads go to a thread.
     chunks = _batches(_jobs(args), SUBMIT_BATCH)
-    while (batch := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
-        try:
-            data = await client.call("submit", jobs=batch)
-        except RemoteError as exc:
-            if sent:
-                print(f"vigil: {sent} jobs were accepted before this error", file=sys.stderr)
-            if isinstance(exc.details, list):
-                exc.details = [
-                    {**d, "index": sent + d["index"]} if d.get("index") is not None else d
-                    for d in exc.details
-                ]
-            raise
-        ids.extend(data["ids"])
-        created += data["created"]
-        sent += len(batch)
+    try:
+        while (batch := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
+            try:
+                data = await client.call("submit", jobs=batch)
+            except RemoteError as exc:
+                if isinstance(exc.details, list):
+                    exc.details = [
+                        {**d, "index": sent + d["index"]} if d.get("index") is not None else d
+                        for d in exc.details
+                    ]
+                raise
+            ids.extend(data["ids"])
+            created += data["created"]
+            sent += len(batch)
+    except (RemoteError, UsageError):
+        # A daemon's refusal or a bad line further on: what went before is committed,
+        # and resubmitting it all would duplicate it.
+        if sent:
+            print(f"vigil: {sent} jobs were accepted before this error", file=sys.stderr)
+        raise
     if args.json and not args.wait:
         render.as_json({"ids": ids, "created": created, "existing": len(ids) - created})
     elif not args.wait:
@@ -326,14 +354,14 @@ def _done(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def add_parsers(sub: Any) -> None:
+    from daemon.cli.main import add_common, constrained, positive_int
+
     def command(
         name: str,
         func: Command,
         help: str,
         check: Callable[[argparse.Namespace], None] | None = None,
     ) -> argparse.ArgumentParser:
-        from daemon.cli.main import add_common
-
         parser: argparse.ArgumentParser = sub.add_parser(name, help=help)
         add_common(parser)
         parser.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -346,13 +374,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--input", help="one input object as JSON")
     p.add_argument("--jsonl", metavar="FILE|-", help="one input (or, without -a, job) a line")
     p.add_argument("files", nargs="*", help="text files: each becomes {text, filename}")
-    p.add_argument("--priority", type=int)
-    p.add_argument("--idempotency-key")
+    p.add_argument("--priority", type=int, help="for every job given with -a (default 0)")
+    p.add_argument("--idempotency-key", help="for the one job of -a with --input or a file")
     p.add_argument("--wait", action="store_true", help="show progress until all are done")
     p = command("jobs", jobs, "list jobs, newest first")
     p.add_argument("--state", choices=["queued", "running", *TERMINAL])
     p.add_argument("--analyzer")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=positive_int, default=50)
     p.add_argument("--before", metavar="ID", help="page: jobs older than this id")
     p = command("show", show, "show a job, its attempts and result")
     p.add_argument("id")
@@ -362,7 +390,7 @@ def add_parsers(sub: Any) -> None:
     p = command("cancel", cancel, "cancel a queued or running job")
     p.add_argument("id")
     p = command("purge", purge, "delete finished jobs")
-    p.add_argument("--older-than", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--older-than", type=constrained(NonNegFloat), default=0.0, metavar="SECONDS")
     command("pause", pause, "stop starting new attempts (intake goes on)")
     command("resume", resume, "start attempts again; reopen intake; lift paused providers")
     command("drain", drain, "stop intake and new attempts; running ones finish")

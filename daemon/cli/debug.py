@@ -7,6 +7,7 @@ from typing import Any
 
 from daemon.cli import render
 from daemon.cli.client_commands import _runner
+from daemon.config import PositiveFloat
 from daemon.control.client import ControlClient
 
 
@@ -75,7 +76,7 @@ async def memory(client: ControlClient, args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    from daemon.cli.main import add_common
+    from daemon.cli.main import add_common, constrained, positive_int
 
     debug = sub.add_parser("debug", help="look inside the running daemon")
     add_common(debug)
@@ -89,10 +90,13 @@ def add_parser(sub: Any) -> None:
         return parser
 
     p = command("tasks", tasks, "every asyncio task: name, state, age and stack")
-    p.add_argument("--limit", type=int, default=1000, help="show at most this many tasks")
+    p.add_argument("--limit", type=positive_int, default=1000, help="show at most this many tasks")
     command("stacks", stacks, "every thread's stack")
     p = command("memory", memory, "RSS and the allocation sites that grow (tracemalloc)")
     p.add_argument(
-        "--seconds", type=float, default=5.0, help="how long to trace allocations (default 5)"
+        "--seconds",
+        type=constrained(PositiveFloat),
+        default=5.0,
+        help="how long to trace allocations (default 5)",
     )
-    p.add_argument("--top", type=int, default=20, help="how many sites to show")
+    p.add_argument("--top", type=positive_int, default=20, help="how many sites to show")

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import msgspec
 
+from daemon.config import NonNegInt
 from daemon.control.client import ControlClient, DaemonUnavailable
 
 RECONNECT_S = 1.0
@@ -103,11 +104,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    from daemon.cli.main import add_common
+    from daemon.cli.main import add_common, constrained
 
     parser: argparse.ArgumentParser = sub.add_parser("logs", help="show the daemon's events")
     add_common(parser)
-    parser.add_argument("-n", type=int, default=50, help="how many recent events (default 50)")
+    parser.add_argument(
+        "-n",
+        type=constrained(NonNegInt),
+        default=50,
+        help="how many recent events (default 50; 0 with -f: only new ones)",
+    )
     parser.add_argument("-f", "--follow", action="store_true", help="follow new events live")
     parser.add_argument(
         "--level",

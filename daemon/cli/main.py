@@ -11,18 +11,39 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_type_hints
 
 import anyio
+import msgspec
 
 from daemon import __version__
 from daemon.cli import bench, client_commands, debug, demo, logs, top
-from daemon.config import Config, ConfigError, SimulateConfig, load_config
+from daemon.config import Config, ConfigError, PositiveInt, SimulateConfig, load_config
 from daemon.control.client import DaemonUnavailable, RemoteError
 from daemon.errors import StartupError
 
 EX_OK, EX_FAIL, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 0, 1, 2, 69, 78
 DEFAULT_CONFIG = "/etc/vigil/vigil.toml"
+MAX_FIELD_ERRORS = 20
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
+def constrained(kind: Any) -> Callable[[str], Any]:
+    """An argparse `type=` for `kind` and its msgspec constraints (`Annotated[...,
+    Meta(...)]`): a value out of range is a usage error naming the flag, caught in the
+    client by the same rules the config file uses."""
+
+    def convert(text: str) -> Any:
+        try:
+            return msgspec.convert(text, type=kind, strict=False)
+        except msgspec.ValidationError as exc:
+            expected = str(exc).removesuffix(", got `str`")
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+
+    return convert
+
+
+positive_int = constrained(PositiveInt)
 
 
 def config_path(args: argparse.Namespace) -> str | None:
@@ -88,8 +109,13 @@ def _secrets(config: Config) -> list[str]:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the config as `vigil run` would. That imports the handler modules of
+    `handler = "module:function"` analyzers, so their import-time code runs here too."""
+    from daemon.analyzers import build_analyzers
+
     path = args.file or config_path(args)
     config = load_config(path)
+    build_analyzers(config)
     print(
         f"{path or '(defaults)'}: ok — {len(config.providers)} provider(s), "
         f"{len(config.analyzers)} analyzer(s); state in {config.state_dir}, "
@@ -118,11 +144,18 @@ def cmd_simulate_api(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
 
+    async def listen() -> None:
+        try:
+            await run_standalone(settings, args.host, args.port)
+        except OSError as exc:
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            raise StartupError(f"cannot listen on {host}:{args.port}: {_reason(exc)}") from None
+
     async def serve() -> int:
         import signal
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(run_standalone, settings, args.host, args.port)
+            tg.start_soon(listen)
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
                     tg.cancel_scope.cancel()
@@ -132,10 +165,48 @@ def cmd_simulate_api(args: argparse.Namespace) -> int:
     return run_async(serve)
 
 
+def _reason(exc: OSError) -> str:
+    """The system's short reason: uvloop and asyncio put a long sentence in strerror,
+    and getaddrinfo errors have negative numbers os.strerror does not know."""
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)
+
+
 def add_common(parser: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
     """--config and --socket, accepted before or after the command name."""
     parser.add_argument("--config", default=default, help="config file ($VIGIL_CONFIG)")
     parser.add_argument("--socket", default=default, help="control socket ($VIGIL_SOCKET)")
+
+
+def add_simulate_parser(sub: Any) -> None:
+    """`vigil simulate-api`: each flag is checked by SimulateConfig's own constraint for
+    its field, so the command line takes exactly what the config file takes."""
+    field = {
+        name: constrained(kind)
+        for name, kind in get_type_hints(SimulateConfig, include_extras=True).items()
+    }
+    sim = sub.add_parser("simulate-api", help="serve the simulated OpenAI-compatible API")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=constrained(Port), default=8471)
+    sim.add_argument("--latency-ms", type=field["latency_ms"], default=200.0)
+    sim.add_argument("--latency-sigma", type=field["latency_sigma"], default=0.5)
+    sim.add_argument(
+        "--rpm",
+        type=field["requests_per_minute"],
+        default=0,
+        help="requests per minute (0: no limit)",
+    )
+    sim.add_argument(
+        "--tpm",
+        type=field["tokens_per_minute"],
+        default=0,
+        help="tokens per minute (0: no limit)",
+    )
+    sim.add_argument("--error-rate", type=field["error_rate"], default=0.0)
+    sim.add_argument("--hang-rate", type=field["hang_rate"], default=0.0)
+    sim.add_argument("--seed", type=field["seed"])
+    sim.set_defaults(func=cmd_simulate_api)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,17 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?")
     check.set_defaults(func=cmd_check_config)
 
-    sim = sub.add_parser("simulate-api", help="serve the simulated OpenAI-compatible API")
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8471)
-    sim.add_argument("--latency-ms", type=float, default=200.0)
-    sim.add_argument("--latency-sigma", type=float, default=0.5)
-    sim.add_argument("--rpm", type=int, default=0, help="requests per minute (0: no limit)")
-    sim.add_argument("--tpm", type=int, default=0, help="tokens per minute (0: no limit)")
-    sim.add_argument("--error-rate", type=float, default=0.0)
-    sim.add_argument("--hang-rate", type=float, default=0.0)
-    sim.add_argument("--seed", type=int)
-    sim.set_defaults(func=cmd_simulate_api)
+    add_simulate_parser(sub)
 
     demo.add_parser(sub)
     bench.add_parser(sub)
@@ -182,7 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # a reader that has gone (`| head`) shows up here, not at exit
+        return code
+    except BrokenPipeError:
+        # Python docs, "Note on SIGPIPE": point stdout at devnull so the flush at exit
+        # does not fail again, and stop quietly, with Python's exit code for EPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_FAIL
     except ConfigError as exc:
         print(f"vigil: invalid config: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -190,22 +258,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vigil: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
     except RemoteError as exc:
-        print(f"vigil: {exc.code}: {exc.message}", file=sys.stderr)
-        _print_details(exc.details)
+        _print_remote(exc)
         return EX_FAIL
     except client_commands.UsageError as exc:
         print(f"vigil: {exc}", file=sys.stderr)
         return EX_USAGE
     except StartupError as exc:
         print(f"vigil: {exc}", file=sys.stderr)
-        return EX_FAIL
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
 
 
-def _print_details(details: Any) -> None:
-    if isinstance(details, list):
-        for item in details[:20]:
-            if isinstance(item, dict) and "field" in item:
-                where = f"job {item['index']}: " if item.get("index") is not None else ""
-                print(f"  {where}{item['field']}: {item['message']}", file=sys.stderr)
+def _print_remote(exc: RemoteError) -> None:
+    """The daemon's message sums up its first field error, which its details list
+    again (with a job's place in the whole submit): print each field error once."""
+    details = exc.details if isinstance(exc.details, list) else []
+    fields = [_field_line(d) for d in details if isinstance(d, dict) and "field" in d]
+    if len(fields) == 1:
+        print(f"vigil: {exc.code}: {fields[0]}", file=sys.stderr)
+        return
+    if not fields:
+        print(f"vigil: {exc.code}: {exc.message}", file=sys.stderr)
+        return
+    print(f"vigil: {exc.code}: {len(fields)} errors:", file=sys.stderr)
+    for line in fields[:MAX_FIELD_ERRORS]:
+        print(f"  {line}", file=sys.stderr)
+    if len(fields) > MAX_FIELD_ERRORS:
+        print(f"  ... and {len(fields) - MAX_FIELD_ERRORS} more", file=sys.stderr)
+
+
+def _field_line(item: dict[str, Any]) -> str:
+    where = f"job {item['index']}: " if item.get("index") is not None else ""
+    return f"{where}{item['field']}: {item['message']}"

@@ -154,6 +154,11 @@ def sections(data: Mapping[str, Any], out: TextIO = sys.stdout) -> None:
 
 
 def _brief(value: Any) -> str:
+    """A status figure for a human: no Python reprs (None, True) on screen."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.3g}"
     if isinstance(value, Mapping):
