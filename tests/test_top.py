@@ -47,5 +47,5 @@ def test_frame_rates_from_two_snapshots() -> None:
         }
 
     text = frame(snapshot(30, 40), snapshot(10, 20), 2.0)
-    assert "finished 10.0/s" in text
+    assert "attempts ended 10.0/s" in text
     assert " 10.0/s " in text.splitlines()[-1] + " "

@@ -45,7 +45,7 @@ def frame(status: dict[str, Any], before: dict[str, Any] | None, dt_s: float) ->
         f"running {queue['active']}/{queue['max_concurrency']}  "
         f"backlog limit {queue['max_backlog']}  "
         f"accepted {_rate(status, before, dt_s, 'queue', 'accepted')}  "
-        f"finished {_rate(status, before, dt_s, 'queue', 'finished')}\n",
+        f"attempts ended {_rate(status, before, dt_s, 'queue', 'finished')}\n",
         file=out,
     )
     render.table(list(status["jobs"]), [list(status["jobs"].values())], out)

@@ -28,7 +28,7 @@ async def report_status(rt: Runtime) -> None:
         counts = rt.store.counts
         systemd.notify(
             f"STATUS={rt.state}: {counts['queued']} queued, {counts['running']} running, "
-            f"{rate:.1f} jobs/s, {counts['succeeded']} succeeded, {counts['failed']} failed"
+            f"{rate:.1f} attempts/s, {counts['succeeded']} succeeded, {counts['failed']} failed"
         )
         await anyio.sleep(STATUS_EVERY_S)
 
