@@ -1,5 +1,6 @@
 """GET /: the status page is served with a strict CSP and, in headless Chromium, shows
-the job counts /status reports."""
+what /status reports and `vigil top` shows: job counts, rates from two successive
+fetches, each provider's limits and budgets, and the watchdog's headline figures."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tests.daemon_proc import DaemonProcess, sim_config
 StartDaemon = Callable[..., DaemonProcess]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 JOB = {"analyzer": "summarize", "input": {"text": "hello"}}
+BUDGETS = "max_concurrency = 16\nrequests_per_minute = 600\ntokens_per_minute = 90000\n"
 
 
 def _hash(source: str) -> str:
@@ -54,16 +56,20 @@ def test_a_page_without_script_allows_none() -> None:
 
 @pytest.mark.anyio
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
-async def test_page_shows_the_counts_in_chromium(start_daemon: StartDaemon, tmp_path: Path) -> None:
-    """Headless Chromium runs the page's script, which fills in what /status reports."""
-    proc = start_daemon(sim_config(http_listen="127.0.0.1:0", max_backlog=2))
+async def test_page_shows_the_status_in_chromium(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """Headless Chromium runs the page's script: counts, rates, provider limits and budgets."""
+    config = sim_config(http_listen="127.0.0.1:0", max_backlog=2)
+    proc = start_daemon(config.replace("max_concurrency = 16\n", BUDGETS, 1))  # in [providers.sim]
     proc.call("pause")
     ids = proc.call("submit", jobs=[JOB, JOB])["ids"]
     proc.call("cancel", id=ids[0])
     proc.call("submit", jobs=JOB)  # queued 2 = backlog full: the page shows why not ready
     url = proc.http_url()
-    counts = proc.call("status")["jobs"]
+    status = proc.call("status")
+    counts = status["jobs"]
     assert counts == {"queued": 2, "running": 0, "succeeded": 0, "failed": 0, "canceled": 1}
+    budgets = status["providers"]["sim"]["budgets"]
+    assert (budgets["requests"]["per_minute"], budgets["tokens"]["per_minute"]) == (600, 90000)
     profile = tmp_path / "chromium-profile"
     with anyio.fail_after(120):
         done = await anyio.run_process(
@@ -76,7 +82,7 @@ async def test_page_shows_the_counts_in_chromium(start_daemon: StartDaemon, tmp_
                 "--disable-component-update",
                 "--no-first-run",
                 f"--user-data-dir={profile}",
-                "--virtual-time-budget=5000",
+                "--virtual-time-budget=5000",  # fetches at 0, 2 and 4 s: rates from the last two
                 "--dump-dom",
                 f"{url}/",
             ],
@@ -90,3 +96,13 @@ async def test_page_shows_the_counts_in_chromium(start_daemon: StartDaemon, tmp_
     assert re.search(r'id="ready"[^>]*>not ready<', dom)
     assert "backlog full" in dom
     assert re.search(r"<td>sim</td>", dom)  # the providers table
+    # Paused, nothing submitted while the page runs: both rates are 0, not the cumulative counts.
+    assert re.search(r'id="rate-accepted"[^>]*>0\.0/s<', dom), dom[:3000]
+    assert re.search(r'id="rate-finished"[^>]*>0\.0/s<', dom)
+    assert "accepted 3 in all · attempts ended 0 in all (retries included)" in dom
+    sim = dom[dom.index("<td>sim</td>") : dom.index("</tr>", dom.index("<td>sim</td>"))]
+    for figure in ("0 / 16", "0.0/s", "600 / 600", "90000 / 90000", "0.0 s"):
+        assert f'<td class="num">{figure}</td>' in sim, (figure, sim)  # in flight / limit, budgets
+    assert '<td class="ok">closed</td><td>no</td>' in sim  # circuit, not paused
+    assert re.search(r"loop lag p50 / p99 / max [\d.]+ / [\d.]+ / [\d.]+ ms · blocked \d+", dom)
+    assert re.search(r"rss [\d.]+ MB", dom)
