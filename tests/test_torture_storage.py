@@ -90,6 +90,15 @@ def not_ready_because(daemon: DaemonProcess, *words: str) -> bool:
     return all(word in reasons for word in words)
 
 
+def refused_while_not_ready(daemon: DaemonProcess, *why: str) -> dict[str, Any]:
+    """Wait until /readyz says 503 with every word of `why` in its reasons; a submit is
+    then refused with store_error. Returns that refusal."""
+    wait_until(lambda: not_ready_because(daemon, *why), timeout_s=60, what=f"not ready: {why}")
+    reply = daemon.request("submit", jobs=jobs("refused", 2))
+    assert reply["ok"] is False and reply["error"]["code"] == "store_error", reply
+    return reply
+
+
 def post_jobs(daemon: DaemonProcess, body: list[dict[str, Any]]) -> RawResponse:
     data = http_request(
         "POST",
@@ -220,13 +229,7 @@ def test_disk_nearly_full(start_daemon: StartDaemon, tmp_path: Path) -> None:
         assert (daemon.state_dir / "vigil.sock").exists() and db.exists()
         accepted = daemon.call("submit", jobs=jobs("before", 60))["ids"]
         filler = fill(mnt, leave_bytes=4 * MiB)
-        wait_until(
-            lambda: not_ready_because(daemon, "disk", "min_free_mb"),
-            timeout_s=30,
-            what="readiness false: disk nearly full",
-        )
-        reply = daemon.request("submit", jobs=jobs("refused", 2))
-        assert reply["ok"] is False and reply["error"]["code"] == "store_error", reply
+        reply = refused_while_not_ready(daemon, "disk", "min_free_mb")
         assert "min_free_mb" in reply["error"]["message"], reply
         answer = post_jobs(daemon, jobs("refused-http", 2))
         assert answer.status == 503 and answer.json()["error"]["code"] == "store_error"
@@ -259,13 +262,7 @@ def test_disk_completely_full(start_daemon: StartDaemon, tmp_path: Path) -> None
         filler = fill(mnt, leave_bytes=0)
         # Attempts end against the full disk (the WAL may still have room for some; the
         # rest fail and wait).
-        wait_until(
-            lambda: not_ready_because(daemon, "store", "full"),
-            timeout_s=60,
-            what="readiness false: database or disk is full",
-        )
-        reply = daemon.request("submit", jobs=jobs("refused", 2))
-        assert reply["ok"] is False and reply["error"]["code"] == "store_error", reply
+        refused_while_not_ready(daemon, "store", "full")
         filler.unlink()
         wait_until(lambda: readyz(daemon).status == 200, timeout_s=30, what="ready again")
         final = daemon.wait_all_terminal(timeout_s=120)
