@@ -215,7 +215,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return match.group(1).strip("[]"), int(match.group(2))
 
 
-def _check(config: Config) -> list[str]:
+def config_problems(config: Config) -> list[str]:
     """Cross-field rules a Struct cannot express; each problem names its key path."""
     problems: list[str] = []
     if config.http.listen:
@@ -255,7 +255,7 @@ def _check(config: Config) -> list[str]:
         problems.append(f"$.daemon.socket_group: no group named {config.daemon.socket_group!r}")
     spool = config.intake.spool
     if spool is not None:
-        problems.extend(check_spool(config, spool))
+        problems.extend(_check_spool(config, spool))
     return problems
 
 
@@ -269,7 +269,7 @@ def _group_exists(name: str) -> bool:
     return True
 
 
-def check_spool(config: Config, spool: SpoolConfig) -> list[str]:
+def _check_spool(config: Config, spool: SpoolConfig) -> list[str]:
     """A spool job's input is {field: text, "filename": name}; anything else its
     analyzer's prompt needs would fail every file, so it is a config error."""
     problems: list[str] = []
@@ -327,7 +327,7 @@ def parse_config(text: str | bytes, *, base_dir: Path | None = None) -> Config:
         config = msgspec.convert(raw, type=Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(_locate(raw, exc)) from None
-    problems = _check(config)
+    problems = config_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))
     return _resolve_paths(config, base_dir or Path.cwd())

@@ -25,7 +25,7 @@ from daemon.config import (
     ConfigError,
     ProviderConfig,
     SpoolConfig,
-    check_spool,
+    config_problems,
     load_config,
 )
 from daemon.observe.logs import set_level
@@ -91,16 +91,13 @@ def _plan(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
             else:
                 providers[name] = before
         elif keys := _restart_only_changes(before, after):
-            # The rest of its new settings still apply.
             restart.extend(f"providers.{name}.{key}" for key in keys)
-            providers[name] = msgspec.structs.replace(
-                after, **{key: getattr(before, key) for key in keys}
-            )
-    for name, analyzer in new.analyzers.items():
-        if analyzer.provider and analyzer.provider not in providers:
-            raise ReloadError(
-                f"analyzer {name!r} uses provider {analyzer.provider!r}, which is not running "
-                "(adding a provider needs a restart)"
+            # Another kind's settings mean something else (a simulated API's, an API's
+            # base URL): kept whole. Otherwise the rest of its new settings apply.
+            providers[name] = (
+                before
+                if "kind" in keys
+                else msgspec.structs.replace(after, **{key: getattr(before, key) for key in keys})
             )
     planned = msgspec.structs.replace(
         new,
@@ -108,12 +105,11 @@ def _plan(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
         log=msgspec.structs.replace(new.log, format=old.log.format, ring_size=old.log.ring_size),
         **keep,
     )
-    kept_spool = planned.intake.spool
-    if kept_spool is not None and kept_spool is not new.intake.spool:
-        # A spool kept as it was must still suit the new analyzers.
-        problems = check_spool(planned, kept_spool)
-        if problems:
-            raise ReloadError("; ".join(problems) + " (the spool changes only with a restart)")
+    # What was kept for a restart must still fit the rest (an analyzer on a provider
+    # that is not running, a kept spool whose analyzer is gone): refused whole.
+    problems = config_problems(planned)
+    if problems:
+        raise ReloadError("; ".join(problems) + " (parts that need a restart were kept)")
     changed = [
         field
         for field in ("log", "queue", "providers", "analyzers", "intake")
@@ -150,6 +146,7 @@ async def reload(rt: Runtime) -> ReloadResult:
             simulated = rt.simulated.get(name)
             if simulated is not None:
                 simulated.configure(cfg.simulate)
+        rt.live.reloaded.notify()
         log.info("reload.done", applied=changed, needs_restart=restart)
         return ReloadResult(applied=changed, needs_restart=restart)
     finally:

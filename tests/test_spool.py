@@ -349,31 +349,30 @@ def test_dropped_files_become_jobs_and_end_in_done(
 def test_a_reload_applies_spool_settings_but_not_its_directory(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
-    """`vigil reload` applies a new glob and analyzer to the next poll; a new
-    directory is named as needing a restart and the spool keeps the old one; a
-    reload that would leave the kept spool with no analyzer is refused whole."""
+    """`vigil reload` applies a new glob, analyzer and poll interval at once (it wakes
+    a spool that would sleep for ten minutes); a new directory is named as needing a
+    restart and the spool keeps the old one; a reload that would leave the kept spool
+    with no analyzer is refused whole."""
     inbox, elsewhere = tmp_path / "inbox", tmp_path / "elsewhere"
-    daemon = start_daemon(sim_config(extra=spool_toml(inbox)))
-    drop(inbox, "first.txt", "a text file")
-    wait_until(lambda: _spool_status(daemon)["done"] == 1)
+    slow = spool_toml(inbox).replace("poll_s = 0.05", "poll_s = 600")
+    daemon = start_daemon(sim_config(extra=slow))
+    wait_until(lambda: (inbox / "processing").is_dir(), what="the first poll")
     drop(inbox, "notes.md", "not matched yet")
-    time.sleep(0.3)  # several polls: the glob still says *.txt
-    assert "notes.md" in listing(inbox)
     text = daemon.config_path.read_text()
     new_spool = spool_toml(elsewhere, 'glob = "*.md"\n').replace("summarize", "shout")
     new_spool += '\n[analyzers.shout]\nprovider = "sim"\nmodel = "m"\nprompt = "Shout {text}"\n'
-    daemon.config_path.write_text(text.replace(spool_toml(inbox), new_spool))
+    daemon.config_path.write_text(text.replace(slow, new_spool))
     out = run_cli("reload", "--json", socket_path=daemon.socket_path)
     assert out.returncode == 0, out.stderr
     result = msgspec.json.decode(out.stdout)
     assert "intake" in result["applied"] and "intake.spool.dir" in result["needs_restart"]
-    wait_until(lambda: _spool_status(daemon)["done"] == 2)
+    wait_until(lambda: _spool_status(daemon)["done"] == 1, timeout_s=30)
     status = _spool_status(daemon)
     assert (status["dir"], status["glob"], status["analyzer"]) == (str(inbox), "*.md", "shout")
     [(job_id, _)] = _jobs_by_file(daemon)["notes.md"]
     assert daemon.call("show", id=job_id)["job"]["analyzer"] == "shout"
     assert not elsewhere.exists()
-    daemon.config_path.write_text(text.replace(spool_toml(inbox), ""))  # no spool, no shout
+    daemon.config_path.write_text(text.replace(slow, ""))  # no spool, and no shout
     out = run_cli("reload", socket_path=daemon.socket_path)
     assert out.returncode == 1 and "intake.spool.analyzer" in out.stderr, out.stderr
     assert _spool_status(daemon)["analyzer"] == "shout"

@@ -56,7 +56,8 @@ def test_unit_verifies_without_warnings(tmp_path: Path, operators: bool) -> None
 @needs_systemd
 @both_variants
 def test_unit_security_exposure_is_low(tmp_path: Path, operators: bool) -> None:
-    """The offline security score is 1.5 or lower, also with operator access on."""
+    """The offline security score is 1.5 or lower, also with operator access on (which
+    must really allow chown)."""
     unit = tmp_path / "vigil.service"
     unit.write_text(unit_text(operators))
     out = subprocess.run(
@@ -68,6 +69,9 @@ def test_unit_security_exposure_is_low(tmp_path: Path, operators: bool) -> None:
     match = re.search(r"Overall exposure level for vigil\.service: (\d+\.\d+)", out.stdout)
     assert match, out.stdout[-2000:] + out.stderr
     assert float(match.group(1)) <= MAX_EXPOSURE
+    # Operator access needs chown (the daemon gives its socket to the group): the
+    # uncommented line must really allow it, not be undone by a later filter line.
+    assert ("chown is allowed" in out.stdout) is operators, out.stdout
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ connection, and the daemon never dies of it."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import socket
 import struct
@@ -64,20 +63,23 @@ def _peer(stream: SocketStream) -> tuple[int, int, int] | None:
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python may lack the name
 
 
+# Python's getsockopt takes at most 1024 bytes: the first 256 groups (gid_t) of a peer.
+MAX_PEER_GROUPS = 256
+
+
 def _peer_groups(stream: SocketStream) -> tuple[int, ...]:
     """The connected process's supplementary groups, from the kernel (SO_PEERGROUPS):
     an operator is usually in the socket's group as a supplementary one. Read from the
-    socket, not /proc, which the unit hides (ProtectProc=invisible)."""
+    socket, not /proc, which the unit hides (ProtectProc=invisible). A peer in more
+    than MAX_PEER_GROUPS groups, or an older kernel, leaves the primary group alone to
+    decide (refused, and logged)."""
     sock = stream.extra(SocketAttribute.raw_socket)
-    for size in (256, 65536):  # gid_t slots; NGROUPS_MAX is 65536
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * size)
-        except OSError as exc:
-            if exc.errno != errno.ERANGE:
-                return ()  # an older kernel: the primary group alone decides
-            continue
-        return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
-    return ()
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_PEER_GROUPS)
+    except OSError as exc:
+        log.warning("control.peer_groups_unreadable", error=str(exc))
+        return ()
+    return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
 
 
 async def _prepare_path(path: Path) -> None:
@@ -108,12 +110,13 @@ class ControlServer:
         await _prepare_path(self.path)
         mode = 0o660 if self._group else 0o600
         listener = await anyio.create_unix_listener(self.path, mode=mode)
-        if self._group:
-            self._gid = self._give_to_group()
         try:
-            async with listener, anyio.create_task_group() as tg:
-                task_status.started()
-                await listener.serve(self._handle, task_group=tg)
+            async with listener:
+                if self._group:
+                    self._gid = self._give_to_group()
+                async with anyio.create_task_group() as tg:
+                    task_status.started()
+                    await listener.serve(self._handle, task_group=tg)
         finally:
             with contextlib.suppress(OSError):
                 self.path.unlink()
@@ -129,7 +132,8 @@ class ControlServer:
             raise SocketGroupRefused(
                 f"cannot give the control socket {self.path} to group {self._group!r} "
                 f"(daemon.socket_group): {reason}. The daemon's user must be in that group "
-                "(systemd: SupplementaryGroups=) and allowed to chown (SystemCallFilter=@chown)"
+                "(systemd: SupplementaryGroups=) and allowed to chown (SystemCallFilter=@chown, "
+                "after the unit's other SystemCallFilter= lines)"
             ) from None
         return gid
 

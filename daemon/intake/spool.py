@@ -134,7 +134,9 @@ class SpoolIntake:
                 await self._poll_once()
                 now = anyio.current_time()
                 next_at = max(next_at + self.config.poll_s, now)
-                await anyio.sleep_until(next_at)
+                # A reload wakes it: a shorter poll_s applies now, not a poll later.
+                if await self._live.reloaded.wait(next_at - now):
+                    next_at = anyio.current_time()
         finally:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
@@ -239,7 +241,7 @@ class SpoolIntake:
         if self._intake.closed_reason:
             return
         room = self._live.config.queue.max_backlog - self._store.counts["queued"]
-        batch: list[tuple[_Entry, dict[str, Any]]] = []
+        batch: list[tuple[_Entry, str]] = []
         size = 0
         pending = [e for e in self._entries.values() if e.job_id is None and e.outcome is None]
         for entry in pending:
@@ -257,7 +259,7 @@ class SpoolIntake:
             )
             match read:
                 case Text(text):
-                    batch.append((entry, self._job(entry, text)))
+                    batch.append((entry, text))
                     size += len(text)
                 case Reject(reason):
                     entry.outcome = self._reject(entry, reason)
@@ -278,22 +280,26 @@ class SpoolIntake:
         if batch:
             await self._submit(batch)
 
-    async def _submit(self, batch: list[tuple[_Entry, dict[str, Any]]]) -> bool:
-        """False when intake said no for now (backlog full, closed): stop for this poll."""
+    async def _submit(self, batch: list[tuple[_Entry, str]]) -> bool:
+        """False when intake said no for now (backlog full, closed): stop for this poll.
+        The jobs are built here, from one read of the settings, with no await before
+        the submit: a reload meanwhile cannot give one batch two analyzers."""
+        spool = self.config
+        jobs = [_job(spool, entry, text) for entry, text in batch]
         try:
-            submitted = await self._intake.submit([job for _, job in batch], source="spool")
+            submitted = await self._intake.submit(jobs, source="spool")
         except SubmitError as exc:
             # Refused files fail with intake's words; the rest go again.
             refused: dict[int | None, list[str]] = {}
             for err in exc.errors:
                 refused.setdefault(err.index, []).append(f"{err.field}: {err.message}")
             rest = []
-            for index, (entry, job) in enumerate(batch):
+            for index, (entry, text) in enumerate(batch):
                 problems = refused.get(index, []) + refused.get(None, [])
                 if problems:
                     entry.outcome = self._reject(entry, "refused: " + "; ".join(problems))
                 else:
-                    rest.append((entry, job))
+                    rest.append((entry, text))
             return await self._submit(rest) if rest else True
         except (BacklogFull, IntakeClosed):
             return False
@@ -400,16 +406,17 @@ class SpoolIntake:
 
     # -- helpers ----------------------------------------------------------------
 
-    def _job(self, entry: _Entry, text: str) -> dict[str, Any]:
-        return {
-            "analyzer": self.config.analyzer,
-            "input": {self.config.field: text, "filename": shown(entry.name)},
-            "idempotency_key": entry.key,
-        }
-
     @staticmethod
     def _reject(entry: _Entry, reason: str) -> Finish:
         return Finish(entry.name, "processing", ok=False, tag=tag_of(entry.key), reason=reason)
+
+
+def _job(spool: SpoolConfig, entry: _Entry, text: str) -> dict[str, Any]:
+    return {
+        "analyzer": spool.analyzer,
+        "input": {spool.field: text, "filename": shown(entry.name)},
+        "idempotency_key": entry.key,
+    }
 
 
 def _job_outcome(entry: _Entry, job: Job) -> Finish:

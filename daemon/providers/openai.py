@@ -133,14 +133,17 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
 
     def _key(self) -> str | None:
         """The API key, read at use. A missing one pauses the provider, as a refused
-        one does: its jobs wait (`vigil resume` once the key is there) instead of the
-        whole backlog failing."""
+        one does: its jobs wait for a restart with the key set (the environment is read
+        at start) instead of the whole backlog failing."""
         env = self.config.api_key_env
         if not env:
             return None
         key = os.environ.get(env)
         if not key:
-            self.paused_reason = f"${env} (the API key) is not set in the daemon's environment"
+            self.paused_reason = (
+                f"${env} (the API key) is not set in the daemon's environment: "
+                "restart the daemon with it set"
+            )
             log.error("provider.paused", provider=self.name, reason=self.paused_reason)
         return key
 
