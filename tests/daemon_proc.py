@@ -3,6 +3,7 @@ user runs it."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -304,5 +305,5 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 60.0, what: str
 
 def db_rows(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
     """Rows straight from the daemon's database (a second connection; WAL lets it read)."""
-    with sqlite3.connect(db_path, timeout=30) as db:
+    with contextlib.closing(sqlite3.connect(db_path, timeout=30)) as db:
         return db.execute(sql, params).fetchall()

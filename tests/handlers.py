@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
+
 from daemon.analyzers import HandlerContext
 
 
@@ -12,3 +14,9 @@ async def two_calls(input: dict[str, Any], ctx: HandlerContext) -> dict[str, Any
     summary = await ctx.complete(f"Summarize: {input['text']}")
     labels = await ctx.complete(f"Label: {input['text']}", json_mode=True, max_tokens=100)
     return {"summary": summary, "labels": labels, "job": ctx.job.id}
+
+
+async def sleeps(input: dict[str, Any], ctx: HandlerContext) -> str:
+    """Takes exactly `seconds` (no API call): attempts of known length."""
+    await anyio.sleep(float(input["seconds"]))
+    return "slept"

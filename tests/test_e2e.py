@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 
-from tests.daemon_proc import DaemonProcess, run_cli, sim_config
+from tests.daemon_proc import DaemonProcess, db_rows, run_cli, sim_config
 
 StartDaemon = Callable[..., DaemonProcess]
 
@@ -37,11 +36,11 @@ def test_500_jobs_through_the_cli(start_daemon: StartDaemon, tmp_path: Path) -> 
     assert sum(report["counts"].values()) == 500
     assert set(report["counts"]) <= {"succeeded", "failed"}
 
-    with sqlite3.connect(daemon.state_dir / "vigil.db") as db:
-        rows = db.execute(
-            "SELECT j.state, j.attempts, count(a.id), sum(a.outcome = 'succeeded') "
-            "FROM jobs j JOIN attempts a ON a.job_id = j.id GROUP BY j.id"
-        ).fetchall()
+    rows = db_rows(
+        daemon.state_dir / "vigil.db",
+        "SELECT j.state, j.attempts, count(a.id), sum(a.outcome = 'succeeded') "
+        "FROM jobs j JOIN attempts a ON a.job_id = j.id GROUP BY j.id",
+    )
     assert len(rows) == 500
     for state, attempts, recorded, successes in rows:
         assert recorded == attempts >= 1

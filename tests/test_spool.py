@@ -7,9 +7,9 @@ a subprocess and SIGKILL it."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -25,12 +25,12 @@ import pytest
 from daemon.analyzers import build_analyzers
 from daemon.config import Config, ConfigError, parse_config
 from daemon.intake.spool import SpoolIntake
-from daemon.intake.spool_files import NAME_MAX, Changed, Sig, Text, fit, read_text
+from daemon.intake.spool_files import LOCK_NAME, NAME_MAX, Changed, Sig, Text, fit, read_text
 from daemon.intake.submit import Intake
 from daemon.jobs import ErrorInfo
 from daemon.live import Live
 from daemon.store.store import AttemptEnd, Store
-from tests.daemon_proc import DaemonProcess, run_cli, sim_config, wait_until
+from tests.daemon_proc import DaemonProcess, db_rows, run_cli, sim_config, wait_until
 from tests.spool_files import drop, spool_toml
 
 StartDaemon = Callable[..., DaemonProcess]
@@ -241,11 +241,24 @@ async def test_nothing_is_claimed_while_intake_is_closed(tmp_path: Path) -> None
             assert spool.status()["held"] is None
 
 
+def is_locked(path: Path) -> bool:
+    """Whether someone holds the spool lock (flock: another open file conflicts)."""
+    if not path.exists():
+        return False
+    with path.open("rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 @pytest.mark.anyio
 async def test_one_daemon_per_spool_directory(tmp_path: Path) -> None:
     """A second spool on the same directory reports the lock and claims nothing."""
     async with open_env(tmp_path) as env, running(env.spool()) as first:
-        await until(lambda: (env.inbox / "processing").is_dir())
+        await until(lambda: is_locked(env.inbox / LOCK_NAME))
         async with running(env.spool()) as second:
             await until(lambda: second.status()["error"] is not None)
             assert "another vigil daemon owns" in str(second.status()["error"])
@@ -305,8 +318,7 @@ def test_a_relative_spool_dir_resolves_against_the_config(tmp_path: Path) -> Non
 
 def _jobs_by_file(daemon: DaemonProcess) -> dict[str, list[tuple[str, str]]]:
     """filename -> [(job id, state)] straight from the database."""
-    with sqlite3.connect(daemon.state_dir / "vigil.db") as db:
-        rows = db.execute("SELECT id, state, input FROM jobs").fetchall()
+    rows = db_rows(daemon.state_dir / "vigil.db", "SELECT id, state, input FROM jobs")
     out: dict[str, list[tuple[str, str]]] = {}
     for job_id, state, raw in rows:
         out.setdefault(msgspec.json.decode(raw)["filename"], []).append((job_id, state))
@@ -414,8 +426,13 @@ def test_a_full_backlog_leaves_files_in_the_inbox(
     daemon.call("pause")
     for i in range(8):
         drop(inbox, f"f{i}.txt", f"doc {i}")
-    wait_until(lambda: _spool_status(daemon)["in_flight"] == 3)
-    wait_until(lambda: str(_spool_status(daemon)["held"]).startswith("backlog full"))
+    wait_until(
+        lambda: (
+            (s := _spool_status(daemon))["in_flight"] == 3
+            and s["waiting"] == 5
+            and str(s["held"]).startswith("backlog full")
+        )
+    )
     time.sleep(0.3)  # several polls: still nothing more taken, nothing lost
     status = _spool_status(daemon)
     assert (status["in_flight"], status["waiting"]) == (3, 5)

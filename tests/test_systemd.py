@@ -124,12 +124,14 @@ def test_a_drain_that_makes_progress_extends_the_stop_timeout(
 ) -> None:
     """While attempts still finish during a drain, EXTEND_TIMEOUT_USEC follows
     STOPPING=1 every few seconds, so TimeoutStopSec does not kill a drain that works."""
-    config = sim_config(latency_ms=6000, timeout_s=60, grace_s=60)
+    sleepy = '[analyzers.sleepy]\nhandler = "tests.handlers:sleeps"\ntimeout_s = 60\n'
+    config = sim_config(grace_s=60, extra=sleepy)
     daemon = start_daemon(config, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
-    jobs = [{"analyzer": "summarize", "input": {"text": f"long {i}"}} for i in range(10)]
+    # One attempt ends 2 s into the drain (progress by the first check, 5 s in), one
+    # still runs then (the drain goes on, so the check happens).
+    jobs = [{"analyzer": "sleepy", "input": {"seconds": s}} for s in (2, 8)]
     daemon.call("submit", jobs=jobs)
-    wait_until(lambda: daemon.call("status")["queue"]["active"] == 10, what="10 attempts")
-    time.sleep(1.5)  # attempts of ~6 s (sigma 0.2): most end 3-6 s into the drain
+    wait_until(lambda: daemon.call("status")["queue"]["active"] == 2, what="2 attempts")
     daemon.proc.send_signal(signal.SIGTERM)
     got = _messages(notify_socket, lambda m: any(x.startswith("EXTEND_TIMEOUT_USEC") for x in m))
     got = [m for m in got if not m.startswith("STATUS=")]

@@ -118,6 +118,9 @@ def overload(
         http_listen="127.0.0.1:0",
         max_concurrency=8,
         max_backlog=max_backlog,
+        # Overload is under test, not the watchdog: on 2 cores shared with the
+        # producers, a loop 250 ms late would fail /healthz and /readyz for a moment.
+        extra="[watchdog]\nblock_threshold_ms = 5000\n",
     )
     daemon = DaemonProcess.start(tmp_path / "d", config)
     try:

@@ -424,7 +424,7 @@ def test_canary_secrets_appear_nowhere(start_daemon: StartDaemon, tmp_path: Path
             for url in ("/v1/jobs", f"/v1/jobs/{CANARY_TOKEN}", f"/v1/jobs?x={CANARY_TOKEN}"):
                 raw_http(*addr, http_request("GET", url, headers={"Authorization": given}))
         daemon.proc.send_signal(signal.SIGUSR1)  # every stack to the log
-        time.sleep(0.5)
+        wait_until(lambda: b'"stacks.tasks"' in daemon.log_path.read_bytes(), what="stacks")
 
         outputs: dict[str, bytes] = {}
         for path in ("/status", "/metrics", "/", "/healthz", "/readyz"):

@@ -64,44 +64,46 @@ def test_lag_stats_percentiles_and_buckets() -> None:
 async def test_blocked_loop_is_caught_by_the_side_thread() -> None:
     """Blocking the loop for a second: the thread logs loop.blocked naming this very
     line, then loop.unblocked; health's live check would fail meanwhile."""
-    monitor = LoopMonitor(block_threshold_s=0.1, stall_dump_s=30.0)
+    monitor = LoopMonitor(block_threshold_s=0.25, stall_dump_s=30.0)
     with capture_logs() as logs, anyio.fail_after(TIMEOUT_S):
         async with anyio.create_task_group() as tg:
             await tg.start(monitor.run)
             await anyio.sleep(0.3)
             line = sys._getframe().f_lineno + 1
-            time.sleep(1.0)  # noqa: ASYNC251  (the fault under test)
+            time.sleep(1.2)  # noqa: ASYNC251  (the fault under test)
             await until(lambda: not monitor.detector.blocked)
             tg.cancel_scope.cancel()
-    blocked = named(logs, "loop.blocked")
-    assert len(blocked) == 1, logs
-    assert (blocked[0]["file"], blocked[0]["line"]) == (THIS_FILE, line)
-    assert blocked[0]["function"] == "test_blocked_loop_is_caught_by_the_side_thread"
-    assert named(logs, "loop.unblocked")[0]["blocked_ms"] >= 500
+    # Only this test's block: a loaded machine may stall the loop elsewhere too.
+    [blocked] = [e for e in named(logs, "loop.blocked") if e.get("file") == THIS_FILE]
+    assert blocked["line"] == line
+    assert blocked["function"] == "test_blocked_loop_is_caught_by_the_side_thread"
+    [unblocked] = [e for e in named(logs, "loop.unblocked") if e.get("file") == THIS_FILE]
+    assert unblocked["blocked_ms"] >= 600
     status = monitor.status()
-    assert status["blocked_count"] == 1 and not status["blocked_now"]
-    assert status["sites"][0]["count"] == 1
+    assert status["blocked_count"] >= 1 and not status["blocked_now"]
+    assert [s["count"] for s in status["sites"] if THIS_FILE in s["site"]] == [1]
 
 
 @pytest.mark.anyio
 async def test_repeated_blocks_at_one_site_are_counted_not_logged() -> None:
     """Three blocks at the same line: one loop.blocked line, a count of three."""
-    monitor = LoopMonitor(block_threshold_s=0.05, stall_dump_s=30.0)
+    monitor = LoopMonitor(block_threshold_s=0.25, stall_dump_s=30.0)
     with capture_logs() as logs, anyio.fail_after(TIMEOUT_S):
         async with anyio.create_task_group() as tg:
             await tg.start(monitor.run)
             for _ in range(3):
                 await anyio.sleep(0.2)
                 before = monitor.detector.count
-                time.sleep(0.4)  # noqa: ASYNC251  (the fault under test)
+                time.sleep(0.8)  # noqa: ASYNC251  (the fault under test)
                 await until(
                     lambda: not monitor.detector.blocked and monitor.detector.count > before  # noqa: B023
                 )
             tg.cancel_scope.cancel()
-    assert len(named(logs, "loop.blocked")) == 1
-    assert len(named(logs, "loop.unblocked")) == 1
-    site = monitor.status()["sites"][0]
-    assert site["count"] == 3 and site["total_s"] >= 0.6
+    # Only this test's site: a loaded machine may stall the loop elsewhere too.
+    assert len([e for e in named(logs, "loop.blocked") if e.get("file") == THIS_FILE]) == 1
+    assert len([e for e in named(logs, "loop.unblocked") if e.get("file") == THIS_FILE]) == 1
+    [site] = [s for s in monitor.status()["sites"] if THIS_FILE in s["site"]]
+    assert site["count"] == 3 and site["total_s"] >= 1.2
 
 
 # -- stacks -------------------------------------------------------------------------

@@ -189,6 +189,7 @@ class SimApiProcess:
                 raise RuntimeError(f"simulate-api exited:\n{log_path.read_text()}")
             time.sleep(0.05)
         proc.kill()
+        proc.wait(10)
         raise TimeoutError("simulate-api did not announce its URL")
 
     @property

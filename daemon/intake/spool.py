@@ -131,11 +131,14 @@ class SpoolIntake:
         try:
             next_at = anyio.current_time()
             while True:
+                polled_with = self._live.config
                 await self._poll_once()
                 now = anyio.current_time()
                 next_at = max(next_at + self.config.poll_s, now)
-                # A reload wakes it: a shorter poll_s applies now, not a poll later.
-                if await self._live.reloaded.wait(next_at - now):
+                # A reload (also one during that poll) means a poll now: a shorter
+                # poll_s applies at once, not a long poll later.
+                reloaded = self._live.config is not polled_with
+                if reloaded or await self._live.reloaded.wait(next_at - now):
                     next_at = anyio.current_time()
         finally:
             if self._lock_fd is not None:
