@@ -103,21 +103,32 @@ async def _watch_signals(rt: Runtime, force: anyio.CancelScope) -> None:
     with anyio.open_signal_receiver(*HANDLED_SIGNALS) as signals:
         # Held back since start (`block_signals`): delivered now, to the receiver.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if signum == signal.SIGUSR1:
-                log_stacks(reason="SIGUSR1")
-                continue
-            if signum == signal.SIGHUP:
-                with contextlib.suppress(ReloadError):  # logged; the old config stays
-                    await reload(rt)
-                continue
-            if rt.stopping:
-                log.warning("daemon.forced_stop", signal=name)
-                force.cancel()
-                return
-            log.info("daemon.stop_requested", signal=name)
-            rt.request_stop()
+        try:
+            await _handle_signals(rt, force, signals)
+        finally:
+            # Held back again before the receiver goes: the rest of shutdown (requeue,
+            # checkpoint) must not meet a late signal's default action.
+            block_signals()
+
+
+async def _handle_signals(
+    rt: Runtime, force: anyio.CancelScope, signals: AsyncIterator[int]
+) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGUSR1:
+            log_stacks(reason="SIGUSR1")
+            continue
+        if signum == signal.SIGHUP:
+            with contextlib.suppress(ReloadError):  # logged; the old config stays
+                await reload(rt)
+            continue
+        if rt.stopping:
+            log.warning("daemon.forced_stop", signal=name)
+            force.cancel()
+            return
+        log.info("daemon.stop_requested", signal=name)
+        rt.request_stop()
 
 
 async def run_daemon(
