@@ -19,7 +19,7 @@ import msgspec
 import structlog
 
 from daemon import systemd
-from daemon.analyzers import build_analyzers
+from daemon.analyzers import Analyzer, build_analyzers
 from daemon.config import (
     Config,
     ConfigError,
@@ -106,8 +106,9 @@ def _plan(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
         **keep,
     )
     # What was kept for a restart must still fit the rest (an analyzer on a provider
-    # that is not running, a kept spool whose analyzer is gone): refused whole.
-    problems = config_problems(planned)
+    # that is not running, a kept spool whose analyzer is gone): refused whole. With
+    # nothing kept, the plan is the new config, checked when it was loaded.
+    problems = config_problems(planned) if restart else []
     if problems:
         raise ReloadError("; ".join(problems) + " (parts that need a restart were kept)")
     changed = [
@@ -116,6 +117,15 @@ def _plan(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
         if getattr(old, field) != getattr(planned, field)
     ]
     return planned, changed, restart
+
+
+def _prepare(
+    old: Config, path: str | None
+) -> tuple[Config, list[str], list[str], dict[str, Analyzer]]:
+    """Read, plan and build in one trip to a thread: the file, the checks (a group
+    lookup may ask NSS) and the handlers' imports all block."""
+    planned, changed, restart = _plan(old, load_config(path))
+    return planned, changed, restart, build_analyzers(planned)
 
 
 async def reload(rt: Runtime) -> ReloadResult:
@@ -127,9 +137,9 @@ async def reload(rt: Runtime) -> ReloadResult:
         systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         try:
-            new = await anyio.to_thread.run_sync(load_config, rt.config_path)
-            planned, changed, restart = _plan(rt.config, new)
-            analyzers = await anyio.to_thread.run_sync(build_analyzers, planned)
+            planned, changed, restart, analyzers = await anyio.to_thread.run_sync(
+                _prepare, rt.config, rt.config_path
+            )
         except (ConfigError, ReloadError) as exc:
             log.error("reload.failed", error=str(exc), config=rt.config_path)
             raise ReloadError(str(exc)) from None

@@ -222,6 +222,15 @@ class _WriterHandler(logging.Handler):
         super().__init__()
         self._writer = writer
 
+    def handle(self, record: logging.LogRecord) -> bool:
+        """Without the stdlib's handler lock, which would be held through a write: the
+        writer locks only to queue a line, so a record from another thread never holds
+        up the loop's."""
+        if not self.filter(record):
+            return False
+        self.emit(record)
+        return True
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self._writer.msg(self.format(record))

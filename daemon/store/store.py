@@ -786,7 +786,8 @@ def _run_transaction(db: sqlite3.Connection, batch: list[_Pending], tx: _Tx) -> 
         db.execute("ROLLBACK" if len(batch) == 1 and batch[0].error is not None else "COMMIT")
     except sqlite3.Error:
         if db.in_transaction:
-            db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # the first error is the one to report
+                db.execute("ROLLBACK")
         raise
 
 
@@ -816,9 +817,22 @@ def _run_ops(db: sqlite3.Connection, batch: list[_Pending], tx: _Tx, isolate: bo
             db.execute("RELEASE op")
 
 
-# SQLite's primary result codes for faults of the database, not of one operation:
-# PERM, BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB.
-_FATAL_CODES = frozenset({3, 5, 6, 7, 8, 10, 11, 13, 14, 15, 26})
+# SQLite's primary result codes for faults of the database, not of one operation.
+_FATAL_CODES = frozenset(
+    {
+        sqlite3.SQLITE_PERM,
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_NOTADB,
+    }
+)
 
 
 def _is_fatal(exc: sqlite3.Error) -> bool:
