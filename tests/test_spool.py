@@ -7,7 +7,6 @@ a subprocess and SIGKILL it."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import time
@@ -25,7 +24,7 @@ import pytest
 from daemon.analyzers import build_analyzers
 from daemon.config import Config, ConfigError, parse_config
 from daemon.intake.spool import SpoolIntake
-from daemon.intake.spool_files import LOCK_NAME, NAME_MAX, Changed, Sig, Text, fit, read_text
+from daemon.intake.spool_files import NAME_MAX, Changed, Sig, Text, fit, read_text
 from daemon.intake.submit import Intake
 from daemon.jobs import ErrorInfo
 from daemon.live import Live
@@ -241,24 +240,11 @@ async def test_nothing_is_claimed_while_intake_is_closed(tmp_path: Path) -> None
             assert spool.status()["held"] is None
 
 
-def is_locked(path: Path) -> bool:
-    """Whether someone holds the spool lock (flock: another open file conflicts)."""
-    if not path.exists():
-        return False
-    with path.open("rb") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
-
-
 @pytest.mark.anyio
 async def test_one_daemon_per_spool_directory(tmp_path: Path) -> None:
     """A second spool on the same directory reports the lock and claims nothing."""
     async with open_env(tmp_path) as env, running(env.spool()) as first:
-        await until(lambda: is_locked(env.inbox / LOCK_NAME))
+        await until(lambda: first._lock_fd is not None)  # set once the lock is held
         async with running(env.spool()) as second:
             await until(lambda: second.status()["error"] is not None)
             assert "another vigil daemon owns" in str(second.status()["error"])
@@ -367,6 +353,7 @@ def test_a_reload_applies_spool_settings_but_not_its_directory(
     with no analyzer is refused whole."""
     inbox, elsewhere = tmp_path / "inbox", tmp_path / "elsewhere"
     slow = spool_toml(inbox).replace("poll_s = 0.05", "poll_s = 600")
+    assert "poll_s = 600" in slow
     daemon = start_daemon(sim_config(extra=slow))
     wait_until(lambda: (inbox / "processing").is_dir(), what="the first poll")
     drop(inbox, "notes.md", "not matched yet")
