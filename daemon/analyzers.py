@@ -72,6 +72,7 @@ class Calls:
         self._prices = prices
         self.usage = Usage()
         self.http_status: int | None = None
+        self.answer: str | None = None  # the last answer's text, kept if the attempt fails
 
     async def complete(self, provider: str, request: ChatRequest) -> str:
         target = self._providers.get(provider)
@@ -93,6 +94,7 @@ class Calls:
             cost=cost,
         )
         self.http_status = completion.http_status
+        self.answer = completion.content
         return completion.content
 
 

@@ -223,6 +223,9 @@ async def run_daemon(
 
 def _build_runtime(config: Config, store: Store, providers: dict[str, OpenAIProvider]) -> Runtime:
     live = Live(config, build_analyzers(config))
+    for provider in providers.values():
+        # A circuit that closes frees its held jobs: claim them now, not at the next poll.
+        provider.breaker.on_close = store.wakeup.notify
     worker = Worker(live, providers)
     dispatcher = Dispatcher(
         store,

@@ -22,6 +22,7 @@ NonNegInt = Annotated[int, Meta(ge=0)]
 PositiveFloat = Annotated[float, Meta(gt=0)]
 NonNegFloat = Annotated[float, Meta(ge=0)]
 Rate = Annotated[float, Meta(ge=0, le=1)]
+SliceSeconds = Annotated[float, Meta(ge=0.05, le=60)]
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=64)]
 
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8470"
@@ -95,6 +96,9 @@ class SimulateConfig(Base, frozen=True):
     latency_sigma: NonNegFloat = 0.5
     requests_per_minute: NonNegInt = 0
     tokens_per_minute: NonNegInt = 0
+    # Limits are enforced in slices of this length, as real APIs do (60 a minute is
+    # one a second); 60 gives the whole minute's burst at once.
+    slice_s: SliceSeconds = 1.0
     error_rate: Rate = 0.0
     hang_rate: Rate = 0.0
     seed: int | None = None
@@ -119,6 +123,8 @@ class ProviderConfig(Base, frozen=True):
     # Throttling (README "Throttling"): budget refill held back against network jitter;
     # whether the server's x-ratelimit-*/anthropic-ratelimit-* headers correct the budgets.
     budget_margin_ms: Annotated[float, Meta(ge=0, le=10_000)] = 100.0
+    # A budget holds at most this much of its per-minute limit (the server's slice).
+    budget_slice_s: SliceSeconds = 1.0
     sync_rate_limit_headers: bool = True
     # Circuit breaker: open after this many failures in a row (0 = off), for this long.
     breaker_failures: NonNegInt = 5
@@ -140,6 +146,9 @@ class AnalyzerConfig(Base, frozen=True):
     output: Literal["text", "json"] = "text"
     required_keys: list[str] = []
     max_attempts: Annotated[int, Meta(ge=1, le=100)] = 5
+    # 429s do not spend attempts (the request was not processed); past this many for
+    # one job it fails all the same, so a job cannot wait on a rate limit forever.
+    max_rate_limited: Annotated[int, Meta(ge=1, le=100_000)] = 100
     timeout_s: PositiveFloat = 120.0
     handler: str = ""
 

@@ -54,6 +54,11 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     http_status: int | None = None
     error: ErrorInfo | None = None
     latency_ms: float | None = None
+    usage: Usage | None = None  # what the attempt's answers were billed, failed ones too
+    answer: str | None = None  # a failed attempt's last model answer, cut to ANSWER_MAX_CHARS
+
+
+ANSWER_MAX_CHARS = 4096
 
 
 class Job(msgspec.Struct, frozen=True, kw_only=True):
@@ -73,6 +78,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorInfo | None
     usage: Usage | None
     source: str
+    rate_limited: int = 0  # 429s met, which spend no attempt (bounded apart)
 
 
 class JobIds:

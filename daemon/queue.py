@@ -109,9 +109,29 @@ class Dispatcher:
             self._store.wakeup.notify()
             if self._stopping and not self.active:
                 self._idle.set()
-        self.outcomes["retried" if new == "queued" else str(new)] += 1
-        _observe(self.on_finish, entry.job, end, new)
+        self._ended(entry.job, end, new)
         return new
+
+    def _ended(self, job: Job, end: AttemptEnd, new: State | None) -> None:
+        """An attempt's end is recorded: count it, say a job's final failure loudly
+        (once, at warning: journald priority filters and `logs --level warning` show
+        it), and tell the observers."""
+        if end.outcome == "rate_limited":
+            self.outcomes["rate_limited"] += 1
+        else:
+            self.outcomes["retried" if new == "queued" else str(new)] += 1
+        if new == "failed":
+            error = end.error
+            log.warning(
+                "job.failed",
+                job_id=job.id,
+                analyzer=job.analyzer,
+                attempt=job.attempts,
+                attempts=job.attempts,
+                error_type=error.type if error else None,
+                error=error.message if error else None,
+            )
+        _observe(self.on_finish, job, end, new)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -142,10 +162,14 @@ class Dispatcher:
                 await self._idle.wait()
 
     async def _until_next_retry(self) -> float:
+        """How long to sleep when nothing could be claimed. A job that is due yet was
+        not claimed belongs to a held analyzer (its provider refuses calls): that is
+        no reason to wake early, and the provider's recovery wakes the loop itself."""
         wake = await self._store.next_wake()
         if wake is None:
             return POLL_S
-        return min(POLL_S, max(0.01, wake - time.time()))
+        left = wake - time.time()
+        return POLL_S if left <= 0 else min(POLL_S, max(0.01, left))
 
     async def _run_one(self, entry: ActiveAttempt) -> None:
         job, scope = entry.job, entry.scope
@@ -172,8 +196,7 @@ class Dispatcher:
                     self.outcomes["deferred"] += 1
                 else:
                     end, new = await self._record(job, end)
-                    self.outcomes["retried" if new == "queued" else str(new)] += 1
-                    _observe(self.on_finish, job, end, new)
+                    self._ended(job, end, new)
         except anyio.get_cancelled_exc_class():
             # Cancelled from outside (forced stop): give the attempt back.
             with anyio.CancelScope(shield=True):

@@ -69,15 +69,13 @@ class Runtime:
                 reason=self.intake.closed_reason or "",
             ),
         ]
-        checks.extend(
-            Check(
-                name=f"provider.{name}",
-                ok=p.paused_reason is None,
-                affects="none",
-                reason=f"paused: {p.paused_reason}",
+        # A paused provider or an open circuit: its jobs wait, which is worth saying,
+        # but the daemon is alive and still takes work.
+        for name, p in self.providers.items():
+            held = p.held_reason()
+            checks.append(
+                Check(name=f"provider.{name}", ok=held is None, affects="none", reason=held or "")
             )
-            for name, p in self.providers.items()
-        )
         return checks
 
     @property

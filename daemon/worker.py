@@ -5,14 +5,15 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import anyio
 import msgspec
 import structlog
 
-from daemon.analyzers import Calls, Provider
+from daemon.analyzers import Analyzer, Calls, Provider
 from daemon.backoff import backoff_s
-from daemon.jobs import ErrorInfo, Job
+from daemon.jobs import ANSWER_MAX_CHARS, ErrorInfo, Job
 from daemon.live import Live
 from daemon.providers.base import OutputInvalid, ProviderError
 from daemon.store.store import AttemptEnd
@@ -41,17 +42,18 @@ class Worker:
         structlog.contextvars.bind_contextvars(
             job_id=job.id, analyzer=job.analyzer, attempt=job.attempts
         )
+        calls = Calls(self._providers, self._live.prices())
         try:
             if analyzer is None:
                 return self._failed(
                     job,
                     started,
+                    calls,
                     ErrorInfo(
                         "UnknownAnalyzer", f"analyzer {job.analyzer!r} is no longer configured"
                     ),
                     retryable=False,
                 )
-            calls = Calls(self._providers, self._live.prices())
             # A bare deadline scope rather than `fail_after` (a generator context
             # manager): this runs once per attempt, on the hot path.
             deadline = anyio.CancelScope(deadline=anyio.current_time() + analyzer.config.timeout_s)
@@ -64,16 +66,20 @@ class Worker:
                 return self._failed(
                     job,
                     started,
+                    calls,
                     ErrorInfo("Timeout", f"attempt exceeded {analyzer.config.timeout_s:g} s"),
                     retryable=True,
                     outcome="timeout",
                 )
             except ProviderError as exc:
                 if exc.kind in NOT_ATTEMPTED:
-                    return self._deferred(job, exc)
+                    return self._deferred(analyzer, exc)
+                if exc.kind == "RateLimited":
+                    return self._rate_limited(job, analyzer, started, calls, exc)
                 return self._failed(
                     job,
                     started,
+                    calls,
                     ErrorInfo(exc.kind, str(exc)),
                     retryable=exc.retryable,
                     status=exc.status,
@@ -83,6 +89,7 @@ class Worker:
                 return self._failed(
                     job,
                     started,
+                    calls,
                     ErrorInfo("OutputInvalid", str(exc)),
                     retryable=False,
                     status=calls.http_status,
@@ -90,7 +97,11 @@ class Worker:
             except Exception as exc:  # a handler's bug must not kill the daemon
                 log.warning("job.handler_error", exc_info=True)
                 return self._failed(
-                    job, started, ErrorInfo(type(exc).__name__, str(exc)[:1000]), retryable=True
+                    job,
+                    started,
+                    calls,
+                    ErrorInfo(type(exc).__name__, str(exc)[:1000]),
+                    retryable=True,
                 )
             try:
                 # Encoded once here: the store writes these bytes as they are.
@@ -99,6 +110,7 @@ class Worker:
                 return self._failed(
                     job,
                     started,
+                    calls,
                     ErrorInfo("BadResult", f"result is not JSON-encodable: {exc}"),
                     retryable=False,
                 )
@@ -128,10 +140,15 @@ class Worker:
         return held, bool(analyzers) and len(held) == len(analyzers)
 
     @staticmethod
-    def _deferred(job: Job, exc: ProviderError) -> AttemptEnd:
+    def _deferred(analyzer: Analyzer, exc: ProviderError) -> AttemptEnd:
         """No request was made: the provider is paused or its circuit open. The job
-        waits it out without spending an attempt."""
+        waits it out without spending an attempt. A prompt analyzer's job is ready again
+        at once: the dispatcher claims none of its jobs while the provider refuses
+        calls, and all of them the moment it takes calls again. A handler's job (it may
+        call any provider, so it is never held) waits for the hint."""
         wait_s = exc.retry_after_s if exc.retry_after_s is not None else DEFER_S
+        if analyzer.handler is None:
+            wait_s = 0.0
         log.info("job.deferred", reason=str(exc), retry_in_s=round(wait_s, 2))
         return AttemptEnd(
             outcome="deferred",
@@ -139,10 +156,52 @@ class Worker:
             retry_at=time.time() + wait_s,
         )
 
+    def _rate_limited(
+        self, job: Job, analyzer: Analyzer, started: float, calls: Calls, exc: ProviderError
+    ) -> AttemptEnd:
+        """A 429: the request was not processed, so no attempt is spent; the job's own
+        count of them is bounded by `max_rate_limited` instead, after which it fails."""
+        limit = analyzer.config.max_rate_limited
+        count = job.rate_limited + 1
+        if count >= limit:
+            error = ErrorInfo(
+                "RateLimited",
+                f"{exc} (rate limited {count} times: analyzers.{job.analyzer}.max_rate_limited"
+                f" is {limit})",
+            )
+            return self._failed(job, started, calls, error, retryable=False, status=exc.status)
+        queue = self._live.config.queue
+        retry_in = backoff_s(
+            count,
+            base_s=queue.backoff_base_s,
+            max_s=queue.backoff_max_s,
+            hint_s=exc.retry_after_s,
+            rng=self._rng,
+        )
+        latency_ms = (time.monotonic() - started) * 1000
+        log.info(
+            "job.attempt",
+            outcome="rate_limited",
+            error=str(exc),
+            http_status=exc.status,
+            latency_ms=round(latency_ms, 1),
+            retry_in_s=round(retry_in, 2),
+            rate_limited=count,
+        )
+        return AttemptEnd(
+            outcome="rate_limited",
+            error=ErrorInfo(exc.kind, str(exc)),
+            http_status=exc.status,
+            latency_ms=latency_ms,
+            retry_at=time.time() + retry_in,
+            **_spent(calls),
+        )
+
     def _failed(
         self,
         job: Job,
         started: float,
+        calls: Calls,
         error: ErrorInfo,
         *,
         retryable: bool,
@@ -179,4 +238,14 @@ class Worker:
             http_status=status,
             latency_ms=latency_ms,
             retry_at=retry_at,
+            **_spent(calls),
         )
+
+
+def _spent(calls: Calls) -> dict[str, Any]:
+    """What a failed attempt's answers were billed, and the last one's text (bounded),
+    so a prompt whose answers fail the analyzer's check can be debugged."""
+    usage = calls.usage
+    billed = usage if usage.prompt_tokens or usage.completion_tokens else None
+    answer = None if calls.answer is None else calls.answer[:ANSWER_MAX_CHARS]
+    return {"usage": billed, "answer": answer}

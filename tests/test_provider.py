@@ -152,7 +152,7 @@ def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
 
 def test_bucket_reserve_within_budget_is_free() -> None:
     """Reservations that fit the budget need no wait."""
-    bucket = TokenBucket(60, FakeClock())
+    bucket = TokenBucket(60, FakeClock(), slice_s=60)
     assert bucket.reserve(30) == 0
     assert bucket.reserve(30) == 0
     assert bucket.level == 0
@@ -160,7 +160,7 @@ def test_bucket_reserve_within_budget_is_free() -> None:
 
 def test_bucket_over_budget_returns_wait() -> None:
     """Going over budget returns the time the deficit takes to refill; waiters queue up."""
-    bucket = TokenBucket(60, FakeClock())  # 1 unit a second
+    bucket = TokenBucket(60, FakeClock(), slice_s=60)  # 1 unit a second
     assert bucket.reserve(60) == 0
     assert bucket.reserve(3) == pytest.approx(3.0)
     assert bucket.reserve(2) == pytest.approx(5.0)
@@ -169,7 +169,7 @@ def test_bucket_over_budget_returns_wait() -> None:
 def test_bucket_refills_over_time_up_to_cap() -> None:
     """The level refills at per_minute/60 a second and never passes the cap."""
     clock = FakeClock()
-    bucket = TokenBucket(120, clock)  # 2 units a second
+    bucket = TokenBucket(120, clock, slice_s=60)  # 2 units a second
     assert bucket.reserve(120) == 0
     clock.now += 15
     assert bucket.reserve(30) == 0
@@ -182,7 +182,7 @@ def test_bucket_refills_over_time_up_to_cap() -> None:
 def test_bucket_refund() -> None:
     """A refund gives units back (capped); a negative refund takes more."""
     clock = FakeClock()
-    bucket = TokenBucket(60, clock)
+    bucket = TokenBucket(60, clock, slice_s=60)
     bucket.reserve(60)
     bucket.refund(20)
     assert bucket.reserve(20) == 0
@@ -195,7 +195,7 @@ def test_bucket_refund() -> None:
 def test_bucket_configure_lowers_cap() -> None:
     """Lowering the budget caps the level and slows the refill."""
     clock = FakeClock()
-    bucket = TokenBucket(600, clock)
+    bucket = TokenBucket(600, clock, slice_s=60)
     bucket.configure(60)
     assert bucket.level == 60
     assert bucket.reserve(60) == 0
@@ -207,7 +207,7 @@ def test_bucket_configure_lowers_cap() -> None:
 def test_bucket_zero_is_unlimited() -> None:
     """per_minute 0 never asks anyone to wait."""
     clock = FakeClock()
-    bucket = TokenBucket(0, clock)
+    bucket = TokenBucket(0, clock, slice_s=60)
     for _ in range(3):
         assert bucket.reserve(1e9) == 0
     bucket.refund(-1e9)
@@ -216,7 +216,7 @@ def test_bucket_zero_is_unlimited() -> None:
 
 def test_bucket_configure_from_unlimited_starts_full() -> None:
     """Turning a budget on starts it full, as a new bucket does."""
-    bucket = TokenBucket(0, FakeClock())
+    bucket = TokenBucket(0, FakeClock(), slice_s=60)
     bucket.configure(60)
     assert bucket.reserve(60) == 0
 
@@ -227,7 +227,9 @@ def test_bucket_configure_from_unlimited_starts_full() -> None:
 @pytest.mark.anyio
 async def test_slot_rejects_request_larger_than_token_budget() -> None:
     """A request above the whole tokens_per_minute fails fast, not retryable."""
-    limits = ProviderLimits(max_concurrency=1, requests_per_minute=0, tokens_per_minute=1000)
+    limits = ProviderLimits(
+        max_concurrency=1, requests_per_minute=0, tokens_per_minute=1000, slice_s=60
+    )
     with anyio.fail_after(BOUND_S):
         with pytest.raises(ProviderError) as info:
             async with limits.slot(1001):
@@ -332,13 +334,15 @@ async def test_rate_limited_cools_down_for_retry_after_ms() -> None:
     # 60000 TPM refills 1000 tokens/s; two requests of 31000 tokens overrun it by 2000,
     # so the second is refused with retry-after-ms of about 2000 (less what refilled
     # between them: up to a second's stall still gets the 429).
-    settings = SimulateConfig(latency_ms=0, tokens_per_minute=60_000, seed=3)
+    settings = SimulateConfig(latency_ms=0, tokens_per_minute=60_000, slice_s=60, seed=3)
     request = ChatRequest(model="gpt-4o-mini", messages=[Message("user", "hi")], max_tokens=31_000)
     api = SimulatedAPI(settings)
     async with (
         serve_app(api.app()) as (seen, url),
         # Header sync off: it would learn the budget and wait locally instead of a 429.
-        OpenAIProvider("main", config(url, sync_rate_limit_headers=False)) as provider,
+        OpenAIProvider(
+            "main", config(url, sync_rate_limit_headers=False, budget_slice_s=60)
+        ) as provider,
     ):
         with anyio.fail_after(BOUND_S):
             await provider.complete(request)

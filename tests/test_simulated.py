@@ -159,7 +159,7 @@ async def test_bad_body_is_400(body: object, param: str | None) -> None:
 
 async def test_rpm_exceeded_is_429_with_headers() -> None:
     """A third quick request against 2 RPM gets 429 with retry and x-ratelimit headers."""
-    settings = SimulateConfig(latency_ms=0, requests_per_minute=2)
+    settings = SimulateConfig(latency_ms=0, requests_per_minute=2, slice_s=60)
     with anyio.fail_after(5):
         async with client(settings) as (_, url, session):
             ok = [await post_chat(session, url, chat_body()) for _ in range(2)]

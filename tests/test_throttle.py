@@ -151,7 +151,7 @@ def test_retry_hint_anthropic_reset() -> None:
 def test_margin_holds_back_refill_without_costing_rate() -> None:
     """A margin keeps that much refill in hand: the burst is smaller, the rate the same."""
     clock = FakeClock()
-    bucket = TokenBucket(60, clock, margin_s=2.0)  # 1 unit/s, 2 units held back
+    bucket = TokenBucket(60, clock, margin_s=2.0, slice_s=60)  # 1 unit/s, 2 units held back
     assert bucket.reserve(58) == 0
     assert bucket.reserve(1) == pytest.approx(1.0)
     clock.now += 10
@@ -163,7 +163,7 @@ def test_margin_holds_back_refill_without_costing_rate() -> None:
 def test_sync_lowers_level_when_server_has_less() -> None:
     """A server reporting less remaining than we expected lowers our level by the gap."""
     clock = FakeClock()
-    bucket = TokenBucket(100, clock)
+    bucket = TokenBucket(100, clock, slice_s=60)
     ticket = bucket.book(1)
     bucket.mark_sent(ticket)
     assert ticket.expected == 99
@@ -176,7 +176,7 @@ def test_sync_lowers_level_when_server_has_less() -> None:
 
 def test_sync_never_raises_and_ignores_rounding() -> None:
     """More remaining than expected, or a gap within the rounding, changes nothing."""
-    bucket = TokenBucket(100, FakeClock())
+    bucket = TokenBucket(100, FakeClock(), slice_s=60)
     ticket = bucket.book(1)
     bucket.mark_sent(ticket)
     assert bucket.sync(ticket, remaining=100) == 0
@@ -188,7 +188,7 @@ def test_sync_never_raises_and_ignores_rounding() -> None:
 def test_sync_does_not_correct_the_same_gap_twice() -> None:
     """Answers of requests in flight all show one gap; it is taken off once."""
     clock = FakeClock()
-    bucket = TokenBucket(1000, clock, margin_s=0.001)
+    bucket = TokenBucket(1000, clock, margin_s=0.001, slice_s=60)
     tickets = []
     for _ in range(5):
         tickets.append(sent(bucket, 10))
@@ -202,7 +202,7 @@ def test_sync_does_not_correct_the_same_gap_twice() -> None:
 def test_sync_allows_for_requests_that_overtook() -> None:
     """Requests sent just after ours may reach the server first: no correction for them."""
     clock = FakeClock()
-    bucket = TokenBucket(1000, clock, margin_s=0.1)
+    bucket = TokenBucket(1000, clock, margin_s=0.1, slice_s=60)
     first = sent(bucket, 10)
     clock.now += 0.01
     sent(bucket, 10)  # arrived first at the server
@@ -213,7 +213,7 @@ def test_learn_adopts_lower_server_limit_once() -> None:
     """A lower limit from the server is adopted and caps the level; the same one again
     changes nothing; a higher one falls back to the configured limit."""
     clock = FakeClock()
-    bucket = TokenBucket(3600, clock)
+    bucket = TokenBucket(3600, clock, slice_s=60)
     ticket = sent(bucket, 1)
     assert bucket.learn(3000, None, ticket)
     assert bucket.per_minute == 3000
@@ -228,7 +228,7 @@ def test_learn_when_unconfigured_starts_from_server_remaining() -> None:
     """With no configured limit the server's applies, starting from what it has left
     minus what we sent since."""
     clock = FakeClock()
-    bucket = TokenBucket(0, clock)
+    bucket = TokenBucket(0, clock, slice_s=60)
     ticket = sent(bucket, 1)
     sent(bucket, 1)
     sent(bucket, 1)
@@ -241,7 +241,11 @@ def test_observe_maps_headers_to_buckets() -> None:
     """ProviderLimits.observe learns limits and syncs both budgets from one snapshot."""
     clock = FakeClock()
     limits = ProviderLimits(
-        max_concurrency=4, requests_per_minute=600, tokens_per_minute=10_000, clock=clock
+        max_concurrency=4,
+        requests_per_minute=600,
+        tokens_per_minute=10_000,
+        clock=clock,
+        slice_s=60,
     )
     requests, tokens = limits.requests.book(1), limits.tokens.book(100)
     limits.requests.mark_sent(requests)
@@ -302,7 +306,8 @@ def breaker(clock: FakeClock, failures: int = 3) -> CircuitBreaker:
     return CircuitBreaker("main", failures=failures, open_s=10.0, probe_wait_s=2.0, clock=clock)
 
 
-def test_breaker_opens_after_consecutive_failures() -> None:
+@pytest.mark.anyio
+async def test_breaker_opens_after_consecutive_failures() -> None:
     """N failures in a row open it; a success in between resets the count."""
     clock = FakeClock()
     cb = breaker(clock)
@@ -318,42 +323,77 @@ def test_breaker_opens_after_consecutive_failures() -> None:
     assert [e["event"] for e in logs] == ["provider.circuit_opened"]
     clock.now += 4
     with pytest.raises(ProviderError) as info:
-        cb.admit()
+        await cb.admit()
     assert info.value.kind == "CircuitOpen"
     assert info.value.retryable is True
     assert info.value.retry_after_s == pytest.approx(6.0)
-    assert "ConnectionError" in str(info.value)
+    assert "circuit open after 3 failures (ConnectionError), probe in 6 s" in str(info.value)
     assert cb.rejected == 1
+    assert cb.accepting() is False
 
 
-def test_breaker_half_open_lets_one_probe_then_closes() -> None:
-    """After open_s one probe goes; others fail fast meanwhile; its success closes."""
+@pytest.mark.anyio
+async def test_breaker_callers_during_the_probe_wait_for_its_verdict() -> None:
+    """While the probe is under way the circuit accepts no new work and other callers
+    wait for it: its success lets them go at once (and wakes the dispatcher), not
+    after a probe's length."""
     clock = FakeClock()
-    cb = breaker(clock, failures=1)
+    woken: list[str] = []
+    cb = CircuitBreaker(
+        "main", failures=1, open_s=10.0, probe_wait_s=30.0, clock=clock,
+        on_close=lambda: woken.append("closed"),
+    )  # fmt: skip
     cb.failed("HTTP 503", probe=False)
     clock.now += 10
     assert cb.status()["state"] == "half_open"
-    probe = cb.admit()
-    assert probe is True
-    with pytest.raises(ProviderError) as info:
-        cb.admit()
-    assert info.value.retry_after_s == 2.0
-    cb.succeeded(probe=True)
+    assert cb.accepting() is True  # the next call is the probe
+    assert await cb.admit() is True
+    assert cb.accepting() is False
+    assert "a probe request is under way" in (cb.reason() or "")
+    verdicts: list[bool] = []
+
+    async def caller() -> None:
+        verdicts.append(await cb.admit())
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(caller)
+            await anyio.wait_all_tasks_blocked()
+            assert verdicts == []  # waiting, not turned away
+            cb.succeeded(probe=True)
+    assert verdicts == [False, False, False]
+    assert woken == ["closed"]
     assert cb.status()["state"] == "closed"
-    assert cb.admit() is False
-    assert cb.status()["opened"] == 1
+    assert cb.reason() is None
+    assert cb.rejected == 0
 
 
-def test_breaker_failed_probe_opens_again_and_released_probe_is_reusable() -> None:
-    """A failed probe reopens for another open_s; a probe that never ran frees its turn."""
+@pytest.mark.anyio
+async def test_breaker_failed_probe_turns_its_waiters_away_until_the_next_half_open() -> None:
+    """A failed probe reopens for another open_s; the callers that waited for it are
+    told the time left; a probe that never ran frees its turn."""
     clock = FakeClock()
     cb = breaker(clock, failures=1)
     cb.failed("HTTP 500", probe=False)
     clock.now += 10
-    assert cb.admit() is True
+    assert await cb.admit() is True
     cb.released(probe=True)  # cancelled before sending
-    assert cb.admit() is True
-    cb.failed("HTTP 500", probe=True)
+    assert await cb.admit() is True
+    errors: list[ProviderError] = []
+
+    async def caller() -> None:
+        try:
+            await cb.admit()
+        except ProviderError as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(caller)
+            await anyio.wait_all_tasks_blocked()
+            cb.failed("HTTP 500", probe=True)
+    assert [e.retry_after_s for e in errors] == [10.0]
     assert cb.status()["state"] == "open"
     assert cb.opened == 2
     status = cb.status()
@@ -363,10 +403,11 @@ def test_breaker_failed_probe_opens_again_and_released_probe_is_reusable() -> No
     assert cb.status()["state"] == "half_open"
 
 
-def test_breaker_zero_failures_is_off() -> None:
+@pytest.mark.anyio
+async def test_breaker_zero_failures_is_off() -> None:
     """breaker_failures = 0 never opens."""
     cb = breaker(FakeClock(), failures=0)
     for _ in range(100):
         cb.failed("HTTP 500", probe=False)
     assert cb.status()["state"] == "closed"
-    assert cb.admit() is False
+    assert await cb.admit() is False

@@ -44,10 +44,9 @@ async def test_header_sync_lowers_budget_and_holds_requests() -> None:
     async def handler(request: web.Request) -> web.Response:
         return ok_with({"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0"})
 
-    async with chat_provider(handler, requests_per_minute=60, budget_margin_ms=0) as (
-        seen,
-        provider,
-    ):
+    async with chat_provider(
+        handler, requests_per_minute=60, budget_margin_ms=0, budget_slice_s=60
+    ) as (seen, provider):
         with anyio.fail_after(BOUND_S):
             await provider.complete(chat())
             bucket = provider.limits.requests
@@ -128,11 +127,11 @@ async def test_header_sync_avoids_429s_from_the_simulated_api() -> None:
     """Against the simulated API's headers, a provider with no local budget learns the
     API's token limit and waits instead of collecting a 429 (sync off: see
     test_rate_limited_cools_down_for_retry_after_ms, where the same pair gets one)."""
-    api = SimulatedAPI(SimulateConfig(latency_ms=0, tokens_per_minute=60_000, seed=3))
+    api = SimulatedAPI(SimulateConfig(latency_ms=0, tokens_per_minute=60_000, slice_s=60, seed=3))
     request = ChatRequest(model="gpt-4o-mini", messages=[Message("user", "hi")], max_tokens=30_250)
     async with (
         serve_app(api.app()) as (seen, url),
-        OpenAIProvider("main", config(url, budget_margin_ms=0)) as provider,
+        OpenAIProvider("main", config(url, budget_margin_ms=0, budget_slice_s=60)) as provider,
     ):
         with anyio.fail_after(BOUND_S):
             for _ in range(2):

@@ -29,6 +29,8 @@ from tests.torture_helpers import (
 StartDaemon = Callable[..., DaemonProcess]
 JOBS_PER_FAULT = 3
 MAX_ATTEMPTS = 2
+MAX_RATE_LIMITED = 3  # 429s spend no attempt: a job fails at its third
+RATE_LIMIT_FAULTS = {"429", "429-no-retry-after"}
 BREAKER_FAILURES = 3
 BREAKER_OPEN_S = 1.0
 PROVIDER_TIMEOUT_S = 1.0
@@ -72,7 +74,14 @@ def matrix_config(api: ThreadedApi) -> str:
             )
         )
         sections.append(
-            analyzer(fault, f"f{fault}", output="json", max_attempts=MAX_ATTEMPTS, timeout_s=5)
+            analyzer(
+                fault,
+                f"f{fault}",
+                output="json",
+                max_attempts=MAX_ATTEMPTS,
+                max_rate_limited=MAX_RATE_LIMITED,
+                timeout_s=5,
+            )
         )
     return daemon_config("".join(sections), max_concurrency=64)
 
@@ -121,11 +130,25 @@ def test_fault_matrix(start_daemon: StartDaemon) -> None:
     for fault in FAULTS:
         mine = [s for s in shown.values() if s["job"]["analyzer"] == fault]
         assert len(mine) == JOBS_PER_FAULT
-        expected_attempts = 1 if fault == "bad-json-content" else MAX_ATTEMPTS
+        # A 429 spends no attempt: the job fails at its MAX_RATE_LIMITED-th, its first
+        # counted attempt.
+        single = fault == "bad-json-content" or fault in RATE_LIMIT_FAULTS
+        expected_attempts = 1 if single else MAX_ATTEMPTS
+        expected_requests = MAX_RATE_LIMITED if fault in RATE_LIMIT_FAULTS else expected_attempts
         for entry in mine:
             job = entry["job"]
-            # Attempts given back unmade (the circuit was open) are kept but not counted.
-            attempts = [a for a in entry["attempts"] if a["outcome"] != "deferred"]
+            # Attempts given back unmade (the circuit was open) or refused by a 429 are
+            # kept but not counted.
+            attempts = [
+                a for a in entry["attempts"] if a["outcome"] not in ("deferred", "rate_limited")
+            ]
+            limited = [a for a in entry["attempts"] if a["outcome"] == "rate_limited"]
+            if fault in RATE_LIMIT_FAULTS:
+                assert job["rate_limited"] == len(limited) == MAX_RATE_LIMITED - 1, (fault, job)
+                assert {a["http_status"] for a in limited} == {429}, (fault, limited)
+                assert "max_rate_limited" in _error_text(job["error"]), (fault, job["error"])
+            else:
+                assert limited == [], (fault, limited)
             assert job["state"] == "failed", (fault, job)
             assert job["attempts"] == expected_attempts == len(attempts), (fault, attempts)
             assert SIGNATURE[fault] in _error_text(job["error"]), (fault, job["error"])
@@ -135,12 +158,18 @@ def test_fault_matrix(start_daemon: StartDaemon) -> None:
                 assert SIGNATURE[fault] in _error_text(attempt["error"]), (fault, attempt)
             if fault.isdigit():
                 assert attempts[0]["http_status"] == int(fault), (fault, attempts[0])
+            if fault == "bad-json-content":
+                # Answered and billed, though it failed the check: both kept on the attempt.
+                [failed] = attempts
+                assert failed["answer"] and "{" not in failed["answer"], failed
+                assert failed["usage"]["completion_tokens"] > 0, failed
+                assert job["usage"] == failed["usage"], job
 
         # No retry storm: never more than one request per attempt, and ...
         requests = requests_by_fault[fault]
         provider = status["providers"][f"f{fault}"]
         assert len(requests) == provider["requests"], (fault, "both sides count alike")
-        assert len(requests) <= JOBS_PER_FAULT * expected_attempts, fault
+        assert len(requests) <= JOBS_PER_FAULT * expected_requests, fault
         if fault in BREAKER_FAULTS:
             # ... a failing API is left alone once the circuit opens: beyond the
             # failures that open it (and requests already under way), one probe per
@@ -160,7 +189,7 @@ def test_fault_matrix(start_daemon: StartDaemon) -> None:
                 by_job[request.text].append(request.at)
             assert len(by_job) == JOBS_PER_FAULT, (fault, sorted(by_job))
             for times in by_job.values():
-                assert len(times) == MAX_ATTEMPTS, (fault, times)
+                assert len(times) == MAX_RATE_LIMITED, (fault, times)
                 gaps = [b - a for a, b in itertools.pairwise(times)]
                 assert min(gaps) >= MIN_GAP_S[fault] - 0.02, (fault, gaps)
             assert provider["rate_limited"] == len(requests), fault

@@ -144,6 +144,7 @@ def analyzer(
     output: str = "text",
     max_attempts: int = 5,
     timeout_s: float = 10.0,
+    max_rate_limited: int = 100,
 ) -> str:
     """An analyzer section whose prompt needs only `{text}`."""
     required = 'required_keys = ["sentiment"]\n' if output == "json" else ""
@@ -155,6 +156,7 @@ prompt = "Analyse:\\n\\n{{text}}"
 max_tokens = 60
 output = "{output}"
 {required}max_attempts = {max_attempts}
+max_rate_limited = {max_rate_limited}
 timeout_s = {timeout_s}
 """
 
@@ -275,7 +277,7 @@ def threaded_api(settings: SimulateConfig | None = None) -> Iterator[ThreadedApi
 
 # Attempt rows that do not count against max_attempts: cut short by our own shutdown,
 # or given back before any request (provider paused, circuit open).
-UNCOUNTED = "('interrupted', 'deferred')"
+UNCOUNTED = "('interrupted', 'deferred', 'rate_limited')"
 
 
 def ledger_problems(db_path: Path, *, all_terminal: bool = True) -> list[str]:

@@ -257,19 +257,19 @@ async def show(client: ControlClient, args: argparse.Namespace) -> int:
             "analyzer": job["analyzer"],
             "state": job["state"],
             "attempts": f"{job['attempts']} of {job['max_attempts']}",
+            "rate limited": f"{job.get('rate_limited', 0)} time(s) (429s spend no attempt)",
             "priority": job["priority"],
             "source": job["source"],
             "created": render.when(job["created_at"]),
             "started": render.when(job["started_at"]),
             "finished": render.when(job["finished_at"]),
-            "tokens": f"{usage.get('prompt_tokens', 0)} in, "
-            f"{usage.get('completion_tokens', 0)} out",
+            "tokens": _tokens(usage),
             "error": f"{job['error']['type']}: {job['error']['message']}" if job["error"] else "-",
         }
     )
     print("\nattempts:")
     render.table(
-        ["n", "started", "outcome", "http", "ms", "error"],
+        ["n", "started", "outcome", "http", "ms", "tokens", "error"],
         [
             [
                 a["n"],
@@ -277,11 +277,15 @@ async def show(client: ControlClient, args: argparse.Namespace) -> int:
                 a["outcome"],
                 a["http_status"] or "-",
                 f"{a['latency_ms']:.0f}" if a["latency_ms"] is not None else "-",
+                _tokens(a.get("usage")) if a.get("usage") else "-",
                 render.short(a["error"]["message"] if a["error"] else "", 60),
             ]
             for a in data["attempts"]
         ],
     )
+    for a in data["attempts"]:
+        if a.get("answer") is not None:
+            print(f"\nattempt {a['n']} answered:\n{a['answer']}")
     print("\nresult:")
     result = job["result"]
     if isinstance(result, str):
@@ -289,6 +293,13 @@ async def show(client: ControlClient, args: argparse.Namespace) -> int:
     else:
         render.as_json(result)
     return 0
+
+
+def _tokens(usage: dict[str, Any] | None) -> str:
+    usage = usage or {}
+    cost = usage.get("cost")
+    text = f"{usage.get('prompt_tokens', 0)} in, {usage.get('completion_tokens', 0)} out"
+    return text if cost is None else f"{text}, ${cost:.6f}"
 
 
 def _check_retry(args: argparse.Namespace) -> None:
@@ -322,7 +333,10 @@ async def pause(client: ControlClient, args: argparse.Namespace) -> int:
 async def resume(client: ControlClient, args: argparse.Namespace) -> int:
     data = await client.call("resume")
     lifted = ", ".join(data["providers_resumed"])
-    _done(args, data, "resumed" + (f" (providers lifted: {lifted})" if lifted else ""))
+    text = "resumed" + (f" (providers lifted: {lifted})" if lifted else "")
+    for name, reason in data.get("providers_still_paused", {}).items():
+        text += f"\nprovider {name} stays paused: {reason}"
+    _done(args, data, text)
     return 0
 
 

@@ -139,6 +139,7 @@ def cmd_simulate_api(args: argparse.Namespace) -> int:
         latency_sigma=args.latency_sigma,
         requests_per_minute=args.rpm,
         tokens_per_minute=args.tpm,
+        slice_s=args.slice_s,
         error_rate=args.error_rate,
         hang_rate=args.hang_rate,
         seed=args.seed,
@@ -202,6 +203,12 @@ def add_simulate_parser(sub: Any) -> None:
         type=field["tokens_per_minute"],
         default=0,
         help="tokens per minute (0: no limit)",
+    )
+    sim.add_argument(
+        "--slice-s",
+        type=field["slice_s"],
+        default=1.0,
+        help="limits are enforced in slices this long (60: a whole minute's burst)",
     )
     sim.add_argument("--error-rate", type=field["error_rate"], default=0.0)
     sim.add_argument("--hang-rate", type=field["hang_rate"], default=0.0)

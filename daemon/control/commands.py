@@ -136,14 +136,21 @@ async def pause(rt: Runtime, _: NoArgs) -> Any:
 
 async def resume(rt: Runtime, _: NoArgs) -> Any:
     """Resume starting attempts, reopen intake after a drain, and lift providers
-    paused by a refused key or an exhausted quota (the operator says it is fixed)."""
-    lifted = [name for name, p in rt.providers.items() if p.paused_reason]
-    for name in lifted:
-        rt.providers[name].resume()
+    paused by a refused key or an exhausted quota (the operator says it is fixed).
+    A provider whose key variable is not set stays paused, and the reply says why."""
+    lifted: list[str] = []
+    still: dict[str, str] = {}
+    for name, provider in rt.providers.items():
+        if provider.paused_reason:
+            reason = provider.resume()
+            if reason is None:
+                lifted.append(name)
+            else:
+                still[name] = reason
     if rt.intake.closed_reason == DRAINING and not rt.stopping:
         rt.intake.closed_reason = None
     rt.dispatcher.set_paused(False)
-    return {"state": rt.state, "providers_resumed": lifted}
+    return {"state": rt.state, "providers_resumed": lifted, "providers_still_paused": still}
 
 
 async def logs(rt: Runtime, args: LogsArgs) -> Any:

@@ -1,16 +1,20 @@
 """A circuit breaker per provider: after `failures` consecutive failures (no answer,
 a timeout, a 5xx) it opens and calls fail at once, without a request, for `open_s`;
 then one probe goes through (half-open): an answer closes it, a failure opens it again.
+Callers that arrive while the probe is under way wait for its verdict instead of
+being turned away for a probe's length: when it closes the circuit they go at once.
 
 An API that is down then costs one probe per `open_s` instead of a timeout per job,
 and jobs are told when to come back instead of hammering it."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Literal
 
+import anyio
 import structlog
 
 from daemon.providers.base import ProviderError
@@ -31,8 +35,10 @@ class CircuitBreaker:
         open_s: float,
         probe_wait_s: float,
         clock: Callable[[], float] = time.monotonic,
+        on_close: Callable[[], None] = lambda: None,
     ) -> None:
         self.provider = provider
+        self.on_close = on_close  # the dispatcher's wake-up: held jobs can be claimed now
         self.failures_to_open = failures
         self.open_s = open_s
         self.probe_wait_s = probe_wait_s  # hint to callers turned away while a probe runs
@@ -40,6 +46,7 @@ class CircuitBreaker:
         self._state: State = "closed"
         self._opened_at = 0.0
         self._probing = False
+        self._verdict: anyio.Event | None = None  # set when the probe under way ends
         self.consecutive_failures = 0
         self.opened = 0
         self.rejected = 0
@@ -57,34 +64,70 @@ class CircuitBreaker:
             log.info("provider.circuit_half_open", provider=self.provider)
         return self._state
 
-    def admit(self) -> bool:
-        """Before a call: True if it is the half-open probe. Raises a retryable
-        ProviderError (kind CircuitOpen) when the call must not be made."""
+    def accepting(self) -> bool:
+        """Whether a new call would be tried now: closed, or half-open with no probe
+        under way (the next call is the probe). The dispatcher claims no jobs of a
+        provider that is not accepting."""
         state = self.state
-        if state == "closed":
-            return False
-        if state == "half_open" and not self._probing:
-            self._probing = True
-            return True
+        return state == "closed" or (state == "half_open" and not self._probing)
+
+    async def admit(self) -> bool:
+        """Before a call: True if it is the half-open probe. A call that comes while
+        the probe is under way waits for its verdict (at most `probe_wait_s`). Raises
+        a retryable ProviderError (kind CircuitOpen) when the call must not be made."""
+        waited = False
+        while True:
+            state = self.state
+            if state == "closed":
+                return False
+            if state == "half_open" and not self._probing:
+                self._probing = True
+                self._verdict = anyio.Event()
+                return True
+            if state == "half_open" and not waited and self._verdict is not None:
+                waited = True
+                with anyio.move_on_after(self.probe_wait_s):
+                    await self._verdict.wait()
+                continue
+            break
         self.rejected += 1
-        if state == "open":
-            wait_s = self._opened_at + self.open_s - self._clock()
-            why = f"circuit open after {self.consecutive_failures} failures in a row"
-        else:
-            wait_s = self.probe_wait_s
-            why = "circuit half-open, a probe request is under way"
+        wait_s = (
+            self._opened_at + self.open_s - self._clock() if state == "open" else self.probe_wait_s
+        )
         raise ProviderError(
-            f"provider {self.provider!r} is failing fast: {why} (last: {self.last_failure})",
+            f"provider {self.provider!r} is failing fast: {self.reason()}",
             kind="CircuitOpen",
             retryable=True,
             retry_after_s=max(0.0, wait_s),
         )
 
+    def reason(self) -> str | None:
+        """Why calls are held back, for status and errors; None while closed."""
+        state = self.state
+        last = f" ({self.last_failure})" if self.last_failure else ""
+        if state == "open":
+            left = max(0.0, self._opened_at + self.open_s - self._clock())
+            return (
+                f"circuit open after {self.consecutive_failures} failures{last}, "
+                f"probe in {math.ceil(left)} s"
+            )
+        if state == "half_open":
+            if self._probing:
+                return f"circuit half-open, a probe request is under way (last failure{last})"
+            return f"circuit half-open, the next request probes the API (last failure{last})"
+        return None
+
+    def _probe_ended(self) -> None:
+        self._probing = False
+        if self._verdict is not None:
+            self._verdict.set()
+            self._verdict = None
+
     def succeeded(self, probe: bool) -> None:
         """The server answered (any status below 500)."""
         if probe:
-            self._probing = False
             self._close()
+            self._probe_ended()
         elif self._state == "closed":
             self.consecutive_failures = 0
 
@@ -92,9 +135,9 @@ class CircuitBreaker:
         """No answer, a timeout or a 5xx."""
         self.last_failure = reason
         if probe:
-            self._probing = False
             self.consecutive_failures += 1
             self._open(reason)
+            self._probe_ended()
             return
         if self._state != "closed":
             return  # a straggler sent before the circuit opened: already counted
@@ -106,7 +149,7 @@ class CircuitBreaker:
         """The call ended without saying anything about the server (cancelled, refused
         before sending): a probe slot goes to the next caller."""
         if probe:
-            self._probing = False
+            self._probe_ended()
 
     def _open(self, reason: str) -> None:
         self._state = "open"
@@ -126,6 +169,7 @@ class CircuitBreaker:
         self.consecutive_failures = 0
         if was != "closed":
             log.info("provider.circuit_closed", provider=self.provider)
+            self.on_close()
 
     def status(self) -> dict[str, Any]:
         state = self.state

@@ -2,13 +2,22 @@
 token budgets, and a cool-down every caller shares after a 429, so one rate-limit
 answer pauses the provider instead of starting a retry storm.
 
-The budgets are our model of the server's own buckets. The server's rate-limit
+The budgets are our model of the server's own buckets. Real APIs enforce a
+per-minute limit in short slices (60,000 a minute as 1,000 a second), so a budget
+holds at most one slice (`slice_s`) of its limit: a full minute's burst would be
+refused by the server however much of the minute is left. The server's rate-limit
 headers correct that model: a lower limit than configured is adopted, and a server
-that has less left than we think lowers our level (see `TokenBucket.sync`)."""
+that has less left than we think lowers our level (see `TokenBucket.sync`).
+
+Callers take their place in time one at a time, in arrival order (`ProviderLimits`'s
+pacing lock): the caller at the head books its cost and sleeps until it is paid for,
+and a 429 or a lowered limit met on waking sends it back to book again, so a cool-down
+or a new limit spaces out every caller still in line instead of releasing them together."""
 
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -34,21 +43,28 @@ class Ticket:
     wait_s: float
     expected: float | None
     lowered_mark: float
+    generation: int = 0
     sent_at: float | None = None
     sent_mark: float = 0.0
 
 
 class TokenBucket:
-    """A continuously refilled budget of `per_minute` units (0 = unlimited).
+    """A continuously refilled budget of `per_minute` units (0 = unlimited) that holds
+    at most `slice_s` worth of refill (the server's own slice).
 
-    `reserve` takes units at once, letting the level go negative, and says how long
-    the caller must wait: callers queue up in time instead of polling, so a burst of
-    waiters leaves at exactly the budget's rate. `margin_s` of refill is held back:
-    a request arriving at the server slightly earlier than planned (network jitter)
-    still finds room, and since it is a fixed offset it costs no throughput.
+    `book` takes units at once, letting the level go negative, and says how long the
+    caller must wait, so waiters leave at exactly the budget's rate. `margin_s` of
+    refill is held back: a request arriving at the server slightly earlier than
+    planned (network jitter) still finds room. Where the slice leaves more room than
+    one request and the margin, that is a fixed offset costing no throughput; where it
+    does not (60 a minute in one-second slices: room for exactly one), a request
+    arriving a hair early would be refused, so such requests are spaced `margin_s`
+    further apart instead (`cost`).
 
     The limit in force is the configured one, or the server's own when that is lower
-    (`learn`); with no configured limit, a limit the server reports still applies."""
+    (`learn`); with no configured limit, a limit the server reports still applies.
+    `generation` counts changes of the limit in force: a caller that booked under an
+    older one books again."""
 
     def __init__(
         self,
@@ -56,13 +72,16 @@ class TokenBucket:
         clock: Callable[[], float] = time.monotonic,
         *,
         margin_s: float = 0.0,
+        slice_s: float = 1.0,
     ) -> None:
         self._clock = clock
         self.configured = per_minute
         self.server_limit: int | None = None
         self.per_minute = per_minute
-        self.level = float(per_minute)
+        self.slice_s = slice_s
+        self.level = self.capacity
         self.margin_s = margin_s
+        self.generation = 0
         self._stamp = clock()
         self.lowered = 0.0  # units taken off on the server's word (limits, remaining)
         self.corrections = 0
@@ -74,9 +93,28 @@ class TokenBucket:
         """The units held back (margin_s worth of refill)."""
         return self.margin_s * self.per_minute / 60
 
-    def configure(self, per_minute: int, *, margin_s: float | None = None) -> None:
+    @property
+    def capacity(self) -> float:
+        """The most the bucket holds: one slice of the limit in force."""
+        return self.per_minute * self.slice_s / 60
+
+    def cost(self, units: float) -> float:
+        """What a request of `units` books: its units, plus the part of the margin the
+        server's slice has no spare room for (see the class docstring). A slice
+        smaller than the request still admits it when full, as servers do."""
+        spare = max(self.capacity - units, 0.0)
+        return units + max(0.0, self.margin - spare)
+
+    def configure(
+        self, per_minute: int, *, margin_s: float | None = None, slice_s: float | None = None
+    ) -> None:
         if margin_s is not None:
             self.margin_s = margin_s
+        if slice_s is not None and slice_s != self.slice_s:
+            self._refill()
+            self.slice_s = slice_s
+            self.level = min(self.level, self.capacity)
+            self.generation += 1
         self.configured = per_minute
         self._apply()
 
@@ -90,19 +128,19 @@ class TokenBucket:
         if new == self.per_minute:
             return
         self._refill()
-        if not self.per_minute:
-            # Switched on from unlimited: nothing was spent from it, so it starts full.
-            self.level = float(new)
-        elif new and self.level > new:
-            self._lower(self.level - new)
+        was_unlimited = not self.per_minute
         self.per_minute = new
+        self.generation += 1
+        if was_unlimited:
+            # Switched on from unlimited: nothing was spent from it, so it starts full.
+            self.level = self.capacity
+        elif new and self.level > self.capacity:
+            self._lower(self.level - self.capacity)
 
     def _refill(self) -> None:
         now = self._clock()
         if self.per_minute:
-            self.level = min(
-                float(self.per_minute), self.level + (now - self._stamp) * self.per_minute / 60
-            )
+            self.level = min(self.capacity, self.level + (now - self._stamp) * self.per_minute / 60)
         self._stamp = now
 
     def _lower(self, units: float) -> None:
@@ -111,24 +149,35 @@ class TokenBucket:
         self.corrections += 1
 
     def book(self, units: float) -> Ticket:
-        """Take `units`; the ticket says how long to wait before using them."""
+        """Take a request of `units`; the ticket says how long to wait before sending."""
         self._refill()
         if not self.per_minute:
-            return Ticket(units, 0.0, None, self.lowered)
-        self.level -= units
+            return Ticket(units, 0.0, None, self.lowered, self.generation)
+        cost = self.cost(units)
+        self.level -= cost
         margin = self.margin
         wait_s = max(0.0, margin - self.level) * 60 / self.per_minute
-        return Ticket(units, wait_s, max(self.level, margin), self.lowered)
+        return Ticket(cost, wait_s, max(self.level, margin), self.lowered, self.generation)
 
     def reserve(self, units: float) -> float:
         """Take `units`; returns the seconds to wait before using them."""
         return self.book(units).wait_s
 
-    def refund(self, units: float) -> None:
-        """Give back (or, negative, take more) once the real cost is known."""
+    def refund(self, units: float, *, ceiling: float | None = None) -> None:
+        """Give back (or, negative, take more) once the real cost is known; never past
+        `ceiling` (after a 429: the server had nothing left)."""
         if self.per_minute:
             self._refill()
-            self.level = min(float(self.per_minute), self.level + units)
+            top = self.capacity if ceiling is None else min(self.capacity, ceiling)
+            self.level = min(top, self.level + units) if units > 0 else self.level + units
+
+    def empty(self) -> None:
+        """The server refused a request for this budget (a 429): it has nothing left
+        now, whatever we thought, so the level starts again from zero."""
+        if self.per_minute:
+            self._refill()
+            if self.level > 0:
+                self._lower(self.level)
 
     def mark_sent(self, ticket: Ticket) -> None:
         """The request holding `ticket` leaves now (for `sync`'s reordering allowance)."""
@@ -186,7 +235,11 @@ class TokenBucket:
             "per_minute": self.per_minute,
             "configured": self.configured,
             "server_limit": self.server_limit,
+            "slice_s": self.slice_s,
+            "capacity": round(self.capacity, 1) if self.per_minute else None,
             "level": round(self.level, 1) if self.per_minute else None,
+            # What a request could take now: the level net of requests booked ahead.
+            "left": max(0, math.floor(self.level)) if self.per_minute else None,
             "lowered": round(self.lowered, 1),
             "corrections": self.corrections,
         }
@@ -275,6 +328,7 @@ class ProviderLimits:
         tokens_per_minute: int,
         clock: Callable[[], float] = time.monotonic,
         margin_s: float = 0.0,
+        slice_s: float = 1.0,
         adaptive: bool = False,
         successes_per_step: int = 20,
     ) -> None:
@@ -286,10 +340,12 @@ class ProviderLimits:
             successes_per_step=successes_per_step,
             enabled=adaptive,
         )
-        self.requests = TokenBucket(requests_per_minute, clock, margin_s=margin_s)
-        self.tokens = TokenBucket(tokens_per_minute, clock, margin_s=margin_s)
+        self.requests = TokenBucket(requests_per_minute, clock, margin_s=margin_s, slice_s=slice_s)
+        self.tokens = TokenBucket(tokens_per_minute, clock, margin_s=margin_s, slice_s=slice_s)
         self.cooldown_until = 0.0
         self.cooldowns = 0
+        self._pace = anyio.Lock()  # FIFO: callers take their place in time one at a time
+        self.waiting = 0  # callers holding a concurrency slot, waiting for budget or cool-down
 
     def configure(
         self,
@@ -298,6 +354,7 @@ class ProviderLimits:
         requests_per_minute: int,
         tokens_per_minute: int,
         margin_s: float | None = None,
+        slice_s: float | None = None,
         adaptive: bool | None = None,
         successes_per_step: int | None = None,
     ) -> None:
@@ -306,8 +363,8 @@ class ProviderLimits:
             successes_per_step=successes_per_step or self.adaptive.successes_per_step,
             enabled=self.adaptive.enabled if adaptive is None else adaptive,
         )
-        self.requests.configure(requests_per_minute, margin_s=margin_s)
-        self.tokens.configure(tokens_per_minute, margin_s=margin_s)
+        self.requests.configure(requests_per_minute, margin_s=margin_s, slice_s=slice_s)
+        self.tokens.configure(tokens_per_minute, margin_s=margin_s, slice_s=slice_s)
 
     def cool_down(self, seconds: float) -> None:
         """Pause every caller of this provider for `seconds` (a 429 said so)."""
@@ -315,6 +372,13 @@ class ProviderLimits:
         if until > self.cooldown_until:
             self.cooldown_until = until
             self.cooldowns += 1
+
+    def rate_limited(self, seconds: float) -> None:
+        """A 429: the server's buckets are empty now. Ours start again from zero and
+        every caller waits `seconds`; those already in line book again after it."""
+        self.requests.empty()
+        self.tokens.empty()
+        self.cool_down(seconds)
 
     def cooldown_left(self) -> float:
         return max(0.0, self.cooldown_until - self._clock())
@@ -339,23 +403,44 @@ class ProviderLimits:
                 retryable=False,
             )
         async with self.concurrency:
+            self.waiting += 1
+            try:
+                async with self._pace:
+                    requests, tokens = await self._take_place(estimated_tokens)
+            finally:
+                self.waiting -= 1
+            yield Reservation(requests, tokens, self.adaptive.epoch)
+
+    async def _take_place(self, estimated_tokens: int) -> tuple[Ticket, Ticket]:
+        """Book the budgets and sleep until they are paid for (the caller at the head
+        of the line). A cool-down or a new limit that came while it slept means the
+        booking was planned on a wrong picture: it is given back and made again."""
+        while True:
             await self._wait_cooldown()
+            cooldowns = self.cooldowns
             requests = self.requests.book(1)
             tokens = self.tokens.book(estimated_tokens)
             try:
                 wait = max(requests.wait_s, tokens.wait_s)
                 if wait > 0:
                     await anyio.sleep(wait)
-                # A 429 that arrived while we waited still applies.
-                await self._wait_cooldown()
             except anyio.get_cancelled_exc_class():
                 # Never sent: give the reservation back to the callers behind us.
-                self.requests.refund(1)
-                self.tokens.refund(estimated_tokens)
+                self.requests.refund(requests.units)
+                self.tokens.refund(tokens.units)
                 raise
-            self.requests.mark_sent(requests)
-            self.tokens.mark_sent(tokens)
-            yield Reservation(requests, tokens, self.adaptive.epoch)
+            if (
+                cooldowns == self.cooldowns
+                and requests.generation == self.requests.generation
+                and tokens.generation == self.tokens.generation
+            ):
+                self.requests.mark_sent(requests)
+                self.tokens.mark_sent(tokens)
+                return requests, tokens
+            # After a 429 the server had nothing left: what we give back stops at zero.
+            ceiling = None if cooldowns == self.cooldowns else 0.0
+            self.requests.refund(requests.units, ceiling=ceiling)
+            self.tokens.refund(tokens.units, ceiling=ceiling)
 
     def observe(self, headers: RateLimitHeaders, reservation: Reservation) -> list[LimitChange]:
         """Correct the budgets from an answer's rate-limit headers; returns the limits

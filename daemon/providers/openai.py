@@ -83,6 +83,7 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
             requests_per_minute=config.requests_per_minute,
             tokens_per_minute=config.tokens_per_minute,
             margin_s=config.budget_margin_ms / 1000,
+            slice_s=config.budget_slice_s,
             adaptive=config.adaptive_concurrency,
             successes_per_step=config.adaptive_successes_per_step,
         )
@@ -119,6 +120,7 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
             requests_per_minute=config.requests_per_minute,
             tokens_per_minute=config.tokens_per_minute,
             margin_s=config.budget_margin_ms / 1000,
+            slice_s=config.budget_slice_s,
             adaptive=config.adaptive_concurrency,
             successes_per_step=config.adaptive_successes_per_step,
         )
@@ -140,12 +142,15 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
             return None
         key = os.environ.get(env)
         if not key:
-            self.paused_reason = (
-                f"${env} (the API key) is not set in the daemon's environment: "
-                "restart the daemon with it set"
-            )
+            self.paused_reason = self._missing_key()
             log.error("provider.paused", provider=self.name, reason=self.paused_reason)
         return key
+
+    def _missing_key(self) -> str:
+        return (
+            f"${self.config.api_key_env} (the API key) is not set in the daemon's "
+            "environment: restart the daemon with it set"
+        )
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -165,11 +170,26 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
         )
 
     def available(self) -> bool:
-        """Whether a call would be attempted now (not paused, circuit not open)."""
-        return self.paused_reason is None and self.breaker.state != "open"
+        """Whether a call would be attempted now: not paused, and the circuit closed
+        or half-open with no probe under way (the next call probes)."""
+        return self.paused_reason is None and self.breaker.accepting()
 
-    def resume(self) -> None:
+    def held_reason(self) -> str | None:
+        """Why calls are held back now (paused, circuit open or probing), or None."""
+        if self.paused_reason:
+            return f"paused: {self.paused_reason}"
+        return self.breaker.reason()
+
+    def resume(self) -> str | None:
+        """Lift a pause (the operator says the key or quota is fixed). Returns why the
+        provider stays paused, or None: a key variable that is not set cannot be
+        fixed without a restart (the daemon's environment is read at start)."""
+        env = self.config.api_key_env
+        if env and not os.environ.get(env):
+            self.paused_reason = self._missing_key()
+            return self.paused_reason
         self.paused_reason = None
+        return None
 
     async def complete(self, request: ChatRequest) -> Completion:
         """One throttled call; raises ProviderError on every kind of failure."""
@@ -177,7 +197,7 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
             raise self._paused()
         headers = self._headers()  # a missing key pauses before taking budget
         estimate = request.estimated_tokens()
-        probe = self.breaker.admit()  # an open circuit fails here, before any budget
+        probe = await self.breaker.admit()  # an open circuit fails here, before any budget
         failure: str | None = None
         answered = False
         try:
@@ -334,7 +354,7 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
                 return ProviderError(
                     f"HTTP 429: {message}", kind="TooLarge", status=status, retryable=False
                 )
-            self.limits.cool_down(hint if hint is not None else DEFAULT_429_PAUSE_S)
+            self.limits.rate_limited(hint if hint is not None else DEFAULT_429_PAUSE_S)
             self._congested(reservation, "429")
             return ProviderError(
                 f"HTTP 429 rate limited: {message}",
@@ -364,7 +384,9 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
             "kind": self.config.kind,
             "base_url": self.base_url,
             "paused": self.paused_reason,
+            "held": self.held_reason(),
             "in_flight": stats.in_flight,
+            "waiting_for_budget": limits.waiting,
             "requests": stats.requests,
             "by_status": stats.by_status,
             "rate_limited": stats.rate_limited,

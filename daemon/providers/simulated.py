@@ -233,34 +233,48 @@ def openai_duration(seconds: float) -> str:
 
 
 class _Bucket:
-    """A continuously refilling bucket: full at `limit`, refills `limit`/60 per second."""
+    """A per-minute limit enforced in slices, as OpenAI does ("60,000 a minute may be
+    enforced as 1,000 a second"): admission is decided by a bucket that holds one
+    slice (`limit` x `slice_s` / 60) and refills `limit`/60 per second, while the
+    headers speak of the minute (`remaining` out of `limit`), as the real ones do. A
+    request bigger than one slice is admitted when the slice is full."""
 
-    __slots__ = ("_level", "_rate_per_s", "_stamp", "limit")
+    __slots__ = ("_level", "_minute", "_rate_per_s", "_stamp", "capacity", "limit")
 
-    def __init__(self, limit: int, now: float) -> None:
+    def __init__(self, limit: int, now: float, slice_s: float) -> None:
         self.limit = limit
+        self.capacity = limit * slice_s / 60
         self._rate_per_s = limit / 60.0
-        self._level = float(limit)
+        self._level = self.capacity
+        self._minute = float(limit)
         self._stamp = now
 
     def refill(self, now: float) -> None:
-        elapsed = max(0.0, now - self._stamp)
-        self._level = min(float(self.limit), self._level + elapsed * self._rate_per_s)
+        gained = max(0.0, now - self._stamp) * self._rate_per_s
+        self._level = min(self.capacity, self._level + gained)
+        self._minute = min(float(self.limit), self._minute + gained)
         self._stamp = now
 
     def wait_s(self, cost: int) -> float:
         """Seconds until `cost` fits (after `refill`); 0 if it fits now."""
-        return max(0.0, (cost - self._level) / self._rate_per_s)
+        return max(0.0, (min(cost, self.capacity) - self._level) / self._rate_per_s)
 
     def take(self, cost: int) -> None:
         self._level -= cost
+        self._minute -= cost
+
+    @property
+    def level(self) -> float:
+        """What the slice holds now (after `refill`): what `/stats` reports."""
+        return self._level
 
     @property
     def remaining(self) -> int:
-        return max(0, math.floor(self._level))
+        """What the headers report: the minute's budget left."""
+        return max(0, math.floor(self._minute))
 
     def headers(self, kind: str) -> dict[str, str]:
-        reset_s = (self.limit - self._level) / self._rate_per_s
+        reset_s = (self.limit - self._minute) / self._rate_per_s
         return {
             f"x-ratelimit-limit-{kind}": str(self.limit),
             f"x-ratelimit-remaining-{kind}": str(self.remaining),
@@ -275,18 +289,22 @@ class _Limits:
     def __init__(self, settings: SimulateConfig, clock: Callable[[], float]) -> None:
         now = clock()
         self._clock = clock
-        rpm, tpm = settings.requests_per_minute, settings.tokens_per_minute
-        self._requests = _Bucket(rpm, now) if rpm else None
-        self._tokens = _Bucket(tpm, now) if tpm else None
+        rpm, tpm, slice_s = (
+            settings.requests_per_minute,
+            settings.tokens_per_minute,
+            settings.slice_s,
+        )
+        self._requests = _Bucket(rpm, now, slice_s) if rpm else None
+        self._tokens = _Bucket(tpm, now, slice_s) if tpm else None
 
     def remaining(self) -> tuple[int | None, int | None]:
-        """The requests and tokens left now (None: that budget is unlimited)."""
+        """The requests and tokens the slice holds now (None: that budget is unlimited)."""
         now = self._clock()
         levels: list[int | None] = []
         for bucket in (self._requests, self._tokens):
             if bucket is not None:
                 bucket.refill(now)
-            levels.append(None if bucket is None else bucket.remaining)
+            levels.append(None if bucket is None else max(0, math.floor(bucket.level)))
         return levels[0], levels[1]
 
     def admit(self, cost: int) -> dict[str, str]:
@@ -460,9 +478,10 @@ class SimulatedAPI:
         self._settings = settings
         if settings.seed != old.seed:
             self._rng = random.Random(settings.seed)
-        if (settings.requests_per_minute, settings.tokens_per_minute) != (
+        if (settings.requests_per_minute, settings.tokens_per_minute, settings.slice_s) != (
             old.requests_per_minute,
             old.tokens_per_minute,
+            old.slice_s,
         ):
             self._limits = _Limits(settings, self._clock)
 

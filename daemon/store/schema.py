@@ -54,6 +54,14 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX attempts_job ON attempts (job_id, n);
     """,
+    # 2: 429s counted apart from attempts; what each attempt was billed and answered.
+    """
+    ALTER TABLE jobs ADD COLUMN rate_limited INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE attempts ADD COLUMN prompt_tokens INTEGER;
+    ALTER TABLE attempts ADD COLUMN completion_tokens INTEGER;
+    ALTER TABLE attempts ADD COLUMN cost REAL;
+    ALTER TABLE attempts ADD COLUMN answer TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -44,7 +44,7 @@ _INSERT_JOB = (
 _JOB_COLUMNS = (
     "id, analyzer, input, priority, idempotency_key, state, attempts, max_attempts, "
     "not_before, created_at, started_at, finished_at, result, error_type, error_message, "
-    "prompt_tokens, completion_tokens, cost, source"
+    "prompt_tokens, completion_tokens, cost, source, rate_limited"
 )
 
 
@@ -101,13 +101,16 @@ class AttemptEnd(msgspec.Struct, frozen=True, kw_only=True):
 
     # deferred: refused before any request (provider paused, circuit open): the
     # dispatcher gives the attempt back instead of recording it (see `requeue`).
-    outcome: Literal["succeeded", "error", "timeout", "canceled", "deferred"]
+    # rate_limited: a 429 (the request was not processed): recorded, the attempt given
+    # back, the job's own 429 count raised; it waits queued until `retry_at`.
+    outcome: Literal["succeeded", "error", "timeout", "canceled", "deferred", "rate_limited"]
     result: Any = None
     usage: Usage | None = None
     http_status: int | None = None
     error: ErrorInfo | None = None
     latency_ms: float | None = None
     retry_at: float | None = None  # set: requeue for then; unset on failure: dead letter
+    answer: str | None = None  # a failed attempt's model answer (bounded by the worker)
 
 
 class Canceled(msgspec.Struct, frozen=True):
@@ -165,12 +168,8 @@ def _row_to_job(row: sqlite3.Row | tuple[Any, ...]) -> Job:
         ctok,
         cost,
         source,
+        rate_limited,
     ) = row
-    usage = (
-        Usage(prompt_tokens=ptok or 0, completion_tokens=ctok or 0, cost=cost)
-        if ptok is not None or ctok is not None
-        else None
-    )
     return Job(
         id=jid,
         analyzer=analyzer,
@@ -186,9 +185,16 @@ def _row_to_job(row: sqlite3.Row | tuple[Any, ...]) -> Job:
         finished_at=finished,
         result=msgspec.json.decode(result) if result is not None else None,
         error=ErrorInfo(etype, emsg or "") if etype else None,
-        usage=usage,
+        usage=_usage(ptok, ctok, cost),
         source=source,
+        rate_limited=rate_limited,
     )
+
+
+def _usage(ptok: int | None, ctok: int | None, cost: float | None) -> Usage | None:
+    if ptok is None and ctok is None:
+        return None
+    return Usage(prompt_tokens=ptok or 0, completion_tokens=ctok or 0, cost=cost)
 
 
 class Store(anyio.AsyncContextManagerMixin):
@@ -494,12 +500,16 @@ class Store(anyio.AsyncContextManagerMixin):
         # Encoded before any write, so an unencodable result fails the op cleanly.
         result_json = None if end.result is None else msgspec.json.encode(end.result).decode()
 
+        rate_limited = end.outcome == "rate_limited"
+
         def op(db: sqlite3.Connection, tx: _Tx) -> State | None:
             now = time.time()
             error = end.error
+            usage = end.usage
             db.execute(
                 "UPDATE attempts SET finished_at = ?, outcome = ?, http_status = ?, "
-                "error_type = ?, error_message = ?, latency_ms = ? "
+                "error_type = ?, error_message = ?, latency_ms = ?, prompt_tokens = ?, "
+                "completion_tokens = ?, cost = ?, answer = ? "
                 "WHERE job_id = ? AND n = ? AND outcome = 'running'",
                 (
                     now,
@@ -508,21 +518,27 @@ class Store(anyio.AsyncContextManagerMixin):
                     error.type if error else None,
                     error.message if error else None,
                     end.latency_ms,
+                    usage.prompt_tokens if usage else None,
+                    usage.completion_tokens if usage else None,
+                    usage.cost if usage else None,
+                    end.answer,
                     job.id,
                     job.attempts,
                 ),
             )
-            usage = end.usage
             new: State
             if end.outcome == "succeeded":
                 new = "succeeded"
-            elif end.retry_at is not None and job.attempts < job.max_attempts:
+            elif rate_limited or (end.retry_at is not None and job.attempts < job.max_attempts):
                 new = "queued"
             else:
                 new = "failed"
+            # A 429 gives its attempt back: the request was not processed.
+            given_back = 1 if rate_limited else 0
             cur = db.execute(
                 "UPDATE jobs SET state = ?, not_before = ?, finished_at = ?, result = ?, "
-                "error_type = ?, error_message = ?, "
+                "error_type = ?, error_message = ?, attempts = attempts - ?, "
+                "rate_limited = rate_limited + ?, "
                 "prompt_tokens = coalesce(prompt_tokens, 0) + ?, "
                 "completion_tokens = coalesce(completion_tokens, 0) + ?, "
                 "cost = CASE WHEN ? IS NULL THEN cost ELSE coalesce(cost, 0) + ? END "
@@ -534,6 +550,8 @@ class Store(anyio.AsyncContextManagerMixin):
                     result_json,
                     error.type if error else None,
                     error.message if error else None,
+                    given_back,
+                    given_back,
                     usage.prompt_tokens if usage else 0,
                     usage.completion_tokens if usage else 0,
                     usage.cost if usage else None,
@@ -695,7 +713,8 @@ class Store(anyio.AsyncContextManagerMixin):
     async def attempts(self, job_id: str) -> list[Attempt]:
         async with self._read.execute(
             "SELECT n, started_at, finished_at, outcome, http_status, error_type, "
-            "error_message, latency_ms FROM attempts WHERE job_id = ? ORDER BY id",
+            "error_message, latency_ms, prompt_tokens, completion_tokens, cost, answer "
+            "FROM attempts WHERE job_id = ? ORDER BY id",
             (job_id,),
         ) as cur:
             rows = await cur.fetchall()
@@ -708,8 +727,10 @@ class Store(anyio.AsyncContextManagerMixin):
                 http_status=h,
                 error=ErrorInfo(et, em or "") if et else None,
                 latency_ms=lat,
+                usage=_usage(ptok, ctok, cost),
+                answer=answer,
             )
-            for n, s, f, o, h, et, em, lat in rows
+            for n, s, f, o, h, et, em, lat, ptok, ctok, cost, answer in rows
         ]
 
     async def list_jobs(
