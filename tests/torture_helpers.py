@@ -100,6 +100,7 @@ def openai_provider(
     breaker_failures: int = 5,
     breaker_open_s: float = 30.0,
     api_key_env: str = "",
+    requests_per_minute: int = 0,
 ) -> str:
     """A `kind = "openai"` provider section pointing at `base_url`."""
     return f"""
@@ -107,6 +108,7 @@ def openai_provider(
 kind = "openai"
 base_url = "{base_url}"
 api_key_env = "{api_key_env}"
+requests_per_minute = {requests_per_minute}
 max_concurrency = {max_concurrency}
 timeout_s = {timeout_s}
 breaker_failures = {breaker_failures}
@@ -144,10 +146,12 @@ def analyzer(
     output: str = "text",
     max_attempts: int = 5,
     timeout_s: float = 10.0,
-    max_rate_limited: int = 100,
+    max_rate_limited: int | None = None,
 ) -> str:
     """An analyzer section whose prompt needs only `{text}`."""
     required = 'required_keys = ["sentiment"]\n' if output == "json" else ""
+    if max_rate_limited is not None:
+        required += f"max_rate_limited = {max_rate_limited}\n"
     return f"""
 [analyzers."{name}"]
 provider = "{provider}"
@@ -156,7 +160,6 @@ prompt = "Analyse:\\n\\n{{text}}"
 max_tokens = 60
 output = "{output}"
 {required}max_attempts = {max_attempts}
-max_rate_limited = {max_rate_limited}
 timeout_s = {timeout_s}
 """
 
