@@ -101,9 +101,9 @@ async def test_page_shows_the_status_in_chromium(start_daemon: StartDaemon, tmp_
     assert re.search(r'id="rate-finished"[^>]*>0\.0/s<', dom)
     assert "accepted 3 in all · attempts ended 0 in all (retries included)" in dom
     sim = dom[dom.index("<td>sim</td>") : dom.index("</tr>", dom.index("<td>sim</td>"))]
-    # In flight / limit; what the budgets hold: one second's slice of the minute (600
-    # and 90,000 a minute); calls waiting for budget; cool-down.
-    for figure in ("0 / 16", "0.0/s", "10 / 600", "1500 / 90000", "0", "0.0 s"):
+    # In flight / limit; what a request could take now: one second's slice of the
+    # minute (600 and 90,000 a minute) less the 100 ms margin; calls waiting; cool-down.
+    for figure in ("0 / 16", "0.0/s", "9 / 600", "1350 / 90000", "0", "0.0 s"):
         assert f'<td class="num">{figure}</td>' in sim, (figure, sim)
     assert '<td class="ok">closed</td><td>no</td>' in sim  # circuit, not paused
     assert re.search(r"loop lag p50 / p99 / max [\d.]+ / [\d.]+ / [\d.]+ ms · blocked \d+", dom)

@@ -4,6 +4,7 @@ learned limits, AIMD concurrency, the circuit breaker."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 
 import anyio
 import pytest
@@ -146,6 +147,36 @@ def test_retry_hint_anthropic_reset() -> None:
 
 
 # --- TokenBucket: margin, sync, learned limits --------------------------------------------
+
+
+def test_a_budget_holds_one_slice_of_its_limit() -> None:
+    """600 a minute in one-second slices: 10 at once, then one every 0.1 s; a learned
+    lower limit shrinks the slice at once, and what is left never shows below zero."""
+    clock = FakeClock()
+    bucket = TokenBucket(600, clock)
+    assert bucket.capacity == 10
+    assert [bucket.reserve(1) for _ in range(10)] == [0] * 10
+    assert bucket.reserve(1) == pytest.approx(0.1)
+    assert bucket.status()["left"] == 0
+    clock.now += 60  # idle a minute: still only one slice in hand
+    assert bucket.status()["level"] == 10
+    generation = bucket.generation
+    bucket.configure(60)
+    assert (bucket.capacity, bucket.level, bucket.generation) == (1, 1, generation + 1)
+
+
+def test_a_slice_too_small_for_the_margin_spaces_requests_by_it() -> None:
+    """60 a minute in one-second slices has room for exactly one request: a request
+    arriving a hair early would be refused, so requests leave margin_s further apart
+    (1.1 s); where the slice has room to spare, the margin costs no rate."""
+    clock = FakeClock()
+    tight = TokenBucket(60, clock, margin_s=0.1)
+    waits = [tight.reserve(1) for _ in range(4)]
+    assert [b - a for a, b in itertools.pairwise(waits)] == pytest.approx([1.1] * 3)
+    roomy = TokenBucket(3000, clock, margin_s=0.1)  # 50 a slice, 5 held back
+    waits = [roomy.reserve(1) for _ in range(50)]
+    assert waits[44] == 0 and waits[45] == pytest.approx(0.02)
+    assert [b - a for a, b in itertools.pairwise(waits[45:])] == pytest.approx([0.02] * 4)
 
 
 def test_margin_holds_back_refill_without_costing_rate() -> None:

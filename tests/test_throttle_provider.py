@@ -394,3 +394,25 @@ async def test_fast_status_smoke() -> None:
     assert status["p50_latency_ms"] is None
     assert status["circuit"]["state"] == "closed"
     assert status["budgets"]["requests"]["level"] is None  # unlimited
+
+
+async def test_callers_in_line_during_a_cool_down_leave_spaced_not_together() -> None:
+    """A 429's cool-down met by callers already in line for budget: after it they book
+    again and leave at the budget's rate, so the server's one-second slice (10 a second
+    here) refuses none of them; released together they would overrun it."""
+    api = SimulatedAPI(SimulateConfig(latency_ms=0, requests_per_minute=600, seed=3))
+    async with (
+        serve_app(api.app()) as (seen, url),
+        OpenAIProvider("main", config(url, requests_per_minute=600)) as provider,
+    ):
+        with anyio.fail_after(BOUND_S):
+            async with anyio.create_task_group() as tg:
+                for _ in range(30):
+                    tg.start_soon(provider.complete, chat())
+                await anyio.sleep(0.3)  # a few sent, the rest in line for budget
+                assert provider.limits.waiting > 10
+                assert provider.status()["budgets"]["requests"]["left"] == 0
+                provider.limits.rate_limited(0.5)  # as if a 429 had said so
+    assert api.stats().by_status == {"200": 30}
+    assert len(seen.times) == 30
+    assert provider.limits.waiting == 0

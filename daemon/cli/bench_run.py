@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import aiohttp
 import anyio
@@ -23,11 +26,14 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from daemon.control.client import ControlClient, DaemonUnavailable
 
+T = TypeVar("T")
+
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
 POLL_S = 0.2
 READY_POLL_S = 0.02  # fine enough to time a restart to the socket answering
 SUBMIT_BATCH = 500
+LOG_POLL_S = 0.01  # how often a watched log is read: the moment of an event, to ~10 ms
 _ENV_DROP = ("RUNTIME_DIRECTORY", "VIGIL_SOCKET", "VIGIL_CONFIG", "STATE_DIRECTORY")
 
 
@@ -54,6 +60,16 @@ class ApiSample(msgspec.Struct, frozen=True):
 _sample_decoder = msgspec.json.Decoder(ApiSample)
 
 
+class LogMark(msgspec.Struct, frozen=True):
+    """The first time the daemon logged an event, and the API's counters sampled the
+    moment the bench read that line."""
+
+    event: dict[str, Any]
+    at: float  # the event's own timestamp (wall clock)
+    sample: ApiSample
+    sampled_at: float  # wall clock when that sample's answer came back
+
+
 class Run(msgspec.Struct, kw_only=True):
     """What one run recorded: API samples at the window's edges and the run's ends,
     and the daemon's view at the end."""
@@ -62,7 +78,10 @@ class Run(msgspec.Struct, kw_only=True):
     first: ApiSample | None = None  # first sample after a request arrived
     window_start: ApiSample | None = None
     window_end: ApiSample | None = None
+    all_admitted: ApiSample | None = None  # first sample with a request admitted per job
     last: ApiSample | None = None
+    learned: LogMark | None = None  # the first provider.limit_learned, when watched
+    db_attempts: list[tuple[str, float | None]] = []  # (outcome, finished_at), when read
     jobs: dict[str, int] = {}
     provider: dict[str, Any] = {}
     attempts: dict[str, int] = {}
@@ -105,12 +124,21 @@ async def _child(
                 await _stop(process, name)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for an API that must come
+    back on the same address)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 @asynccontextmanager
-async def simulated_api(args: list[str], log_path: Path) -> AsyncIterator[str]:
-    """`python -m daemon simulate-api ARGS` on 127.0.0.1; yields its base URL once it
-    has printed its "listening on" line."""
+async def simulated_api(args: list[str], log_path: Path, *, port: int = 0) -> AsyncIterator[str]:
+    """`python -m daemon simulate-api ARGS` on 127.0.0.1 (a free port unless `port`);
+    yields its base URL once it has printed its "listening on" line."""
     command = [sys.executable, "-m", "daemon", "simulate-api", "--host", "127.0.0.1"]
-    command += ["--port", "0", *args]
+    command += ["--port", str(port), *args]
     with log_path.open("ab") as log:
         async with _child(
             command, "simulate-api", env=child_env(), stdout=subprocess.PIPE, log=log
@@ -161,6 +189,129 @@ async def api_sample(http: aiohttp.ClientSession, stats_url: str) -> ApiSample:
         return _sample_decoder.decode(await response.read())
 
 
+async def poll_until(
+    check: Callable[[], Awaitable[T | None]], *, every_s: float, timeout_s: float, what: str
+) -> T:
+    """`check()` every `every_s` until it returns something; BenchError after `timeout_s`."""
+    with anyio.move_on_after(timeout_s):
+        while True:
+            found = await check()
+            if found is not None:
+                return found
+            await anyio.sleep(every_s)
+    raise BenchError(f"{what} did not happen within {timeout_s:g} s")
+
+
+async def beside(main: Callable[[], Awaitable[T]], side: Callable[[], Awaitable[None]]) -> T:
+    """`main()` with `side()` running alongside, cancelled when `main` ends. An error
+    of `main` comes out as itself, not wrapped in a task group's ExceptionGroup."""
+    results: list[T] = []
+    errors: list[Exception] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(side)
+        try:
+            results.append(await main())
+        except Exception as exc:
+            errors.append(exc)
+        tg.cancel_scope.cancel()
+    if errors:
+        raise errors[0]
+    return results[0]
+
+
+def event_time(event: dict[str, Any]) -> float:
+    """A JSON log line's ISO timestamp as seconds since the epoch (0 if it has none)."""
+    stamp = event.get("timestamp")
+    try:
+        return datetime.fromisoformat(str(stamp)).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _events_in(lines: list[bytes], name: str) -> list[dict[str, Any]]:
+    needle = f'"{name}"'.encode()
+    found = []
+    for line in lines:
+        if needle not in line:
+            continue
+        try:
+            event = msgspec.json.decode(line)
+        except msgspec.DecodeError:
+            continue
+        if isinstance(event, dict) and event.get("event") == name:
+            found.append(event)
+    return found
+
+
+def log_events(log_path: Path, name: str) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines for event `name`, in order (none if no log)."""
+    try:
+        return _events_in(log_path.read_bytes().splitlines(), name)
+    except OSError:
+        return []
+
+
+class _LogTail:
+    """The lines appended to a log since the last read (a partial last line waits)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._offset, self._partial = path, 0, b""
+
+    def new_lines(self) -> list[bytes]:
+        try:
+            with self.path.open("rb") as log:
+                log.seek(self._offset)
+                data = log.read()
+        except OSError:
+            return []
+        self._offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        return lines
+
+
+async def first_log_event(
+    log_path: Path, name: str, http: aiohttp.ClientSession, stats_url: str, *, timeout_s: float
+) -> LogMark | None:
+    """Watch the daemon's log (every LOG_POLL_S) for the first `name` event and sample
+    the API as soon as it shows; None if none came within `timeout_s`."""
+    tail = _LogTail(log_path)
+
+    async def check() -> LogMark | None:
+        events = _events_in(tail.new_lines(), name)
+        if not events:
+            return None
+        sample = await api_sample(http, stats_url)
+        return LogMark(events[0], event_time(events[0]), sample, time.time())
+
+    try:
+        return await poll_until(check, every_s=LOG_POLL_S, timeout_s=timeout_s, what=name)
+    except BenchError:
+        return None
+
+
+def attempt_rows(db_path: Path) -> list[tuple[str, float | None]]:
+    """Every attempt row's (outcome, finished_at) from the daemon's database, read
+    after it stopped (read-only)."""
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT outcome, finished_at FROM attempts ORDER BY id").fetchall()
+    finally:
+        db.close()
+    return [(str(outcome), finished) for outcome, finished in rows]
+
+
+async def submit_jobs(
+    client: ControlClient, make_job: Callable[[int], dict[str, Any]], start: int, n: int
+) -> int:
+    """Submit jobs `start`..`start + n - 1` in batches; returns how many were submitted."""
+    done = 0
+    while done < n:
+        batch = [make_job(start + done + i) for i in range(min(n - done, SUBMIT_BATCH))]
+        await client.call("submit", jobs=batch)
+        done += len(batch)
+    return done
+
+
 async def drive(
     client: ControlClient,
     http: aiohttp.ClientSession,
@@ -184,11 +335,7 @@ async def drive(
     started = time.monotonic()
 
     async def submit(n: int) -> None:
-        while n > 0:
-            batch = [make_job(run.submitted + i) for i in range(min(n, SUBMIT_BATCH))]
-            await client.call("submit", jobs=batch)
-            run.submitted += len(batch)
-            n -= len(batch)
+        run.submitted += await submit_jobs(client, make_job, run.submitted, n)
 
     target: int | None = None
     if burst_spent is None:
@@ -217,6 +364,8 @@ async def drive(
                 and counts["queued"] == 0
             ):
                 run.window_end = sample
+            if target is not None and run.all_admitted is None and sample.admitted >= target:
+                run.all_admitted = sample
             done = counts["succeeded"] + counts["failed"] + counts["canceled"]
             if target is not None and done >= target:
                 run.last = sample

@@ -238,8 +238,9 @@ class TokenBucket:
             "slice_s": self.slice_s,
             "capacity": round(self.capacity, 1) if self.per_minute else None,
             "level": round(self.level, 1) if self.per_minute else None,
-            # What a request could take now: the level net of requests booked ahead.
-            "left": max(0, math.floor(self.level)) if self.per_minute else None,
+            # What a request could take now: the level net of requests booked ahead
+            # and of the margin held back; never below zero.
+            "left": max(0, math.floor(self.level - self.margin)) if self.per_minute else None,
             "lowered": round(self.lowered, 1),
             "corrections": self.corrections,
         }
