@@ -406,7 +406,10 @@ class ProviderLimits:
         async with self.concurrency:
             self.waiting += 1
             try:
-                async with self._pace:
+                if self.requests.per_minute or self.tokens.per_minute:
+                    async with self._pace:
+                        requests, tokens = await self._take_place(estimated_tokens)
+                else:  # no budget to take places in: only a cool-down to wait out
                     requests, tokens = await self._take_place(estimated_tokens)
             finally:
                 self.waiting -= 1
