@@ -1,13 +1,36 @@
-"""`vigil bench throttle` end to end (a tiny run, so it cannot rot), and the throttle's
-figures in `vigil status` of a real daemon."""
+"""`vigil bench throttle` end to end (tiny runs, so it cannot rot), its figures on
+synthetic records, and the throttle's figures in `vigil status` of a real daemon."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from daemon.cli.bench import SCENARIOS
+from daemon.cli.bench_outage import OutageRun, summarize_outage
+from daemon.cli.bench_run import ApiSample, AttemptRow, LogMark, Run, log_events
+from daemon.cli.bench_throttle_figures import report, summarize
 from tests.daemon_proc import run_cli, sim_config
+
+HOST = {"cpus": 2, "cpu": "test", "python": "3.11"}
+
+
+def _sample(requests: int, limited: int, uptime_s: float, left: int = 0) -> ApiSample:
+    """What /stats says after `requests`, `limited` of them answered 429."""
+    admitted = requests - limited
+    by_status = {"200": admitted, "429": limited} if limited else {"200": admitted}
+    return ApiSample(requests, by_status, admitted, admitted * 150, left, None, uptime_s)
+
+
+def _bench_json(*args: str) -> dict[str, Any]:
+    done = run_cli("bench", "throttle", *args, "--json")
+    assert done.returncode in (0, 1), done.stderr  # 1: a target missed, judged below
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stdout
+    result: dict[str, Any] = msgspec.json.decode(lines[0])
+    return result
 
 
 def test_bench_smoke_runs_both_processes_and_reports() -> None:
@@ -52,3 +75,130 @@ def test_status_shows_throttle_figures(start_daemon: Any) -> None:
     assert sim["concurrency_limit"] == 16
     assert sim["budgets"]["requests"]["server_limit"] == 6000  # learned from the headers
     assert sim["cooldown_s"] == 0
+
+
+def _learn_run(after_429: int, failed: int = 0) -> Run:
+    """36 jobs; 9 requests (8 answered 429) before the limit was learned at 0.5 s,
+    then `after_429` more 429s among the requests after it."""
+    learned_at = 1_000.0
+    mark = LogMark(
+        {"budget": "requests", "server_limit": 60, "per_minute": 60, "was": 600},
+        learned_at,
+        _sample(9, 8, 0.5),
+        learned_at + 0.01,
+    )
+    requests = 9 + 35 + after_429
+    rows = [AttemptRow("rate_limited", learned_at - 0.01, learned_at + 0.002)] * 8
+    rows += [AttemptRow("rate_limited", learned_at + 5, learned_at + 5)] * after_429
+    return Run(
+        submitted=36,
+        all_admitted=_sample(requests - failed, 8 + after_429, 39.0),
+        last=_sample(requests, 8 + after_429, 39.3),
+        first=_sample(1, 0, 0.4),
+        learned=mark,
+        jobs={"queued": 0, "running": 0, "succeeded": 36 - failed, "failed": failed},
+        db_attempts=rows,
+    )
+
+
+def test_learning_figures_split_429s_at_the_learned_limit() -> None:
+    """429s the API counted before the first learned limit are not judged; those after
+    are, against the requests after; a failed job misses the target too."""
+    s = SCENARIOS["misconfigured-small"]
+    result = summarize(s, _learn_run(after_429=0), [], HOST)
+    learning = result["learning"]
+    assert learning["before"] == {"requests": 9, "rate_limited": 8}
+    assert learning["after"] == {"requests": 35, "rate_limited": 0, "share": 0.0}
+    assert learning["lag_ms"] == 10.0
+    assert learning["daemon_429_rows"] == 8
+    assert learning["daemon_429_rows_started_after"] == 0
+    assert learning["steady"]["admitted"] == 35 and learning["steady"]["seconds"] == 38.5
+    assert result["target_met"] is True
+    missed = summarize(s, _learn_run(after_429=1), [], HOST)
+    assert missed["learning"]["after"]["rate_limited"] == 1
+    assert missed["learning"]["daemon_429_rows_started_after"] == 1
+    assert missed["target_met"] is False  # 1 of 36 is over 1 %
+    assert summarize(s, _learn_run(after_429=0, failed=1), [], HOST)["target_met"] is False
+    no_learning = summarize(s, msgspec.structs.replace(_learn_run(0), learned=None), [], HOST)
+    assert no_learning["learning"] is None and no_learning["target_met"] is False
+
+
+def _outage_run(running_s: float, failed: int = 0) -> OutageRun:
+    return OutageRun(
+        submitted=300,
+        down_s=5.6,
+        returned_at=2_000.0,
+        circuit_at_return={"state": "open", "opened": 2},
+        half_open_at_s=running_s - 0.3,
+        probe=_sample(1, 0, running_s - 0.28),
+        running=_sample(2, 0, running_s),
+        done=_sample(300, 0, running_s + 2),
+        jobs={"queued": 0, "running": 0, "succeeded": 300 - failed, "failed": failed},
+        opened_at=[1_994.0, 1_999.0],
+        closed_at=[2_000.0 + running_s - 0.01],
+        db_attempts=[AttemptRow("deferred", 0.0, 1.0)] * 95 + [AttemptRow("error", 0.0, 1.0)],
+    )
+
+
+def test_outage_figures_judge_the_return_to_running() -> None:
+    """Recovery is timed from the API's return; running later than breaker_open_s, or a
+    failed job, misses the target; attempt rows are counted by outcome."""
+    s = SCENARIOS["outage"]
+    result = summarize_outage(s, _outage_run(4.75), HOST)
+    assert result["recovery"]["running_s"] == 4.75
+    assert result["recovery"]["probe_after_half_open_s"] == 0.02
+    assert result["recovery"]["circuit_closed_s"] == 4.74
+    assert result["attempt_rows"] == {"deferred": 95, "error": 1}
+    assert result["outage"]["opened_total"] == 2
+    assert result["target_met"] is True
+    assert summarize_outage(s, _outage_run(5.2), HOST)["target_met"] is False
+    assert summarize_outage(s, _outage_run(4.0, failed=1), HOST)["target_met"] is False
+    learn = summarize(SCENARIOS["misconfigured-small"], _learn_run(0), [], HOST)
+    report([learn, result])  # one table per kind, without error
+
+
+def test_log_events_reads_whole_json_lines(tmp_path: Path) -> None:
+    """Only the named event's lines count, stamped with their own time."""
+    log = tmp_path / "daemon.log"
+    log.write_text(
+        '{"event":"provider.limit_learned","timestamp":"2026-01-01T00:00:01.500000Z"}\n'
+        "not json provider.limit_learned\n"
+        '{"event":"job.attempt","note":"provider.limit_learned"}\n'
+    )
+    events = log_events(log, "provider.limit_learned")
+    assert [e["timestamp"] for e in events] == ["2026-01-01T00:00:01.500000Z"]
+    assert log_events(tmp_path / "missing.log", "x") == []
+
+
+def test_bench_misconfigured_small_learns_the_limit() -> None:
+    """A tiny real run: the daemon learns the API's 60 RPM from its headers, every job
+    succeeds (429s spend no attempt), and the 429s are split at that moment."""
+    result = _bench_json("--scenario", "misconfigured-small", "--jobs", "4")
+    assert result["jobs"]["succeeded"] == 4 and result["jobs"]["failed"] == 0
+    learning = result["learning"]
+    assert learning["first_learned"]["server_limit"] == 60
+    before, after = learning["before"], learning["after"]
+    assert before["requests"] + after["requests"] == result["whole_run"]["requests"]
+    assert learning["daemon_429_rows"] == result["whole_run"]["rate_limited"]
+
+
+def test_bench_outage_recovers_on_the_same_port() -> None:
+    """A tiny real run: the API is down, the circuit opens twice, the API comes back on
+    the same port, and every job then succeeds."""
+    result = _bench_json("--scenario", "outage", "--jobs", "20")
+    assert result["jobs"]["succeeded"] == 20 and result["jobs"]["failed"] == 0
+    assert result["outage"]["circuit_opened_before_return"] >= 2
+    recovery = result["recovery"]
+    assert recovery["probe_s"] is not None and recovery["running_s"] >= recovery["probe_s"]
+    assert result["attempt_rows"]["succeeded"] == 20
+    assert result["whole_run"]["api_admitted"] == 20
+
+
+def test_bench_request_window_spans_the_jobs() -> None:
+    """With one-second slices the window opens at the first sample, before any job
+    waits; it must close only once the jobs submitted then have been claimed."""
+    result = _bench_json("--scenario", "request", "--jobs", "200")
+    window = result["window"]
+    assert window is not None, result
+    assert window["admitted"] >= 100 and window["left_at_start"] == 50
+    assert result["jobs"]["succeeded"] == 200

@@ -193,14 +193,16 @@ def make_job(s: Scenario, i: int) -> dict[str, Any]:
 
 
 def run_throttle(args: argparse.Namespace) -> int:
-    from daemon.cli.bench_outage import run_outage
+    from daemon.cli.bench_outage import run_outage, summarize_outage
     from daemon.cli.bench_run import BenchError, log_events
     from daemon.cli.bench_throttle_figures import METHODS, report, summarize
 
     names = ALL if args.scenario == "all" else (args.scenario,)
     host = machine()
     if not args.json:
-        print(f"machine: {host['cpus']} CPUs, {host['cpu']}, Python {host['python']}", file=sys.stderr)
+        print(
+            f"machine: {host['cpus']} CPUs, {host['cpu']}, Python {host['python']}", file=sys.stderr
+        )
         for kind in dict.fromkeys(SCENARIOS[name].kind for name in names):
             print(f"method ({kind}): {METHODS[kind]}", file=sys.stderr)
         print(file=sys.stderr)
@@ -214,8 +216,6 @@ def run_throttle(args: argparse.Namespace) -> int:
         root = Path(tempfile.mkdtemp(prefix=f"vigil-bench-{name}-"))
         try:
             if scenario.kind == "outage":
-                from daemon.cli.bench_outage import summarize_outage
-
                 outage = _blocking(run_outage, scenario, root)
                 result = summarize_outage(scenario, outage, host)
             else:
@@ -256,8 +256,14 @@ async def _run(s: Scenario, root: Path) -> Run:
     import aiohttp
     import anyio
 
-    from daemon.cli.bench_run import attempt_rows, beside, daemon, drive, first_log_event
-    from daemon.cli.bench_run import simulated_api
+    from daemon.cli.bench_run import (
+        attempt_rows,
+        beside,
+        daemon,
+        drive,
+        first_log_event,
+        simulated_api,
+    )
     from daemon.control.client import ControlClient
 
     async with simulated_api(api_args(s), root / "simulate-api.log") as url:
@@ -275,9 +281,8 @@ async def _run(s: Scenario, root: Path) -> Run:
                 left = sample.remaining_tokens if s.bound == "tokens" else sample.remaining_requests
                 return left is not None and left <= per_s
 
-            rate_s = s.api_limit / 60 / s.cost
-            work_s = s.jobs / rate_s if rate_s else 0.0
-            deadline_s = 120 + 3 * (60 + work_s)
+            rate_s = s.api_limit / 60 / s.cost  # requests a second at the API's limit
+            deadline_s = 120 + 3 * (s.jobs / rate_s if rate_s else 0.0)
             learned: list[LogMark | None] = []
 
             async def watch_learning() -> None:

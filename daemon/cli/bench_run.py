@@ -1,7 +1,8 @@
 """The machinery of `vigil bench throttle`: the simulated API and the daemon as separate
-processes, jobs fed over the control socket, and the API's own counters sampled while
-they run. What the numbers mean is bench.py's business; this module only runs and
-records."""
+processes, jobs fed over the control socket, the API's own counters sampled while
+they run, and what the daemon wrote (its log's events, its attempt rows). What the
+numbers mean is bench_throttle_figures.py's and bench_outage.py's business; this
+module only runs and records."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, NamedTuple, TypeVar
 
 import aiohttp
 import anyio
@@ -60,6 +61,14 @@ class ApiSample(msgspec.Struct, frozen=True):
 _sample_decoder = msgspec.json.Decoder(ApiSample)
 
 
+class AttemptRow(NamedTuple):
+    """One row of the daemon's attempts table, the part the benchmark reads."""
+
+    outcome: str
+    started_at: float
+    finished_at: float | None
+
+
 class LogMark(msgspec.Struct, frozen=True):
     """The first time the daemon logged an event, and the API's counters sampled the
     moment the bench read that line."""
@@ -81,7 +90,7 @@ class Run(msgspec.Struct, kw_only=True):
     all_admitted: ApiSample | None = None  # first sample with a request admitted per job
     last: ApiSample | None = None
     learned: LogMark | None = None  # the first provider.limit_learned, when watched
-    db_attempts: list[tuple[str, float | None]] = []  # (outcome, finished_at), when read
+    db_attempts: list[AttemptRow] = []  # the daemon's attempt rows, when read
     jobs: dict[str, int] = {}
     provider: dict[str, Any] = {}
     attempts: dict[str, int] = {}
@@ -202,7 +211,9 @@ async def poll_until(
     raise BenchError(f"{what} did not happen within {timeout_s:g} s")
 
 
-async def beside(main: Callable[[], Awaitable[T]], side: Callable[[], Awaitable[None]]) -> T:
+async def beside(
+    main: Callable[[], Awaitable[T]], side: Callable[[], Coroutine[Any, Any, None]]
+) -> T:
     """`main()` with `side()` running alongside, cancelled when `main` ends. An error
     of `main` comes out as itself, not wrapped in a task group's ExceptionGroup."""
     results: list[T] = []
@@ -289,15 +300,15 @@ async def first_log_event(
         return None
 
 
-def attempt_rows(db_path: Path) -> list[tuple[str, float | None]]:
-    """Every attempt row's (outcome, finished_at) from the daemon's database, read
-    after it stopped (read-only)."""
+def attempt_rows(db_path: Path) -> list[AttemptRow]:
+    """Every attempt row (outcome, started_at, finished_at; the daemon's wall clock)
+    from its database, read after it stopped (read-only)."""
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
-        rows = db.execute("SELECT outcome, finished_at FROM attempts ORDER BY id").fetchall()
+        query = "SELECT outcome, started_at, finished_at FROM attempts ORDER BY id"
+        return [AttemptRow(str(o), float(s), f) for o, s, f in db.execute(query).fetchall()]
     finally:
         db.close()
-    return [(str(outcome), finished) for outcome, finished in rows]
 
 
 async def submit_jobs(
@@ -327,10 +338,12 @@ async def drive(
     """Feed jobs and sample the API until every job is done.
 
     With `burst_spent`, jobs are topped up (whenever fewer than `top_up_below` wait)
-    until the API's initial burst is used up; then the measuring window opens and
+    until the API's initial burst is used up (with one-second slices there is none to
+    spend: the first sample opens the window); then the measuring window opens and
     `jobs` more are submitted; it closes when no job is left waiting (everything after
     that is the tail, not the throttle). Without it, `jobs` are submitted at once and
-    there is no window."""
+    there is no window. Either way `all_admitted` is the first sample at which the API
+    had admitted as many requests as jobs were submitted."""
     run = Run()
     started = time.monotonic()
 
@@ -353,7 +366,12 @@ async def drive(
                     run.window_start = sample
                     await submit(jobs)
                     target = run.submitted
-                elif run.submitted >= max_warm_up:
+                    # The counts above predate these jobs (with one-second slices the
+                    # window opens before any job waits): judge the window's end on
+                    # the next sample.
+                    await anyio.sleep(POLL_S)
+                    continue
+                if run.submitted >= max_warm_up:
                     target = run.submitted  # the burst outlasts any sane warm-up: no window
                 elif counts["queued"] < top_up_below:
                     await submit(top_up_below)
