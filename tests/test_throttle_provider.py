@@ -416,3 +416,30 @@ async def test_callers_in_line_during_a_cool_down_leave_spaced_not_together() ->
     assert api.stats().by_status == {"200": 30}
     assert len(seen.times) == 30
     assert provider.limits.waiting == 0
+
+
+async def test_calls_waiting_for_a_slot_when_the_circuit_opens_are_not_sent() -> None:
+    """Calls admitted while the circuit was closed but still waiting for a slot when it
+    opened are turned away before sending (CircuitOpen, no attempt's worth of request):
+    an API known to be down gets no more of them."""
+
+    async def handler(request: web.Request) -> web.Response:
+        await anyio.sleep(0.05)
+        return error_reply(500, "down")
+
+    async with chat_provider(handler, max_concurrency=1, breaker_failures=1) as (seen, provider):
+        kinds: list[str] = []
+
+        async def call() -> None:
+            try:
+                await provider.complete(chat())
+            except ProviderError as exc:
+                kinds.append(exc.kind)
+
+        with anyio.fail_after(BOUND_S):
+            async with anyio.create_task_group() as tg:
+                for _ in range(5):
+                    tg.start_soon(call)
+    assert sorted(kinds) == ["CircuitOpen"] * 4 + ["HTTPError"], kinds
+    assert len(seen.times) == 1
+    assert provider.limits.concurrency.borrowed_tokens == 0

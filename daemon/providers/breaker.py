@@ -90,11 +90,21 @@ class CircuitBreaker:
                     await self._verdict.wait()
                 continue
             break
+        raise self._rejection(state)
+
+    def recheck(self, probe: bool) -> None:
+        """Right before sending: a call admitted while closed may have waited (for a
+        slot, for budget) while the circuit opened; it is turned away now instead of
+        spending an attempt on an API known to be down."""
+        if not probe and self.state == "open":
+            raise self._rejection("open")
+
+    def _rejection(self, state: State) -> ProviderError:
         self.rejected += 1
         wait_s = (
             self._opened_at + self.open_s - self._clock() if state == "open" else self.probe_wait_s
         )
-        raise ProviderError(
+        return ProviderError(
             f"provider {self.provider!r} is failing fast: {self.reason()}",
             kind="CircuitOpen",
             retryable=True,

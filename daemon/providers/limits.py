@@ -415,6 +415,11 @@ class ProviderLimits:
                 self.waiting -= 1
             yield Reservation(requests, tokens, self.adaptive.epoch)
 
+    def give_back(self, reservation: Reservation) -> None:
+        """A reservation whose request was never sent returns to the callers behind."""
+        self.requests.refund(reservation.requests.units)
+        self.tokens.refund(reservation.tokens.units)
+
     async def _take_place(self, estimated_tokens: int) -> tuple[Ticket, Ticket]:
         """Book the budgets and sleep until they are paid for (the caller at the head
         of the line). A cool-down or a new limit that came while it slept means the

@@ -202,6 +202,11 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
         answered = False
         try:
             async with self.limits.slot(estimate) as reservation:
+                try:
+                    self.breaker.recheck(probe)
+                except ProviderError:
+                    self.limits.give_back(reservation)  # never sent
+                    raise
                 self.stats.in_flight += 1
                 try:
                     reply = await self._send(request, headers)
