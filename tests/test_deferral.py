@@ -2,87 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
-from aiohttp import web
 
 from daemon.jobs import ErrorInfo, Job, JobIds
 from daemon.queue import Dispatcher
 from daemon.store.store import AttemptEnd, NewJob, Store
 from tests.daemon_proc import DaemonProcess, run_cli, wait_until
+from tests.scripted_api import ScriptedAPI
 
 StartDaemon = Callable[..., DaemonProcess]
 
 
-class SwitchableAPI:
-    """A chat-completions endpoint on 127.0.0.1 that answers 401 until told not to,
-    served from its own thread and loop (the daemon under test is a subprocess)."""
-
-    def __init__(self) -> None:
-        self.refuse = True
-        self.requests = 0
-        self.url = ""
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-
-    async def _chat(self, request: web.Request) -> web.Response:
-        self.requests += 1
-        if self.refuse:
-            return web.json_response(
-                {"error": {"message": "Incorrect API key", "code": "invalid_api_key"}},
-                status=401,
-            )
-        return web.json_response(
-            {
-                "choices": [{"message": {"role": "assistant", "content": "ok"}}],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 1},
-            }
-        )
-
-    def _serve(self) -> None:
-        async def main() -> None:
-            app = web.Application()
-            app.router.add_post("/v1/chat/completions", self._chat)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = runner.addresses[0][1]
-            self.url = f"http://127.0.0.1:{port}/v1"
-            self._stop = asyncio.Event()
-            self._ready.set()
-            try:
-                await self._stop.wait()
-            finally:
-                await runner.cleanup()
-
-        self._loop.run_until_complete(main())
-        self._loop.close()
-
-    def __enter__(self) -> SwitchableAPI:
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        assert self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-
 @pytest.fixture
-def api() -> Iterator[SwitchableAPI]:
-    """The switchable API, stopped at the end."""
-    with SwitchableAPI() as server:
+def api() -> Iterator[ScriptedAPI]:
+    """An API that refuses the key (401) until told otherwise, stopped at the end."""
+    with ScriptedAPI(down_status=401) as server:
+        server.down = True
         yield server
 
 
@@ -109,7 +49,7 @@ max_attempts = 2
 
 
 def test_paused_provider_defers_jobs_without_spending_attempts(
-    start_daemon: StartDaemon, api: SwitchableAPI
+    start_daemon: StartDaemon, api: ScriptedAPI
 ) -> None:
     """After a 401 pauses the provider, new jobs wait (attempts 0) until `resume`."""
     daemon = start_daemon(_config(api.url), env={"VIGIL_TEST_DEFERRAL_KEY": "sk-deferral-test"})
@@ -124,9 +64,9 @@ def test_paused_provider_defers_jobs_without_spending_attempts(
     held = daemon.call("show", id=job_id)
     assert held["job"]["state"] == "queued" and held["job"]["attempts"] == 0
     assert held["attempts"] == []
-    assert api.requests == 1, "a paused provider sends nothing"
+    assert len(api.statuses) == 1, "a paused provider sends nothing"
 
-    api.refuse = False
+    api.down = False
     assert run_cli("resume", socket_path=daemon.socket_path).returncode == 0
     wait_until(lambda: daemon.call("show", id=job_id)["job"]["state"] == "succeeded", 60)
     done = daemon.call("show", id=job_id)
