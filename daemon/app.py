@@ -37,7 +37,7 @@ from daemon.providers.simulated import SimulatedAPI, serve_simulated
 from daemon.queue import Dispatcher
 from daemon.reload import ReloadError, reload
 from daemon.runtime import Runtime
-from daemon.store.store import Store
+from daemon.store.sqlite import Store
 from daemon.watchdog.introspect import log_stacks
 from daemon.watchdog.service import EX_RESTART, Watchdog
 from daemon.worker import Worker

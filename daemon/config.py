@@ -8,6 +8,7 @@ path (`$.analyzers.summarize.max_tokens`) and the reason.
 from __future__ import annotations
 
 import os
+import socket
 import re
 import string
 import tomllib
@@ -170,8 +171,24 @@ class IntakeConfig(Base, frozen=True):
     spool: SpoolConfig | None = None
 
 
+class StoreConfig(Base, frozen=True):
+    """Where jobs wait: SQLite in state_dir (url empty, the default) or a PostgreSQL
+    database several daemons share (README "Cluster")."""
+
+    url: str = ""  # postgresql://user@host:port/db; libpq's PG* variables also apply
+    password_env: str = ""  # the variable holding the password (never the file)
+    node_name: str = ""  # unique per daemon; default: the host name
+    lease_s: Annotated[float, Meta(ge=3, le=3600)] = 30.0  # silent this long: dead
+    poll_only: bool = False  # no LISTEN/NOTIFY (PgBouncer in transaction mode)
+
+    @property
+    def node(self) -> str:
+        return self.node_name or socket.gethostname()
+
+
 class Config(Base, frozen=True):
     daemon: DaemonConfig = DaemonConfig()
+    store: StoreConfig = StoreConfig()
     http: HttpConfig = HttpConfig()
     queue: QueueConfig = QueueConfig()
     log: LogConfig = LogConfig()
@@ -260,12 +277,31 @@ def config_problems(config: Config) -> list[str]:
             template_fields(analyzer.prompt)
         except ValueError as exc:
             problems.append(f"{path}.prompt: bad template: {exc}")
+    url = config.store.url
+    if url and not url.startswith(("postgresql://", "postgres://")):
+        problems.append("$.store.url: a postgresql:// URL, or empty for SQLite in state_dir")
+    if url and _url_password(url) is not None:
+        problems.append(
+            "$.store.url: holds a password; put it in the environment and name the "
+            "variable in store.password_env"
+        )
+    if config.store.node_name and not re.fullmatch(r"[\w.@-]{1,64}", config.store.node_name):
+        problems.append("$.store.node_name: letters, digits, '_', '.', '@', '-' (at most 64)")
     if config.daemon.socket_group and not _group_exists(config.daemon.socket_group):
         problems.append(f"$.daemon.socket_group: no group named {config.daemon.socket_group!r}")
     spool = config.intake.spool
     if spool is not None:
         problems.extend(_check_spool(config, spool))
     return problems
+
+
+def _url_password(url: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
 
 
 def _group_exists(name: str) -> bool:

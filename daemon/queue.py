@@ -20,7 +20,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from daemon.jobs import ErrorInfo, Job, State
-from daemon.store.store import AttemptEnd, Canceled, OpFailed, Store, StoreError
+from daemon.store.base import AttemptEnd, Canceled, JobStore, OpFailed, StoreError
 
 log = structlog.get_logger("vigil.queue")
 POLL_S = 1.0
@@ -48,7 +48,7 @@ class ActiveAttempt:
 class Dispatcher:
     def __init__(
         self,
-        store: Store,
+        store: JobStore,
         execute: Callable[[Job], Awaitable[AttemptEnd]],
         *,
         max_concurrency: int,

@@ -22,7 +22,7 @@ from daemon.observe.ring import LogRing
 from daemon.providers.openai import OpenAIProvider
 from daemon.providers.simulated import SimulatedAPI
 from daemon.queue import Dispatcher
-from daemon.store.store import Store
+from daemon.store.base import JobStore
 from daemon.wakeup import Wakeup
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 @dataclass
 class Runtime:
     live: Live
-    store: Store
+    store: JobStore
     providers: dict[str, OpenAIProvider]
     intake: Intake
     dispatcher: Dispatcher
@@ -114,7 +114,7 @@ class Runtime:
             "attempts": dict(self.dispatcher.outcomes),
             "providers": {name: provider_status(p) for name, p in self.providers.items()},
             "store": {
-                "path": str(self.store.path),
+                "path": self.store.location,
                 "commits": self.store.commits,
                 "commit_errors": self.store.commit_errors,
                 "last_error": self.store.last_error,

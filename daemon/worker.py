@@ -16,7 +16,7 @@ from daemon.backoff import backoff_s
 from daemon.jobs import ANSWER_MAX_CHARS, ErrorInfo, Job
 from daemon.live import Live
 from daemon.providers.base import OutputInvalid, ProviderError
-from daemon.store.store import AttemptEnd
+from daemon.store.base import AttemptEnd
 
 log = structlog.get_logger("vigil.worker")
 # Refusals made before any request: they cost the job no attempt.

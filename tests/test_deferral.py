@@ -11,7 +11,8 @@ import pytest
 
 from daemon.jobs import ErrorInfo, Job, JobIds
 from daemon.queue import Dispatcher
-from daemon.store.store import AttemptEnd, NewJob, Store
+from daemon.store.base import AttemptEnd, NewJob
+from daemon.store.sqlite import Store
 from tests.daemon_proc import DaemonProcess, run_cli, wait_until
 from tests.scripted_api import ScriptedAPI
 

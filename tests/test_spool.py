@@ -28,7 +28,8 @@ from daemon.intake.spool_files import NAME_MAX, Changed, Sig, Text, fit, read_te
 from daemon.intake.submit import Intake
 from daemon.jobs import ErrorInfo
 from daemon.live import Live
-from daemon.store.store import AttemptEnd, Store
+from daemon.store.base import AttemptEnd
+from daemon.store.sqlite import Store
 from tests.daemon_proc import DaemonProcess, db_rows, run_cli, sim_config, wait_until
 from tests.spool_files import drop, spool_toml
 

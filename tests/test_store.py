@@ -18,19 +18,18 @@ import pytest
 
 from daemon.jobs import ErrorInfo, Job, JobIds, Usage
 from daemon.queue import Dispatcher
-from daemon.store.schema import SCHEMA_VERSION, SchemaTooNew, migrate
-from daemon.store.store import (
+from daemon.store.base import (
     AttemptEnd,
     BacklogFull,
     Canceled,
     InvalidTransition,
     JobNotFound,
     NewJob,
-    Store,
     StoreError,
     Submitted,
-    _is_fatal,
 )
+from daemon.store.schema import SCHEMA_VERSION, SchemaTooNew, migrate
+from daemon.store.sqlite import Store, _is_fatal
 
 pytestmark = pytest.mark.anyio
 

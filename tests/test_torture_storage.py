@@ -22,7 +22,7 @@ import msgspec
 import pytest
 
 from daemon.store.schema import MIGRATIONS, SCHEMA_VERSION
-from daemon.store.store import Store
+from daemon.store.sqlite import Store
 from tests.daemon_proc import DaemonProcess, daemon_config, db_rows, run_cli, wait_until
 from tests.torture_helpers import (
     RawResponse,

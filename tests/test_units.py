@@ -21,7 +21,8 @@ from daemon.intake.submit import FieldError, Intake, IntakeClosed, SubmitError
 from daemon.jobs import JobIds
 from daemon.live import Live
 from daemon.providers.base import OutputInvalid
-from daemon.store.store import BacklogFull, Store
+from daemon.store.base import BacklogFull
+from daemon.store.sqlite import Store
 from daemon.wakeup import Wakeup
 
 TIMEOUT_S = 20

@@ -21,7 +21,8 @@ from daemon.config import WatchdogConfig
 from daemon.jobs import ErrorInfo, Job, JobIds
 from daemon.observe.health import Check, Health
 from daemon.queue import Dispatcher
-from daemon.store.store import AttemptEnd, NewJob, Store
+from daemon.store.base import AttemptEnd, NewJob
+from daemon.store.sqlite import Store
 from daemon.watchdog.introspect import coro_stack, headline
 from daemon.watchdog.leaks import LeakWatch
 from daemon.watchdog.loop import LagStats, LoopMonitor

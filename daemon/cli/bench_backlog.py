@@ -29,7 +29,7 @@ from daemon.cli.bench_common import (
 from daemon.cli.bench_intake import submit_jsonl
 from daemon.cli.bench_report import Result, at_most, info
 from daemon.cli.bench_run import BenchError
-from daemon.store.store import Store
+from daemon.store.sqlite import Store
 
 TARGET_RSS_MB = 100
 TARGET_READY_S = 2.0

@@ -15,7 +15,7 @@ from daemon.jobs import Job, State
 from daemon.observe.ring import LEVELS, LogFilter
 from daemon.reload import ReloadError, reload
 from daemon.runtime import Runtime
-from daemon.store.store import BacklogFull, InvalidTransition, JobNotFound, StoreError
+from daemon.store.base import BacklogFull, InvalidTransition, JobNotFound, StoreError
 from daemon.watchdog.introspect import task_report, thread_report
 
 

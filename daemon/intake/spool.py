@@ -49,7 +49,7 @@ from daemon.intake.submit import Intake, IntakeClosed, SubmitError
 from daemon.jobs import TERMINAL, Job
 from daemon.live import Live
 from daemon.observe.health import Check
-from daemon.store.store import BacklogFull, Store
+from daemon.store.base import BacklogFull, JobStore
 
 log = structlog.get_logger("vigil.spool")
 
@@ -81,7 +81,7 @@ class SpoolIntake:
     enforced with a lock file). Reads its settings and the queue limits live, so a
     reload applies to the next poll; only the directory needs a restart."""
 
-    def __init__(self, intake: Intake, store: Store, live: Live) -> None:
+    def __init__(self, intake: Intake, store: JobStore, live: Live) -> None:
         self._intake = intake
         self._store = store
         self._live = live

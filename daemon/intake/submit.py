@@ -13,7 +13,7 @@ import msgspec
 
 from daemon.jobs import JobIds, JobSubmit
 from daemon.live import Live
-from daemon.store.store import NewJob, Store, Submitted
+from daemon.store.base import JobStore, NewJob, Submitted
 
 MAX_JOBS_PER_REQUEST = 10_000
 VALIDATE_INLINE_MAX = 100  # longer lists are validated in a worker thread
@@ -91,7 +91,7 @@ class Intake:
     """Validates and submits jobs; reads the live analyzers and limits on each call,
     so a reload applies to the next request."""
 
-    def __init__(self, store: Store, live: Live) -> None:
+    def __init__(self, store: JobStore, live: Live) -> None:
         self._store = store
         self._live = live
         self._ids = JobIds()

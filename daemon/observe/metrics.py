@@ -35,7 +35,7 @@ from prometheus_client.metrics_core import (
 from daemon import __version__
 from daemon.jobs import STATES, TERMINAL, Job, State
 from daemon.runtime import Runtime, provider_status
-from daemon.store.store import AttemptEnd, Canceled
+from daemon.store.base import AttemptEnd, Canceled
 
 if TYPE_CHECKING:
     from daemon.watchdog.tasks import TaskRegistry

@@ -24,7 +24,7 @@ from daemon.backoff import backoff_s
 from daemon.jobs import ErrorInfo, Job, State
 from daemon.live import Live
 from daemon.queue import ActiveAttempt, Dispatcher
-from daemon.store.store import AttemptEnd, StoreError
+from daemon.store.base import AttemptEnd, StoreError
 from daemon.wakeup import Wakeup
 from daemon.watchdog.introspect import Frame, coro_stack, headline
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sqlite3
 import time
 from collections import Counter
@@ -26,8 +27,25 @@ import msgspec
 import structlog
 from anyio.abc import TaskStatus
 
-from daemon.errors import StartupError
-from daemon.jobs import STATES, Attempt, ErrorInfo, Job, State, Usage
+from daemon import __version__
+from daemon.jobs import STATES, Attempt, ErrorInfo, Job, State
+from daemon.store.base import (
+    JOB_COLUMNS,
+    PROCESS_DIED,
+    AttemptEnd,
+    BacklogFull,
+    Canceled,
+    InvalidTransition,
+    JobNotFound,
+    NewJob,
+    Node,
+    OpFailed,
+    StoreError,
+    StoreOpenError,
+    Submitted,
+    row_to_job,
+    usage_of,
+)
 from daemon.store.schema import migrate
 from daemon.wakeup import Wakeup
 
@@ -35,89 +53,11 @@ log = structlog.get_logger("vigil.store")
 Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
 WATCH_S = 1.0  # free space checked this often; a failed write re-probed this often
 PROBE_S = 10.0  # a write probe this often while healthy: a fault shows without traffic
-PROCESS_DIED = ErrorInfo("ProcessDied", "process died during the attempt")
 _INSERT_JOB = (
     "INSERT INTO jobs (id, analyzer, input, priority, idempotency_key, state, max_attempts, "
     "created_at, source) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?) "
     "ON CONFLICT (idempotency_key) DO NOTHING"
 )
-_JOB_COLUMNS = (
-    "id, analyzer, input, priority, idempotency_key, state, attempts, max_attempts, "
-    "not_before, created_at, started_at, finished_at, result, error_type, error_message, "
-    "prompt_tokens, completion_tokens, cost, source, rate_limited"
-)
-
-
-class StoreError(Exception):
-    """The database refused a write (full, read-only, locked, corrupt)."""
-
-
-class OpFailed(StoreError):
-    """One operation failed on its own (a constraint, a value SQLite refuses): the
-    database is fine and trying the same write again fails the same way."""
-
-
-class StoreOpenError(StartupError):
-    """The database cannot be opened, migrated or recovered (locked, read-only...)."""
-
-
-class BacklogFull(Exception):
-    """Intake would push the queued backlog past `queue.max_backlog`."""
-
-    def __init__(self, queued: int, limit: int) -> None:
-        super().__init__(f"backlog full: {queued} jobs queued, limit {limit}")
-        self.queued = queued
-        self.limit = limit
-
-
-class JobNotFound(Exception):
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"no job with id {job_id!r}")
-
-
-class InvalidTransition(Exception):
-    """The job is not in a state that allows the asked-for change."""
-
-
-class NewJob(msgspec.Struct, frozen=True, kw_only=True):
-    """A validated job ready to be inserted."""
-
-    id: str
-    analyzer: str
-    input: dict[str, Any]
-    priority: int
-    idempotency_key: str | None
-    max_attempts: int
-    source: str
-
-
-class Submitted(msgspec.Struct, frozen=True):
-    id: str
-    created: bool
-
-
-class AttemptEnd(msgspec.Struct, frozen=True, kw_only=True):
-    """How an attempt ended; the worker decides, the store records it atomically."""
-
-    # deferred: refused before any request (provider paused, circuit open): the
-    # dispatcher gives the attempt back instead of recording it (see `requeue`).
-    # rate_limited: a 429 (the request was not processed): recorded, the attempt given
-    # back, the job's own 429 count raised; it waits queued until `retry_at`.
-    outcome: Literal["succeeded", "error", "timeout", "canceled", "deferred", "rate_limited"]
-    result: Any = None
-    usage: Usage | None = None
-    http_status: int | None = None
-    error: ErrorInfo | None = None
-    latency_ms: float | None = None
-    retry_at: float | None = None  # set: requeue for then; unset on failure: dead letter
-    answer: str | None = None  # a failed attempt's model answer (bounded by the worker)
-
-
-class Canceled(msgspec.Struct, frozen=True):
-    """A job `cancel` ended: the state it was in, and its analyzer (for the metrics)."""
-
-    was: State
-    analyzer: str
 
 
 @dataclass
@@ -147,56 +87,6 @@ class _Pending:
     error: BaseException | None = None
 
 
-def _row_to_job(row: sqlite3.Row | tuple[Any, ...]) -> Job:
-    (
-        jid,
-        analyzer,
-        inp,
-        priority,
-        key,
-        state,
-        attempts,
-        max_attempts,
-        not_before,
-        created,
-        started,
-        finished,
-        result,
-        etype,
-        emsg,
-        ptok,
-        ctok,
-        cost,
-        source,
-        rate_limited,
-    ) = row
-    return Job(
-        id=jid,
-        analyzer=analyzer,
-        input=msgspec.json.decode(inp),
-        priority=priority,
-        idempotency_key=key,
-        state=state,
-        attempts=attempts,
-        max_attempts=max_attempts,
-        not_before=not_before,
-        created_at=created,
-        started_at=started,
-        finished_at=finished,
-        result=msgspec.json.decode(result) if result is not None else None,
-        error=ErrorInfo(etype, emsg or "") if etype else None,
-        usage=_usage(ptok, ctok, cost),
-        source=source,
-        rate_limited=rate_limited,
-    )
-
-
-def _usage(ptok: int | None, ctok: int | None, cost: float | None) -> Usage | None:
-    if ptok is None and ctok is None:
-        return None
-    return Usage(prompt_tokens=ptok or 0, completion_tokens=ctok or 0, cost=cost)
-
-
 class Store(anyio.AsyncContextManagerMixin):
     """Owns the database connections and the writer task for the daemon's lifetime."""
 
@@ -224,6 +114,24 @@ class Store(anyio.AsyncContextManagerMixin):
         self.last_error: str | None = None
         self._db: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    def nodes(self) -> list[Node]:
+        """One daemon: this one (a SQLite store is never shared)."""
+        return [
+            Node(
+                name=socket.gethostname(),
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                version=__version__,
+                alive=True,
+                heartbeat_age_s=0.0,
+                running=self.counts["running"],
+            )
+        ]
 
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
@@ -476,10 +384,10 @@ class Store(anyio.AsyncContextManagerMixin):
                 f"UPDATE jobs SET state = 'running', attempts = attempts + 1, "
                 f"started_at = coalesce(started_at, ?) WHERE id IN ("
                 f"SELECT id FROM jobs WHERE state = 'queued' AND not_before <= ? {skip_sql}"
-                f"ORDER BY priority DESC, id LIMIT ?) RETURNING {_JOB_COLUMNS}",
+                f"ORDER BY priority DESC, id LIMIT ?) RETURNING {JOB_COLUMNS}",
                 (now, now, *skip, limit),
             )
-            jobs = [_row_to_job(row) for row in cur.fetchall()]
+            jobs = [row_to_job(row) for row in cur.fetchall()]
             db.executemany(
                 "INSERT INTO attempts (job_id, n, started_at) VALUES (?, ?, ?)",
                 [(job.id, job.attempts, now) for job in jobs],
@@ -697,18 +605,18 @@ class Store(anyio.AsyncContextManagerMixin):
 
     async def get(self, job_id: str) -> Job | None:
         async with self._read.execute(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
         ) as cur:
             row = await cur.fetchone()
-        return _row_to_job(row) if row else None
+        return row_to_job(row) if row else None
 
     async def get_by_idempotency_key(self, key: str) -> Job | None:
         """The job submitted with this key, if any (the spool resumes by key)."""
         async with self._read.execute(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE idempotency_key = ?", (key,)
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = ?", (key,)
         ) as cur:
             row = await cur.fetchone()
-        return _row_to_job(row) if row else None
+        return row_to_job(row) if row else None
 
     async def attempts(self, job_id: str) -> list[Attempt]:
         async with self._read.execute(
@@ -727,7 +635,7 @@ class Store(anyio.AsyncContextManagerMixin):
                 http_status=h,
                 error=ErrorInfo(et, em or "") if et else None,
                 latency_ms=lat,
-                usage=_usage(ptok, ctok, cost),
+                usage=usage_of(ptok, ctok, cost),
                 answer=answer,
             )
             for n, s, f, o, h, et, em, lat, ptok, ctok, cost, answer in rows
@@ -752,10 +660,10 @@ class Store(anyio.AsyncContextManagerMixin):
             params.append(before)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         async with self._read.execute(
-            f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?",
+            f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?",
             (*params, limit),
         ) as cur:
-            return [_row_to_job(row) for row in await cur.fetchall()]
+            return [row_to_job(row) for row in await cur.fetchall()]
 
     async def states_of(self, job_ids: Sequence[str]) -> dict[str, State]:
         """Current state of each id (unknown ids are left out)."""

@@ -1,0 +1,223 @@
+"""What every job store shares, whatever holds the jobs: the records and errors the
+rest of the daemon sees, and the interface (`JobStore`) the dispatcher, the worker,
+intake and the control commands use. SQLite (sqlite.py) is the embedded default;
+PostgreSQL (postgres.py) lets several daemons share one queue."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any, Literal, Protocol
+
+import msgspec
+
+from daemon.errors import StartupError
+from daemon.jobs import Attempt, ErrorInfo, Job, State, Usage
+from daemon.wakeup import Wakeup
+
+PROCESS_DIED = ErrorInfo("ProcessDied", "process died during the attempt")
+JOB_COLUMNS = (
+    "id, analyzer, input, priority, idempotency_key, state, attempts, max_attempts, "
+    "not_before, created_at, started_at, finished_at, result, error_type, error_message, "
+    "prompt_tokens, completion_tokens, cost, source, rate_limited"
+)
+
+
+class StoreError(Exception):
+    """The database refused a write (full, read-only, locked, corrupt)."""
+
+
+class OpFailed(StoreError):
+    """One operation failed on its own (a constraint, a value SQLite refuses): the
+    database is fine and trying the same write again fails the same way."""
+
+
+class StoreOpenError(StartupError):
+    """The database cannot be opened, migrated or recovered (locked, read-only...)."""
+
+
+class BacklogFull(Exception):
+    """Intake would push the queued backlog past `queue.max_backlog`."""
+
+    def __init__(self, queued: int, limit: int) -> None:
+        super().__init__(f"backlog full: {queued} jobs queued, limit {limit}")
+        self.queued = queued
+        self.limit = limit
+
+
+class JobNotFound(Exception):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+
+
+class InvalidTransition(Exception):
+    """The job is not in a state that allows the asked-for change."""
+
+
+class NewJob(msgspec.Struct, frozen=True, kw_only=True):
+    """A validated job ready to be inserted."""
+
+    id: str
+    analyzer: str
+    input: dict[str, Any]
+    priority: int
+    idempotency_key: str | None
+    max_attempts: int
+    source: str
+
+
+class Submitted(msgspec.Struct, frozen=True):
+    id: str
+    created: bool
+
+
+class AttemptEnd(msgspec.Struct, frozen=True, kw_only=True):
+    """How an attempt ended; the worker decides, the store records it atomically."""
+
+    # deferred: refused before any request (provider paused, circuit open): the
+    # dispatcher gives the attempt back instead of recording it (see `requeue`).
+    # rate_limited: a 429 (the request was not processed): recorded, the attempt given
+    # back, the job's own 429 count raised; it waits queued until `retry_at`.
+    outcome: Literal["succeeded", "error", "timeout", "canceled", "deferred", "rate_limited"]
+    result: Any = None
+    usage: Usage | None = None
+    http_status: int | None = None
+    error: ErrorInfo | None = None
+    latency_ms: float | None = None
+    retry_at: float | None = None  # set: requeue for then; unset on failure: dead letter
+    answer: str | None = None  # a failed attempt's model answer (bounded by the worker)
+
+
+class Canceled(msgspec.Struct, frozen=True):
+    """A job `cancel` ended: the state it was in, and its analyzer (for the metrics)."""
+
+    was: State
+    analyzer: str
+
+
+def row_to_job(row: Sequence[Any]) -> Job:
+    """A job from its JOB_COLUMNS, as either backend returns them."""
+    (
+        jid,
+        analyzer,
+        inp,
+        priority,
+        key,
+        state,
+        attempts,
+        max_attempts,
+        not_before,
+        created,
+        started,
+        finished,
+        result,
+        etype,
+        emsg,
+        ptok,
+        ctok,
+        cost,
+        source,
+        rate_limited,
+    ) = row
+    return Job(
+        id=jid,
+        analyzer=analyzer,
+        input=msgspec.json.decode(inp),
+        priority=priority,
+        idempotency_key=key,
+        state=state,
+        attempts=attempts,
+        max_attempts=max_attempts,
+        not_before=not_before,
+        created_at=created,
+        started_at=started,
+        finished_at=finished,
+        result=msgspec.json.decode(result) if result is not None else None,
+        error=ErrorInfo(etype, emsg or "") if etype else None,
+        usage=usage_of(ptok, ctok, cost),
+        source=source,
+        rate_limited=rate_limited,
+    )
+
+
+def usage_of(ptok: int | None, ctok: int | None, cost: float | None) -> Usage | None:
+    if ptok is None and ctok is None:
+        return None
+    return Usage(prompt_tokens=ptok or 0, completion_tokens=ctok or 0, cost=cost)
+
+
+class Node(msgspec.Struct, frozen=True, kw_only=True):
+    """One daemon sharing the store (`vigil status` lists them)."""
+
+    name: str
+    host: str
+    pid: int
+    version: str
+    alive: bool
+    heartbeat_age_s: float
+    running: int
+
+
+class JobStore(Protocol):
+    """The store as the rest of the daemon uses it. Writes return once committed: an
+    acknowledgement to a client is a promise."""
+
+    counts: Counter[str]  # jobs by state (the whole cluster's, on a shared store)
+    recovered: dict[str, int]  # what start-up recovery requeued and failed
+    wakeup: Wakeup  # a commit made jobs ready (others may poke it too)
+    commits: int
+    commit_errors: int
+    commit_seconds: float
+    last_error: str | None  # set while writes fail
+    low_space: str | None  # set while the disk is nearly full
+
+    @property
+    def location(self) -> str:
+        """Where the jobs live, for status and logs (a path, or a URL without password)."""
+        ...
+
+    async def submit(self, jobs: Sequence[NewJob], *, max_backlog: int) -> list[Submitted]: ...
+
+    async def claim(self, limit: int, skip_analyzers: Collection[str] = ()) -> list[Job]: ...
+
+    async def finish(self, job: Job, end: AttemptEnd) -> State | None: ...
+
+    async def requeue(
+        self,
+        jobs: Iterable[Job],
+        reason: str,
+        *,
+        outcome: Literal["interrupted", "deferred"] = "interrupted",
+        not_before: float = 0.0,
+    ) -> int: ...
+
+    async def cancel(self, job_id: str) -> Canceled: ...
+
+    async def retry(self, job_ids: Sequence[str] | None, *, max_backlog: int) -> int: ...
+
+    async def purge(self, older_than_s: float) -> int: ...
+
+    async def probe(self) -> None: ...
+
+    async def get(self, job_id: str) -> Job | None: ...
+
+    async def get_by_idempotency_key(self, key: str) -> Job | None: ...
+
+    async def attempts(self, job_id: str) -> list[Attempt]: ...
+
+    async def list_jobs(
+        self,
+        *,
+        state: str | None = None,
+        analyzer: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[Job]: ...
+
+    async def states_of(self, job_ids: Sequence[str]) -> dict[str, State]: ...
+
+    async def next_wake(self) -> float | None: ...
+
+    def nodes(self) -> list[Node]:
+        """The daemons sharing this store, as last seen (no I/O: status is synchronous)."""
+        ...
