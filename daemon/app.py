@@ -37,7 +37,8 @@ from daemon.providers.simulated import SimulatedAPI, serve_simulated
 from daemon.queue import Dispatcher
 from daemon.reload import ReloadError, reload
 from daemon.runtime import Runtime
-from daemon.store.sqlite import Store
+from daemon.store.base import JobStore
+from daemon.store.open import open_store
 from daemon.watchdog.introspect import log_stacks
 from daemon.watchdog.service import EX_RESTART, Watchdog
 from daemon.worker import Worker
@@ -143,11 +144,7 @@ async def run_daemon(
     requeued: int | None = None  # stays None when a second signal cut the drain short
     async with (
         _state_lock(config.state_dir),
-        Store(
-            config.db_path,
-            synchronous=config.daemon.synchronous,
-            min_free_mb=config.daemon.min_free_mb,
-        ) as store,
+        open_store(config) as store,
     ):
         if any(store.recovered.values()):
             log.warning("store.recovered", **store.recovered)
@@ -184,7 +181,7 @@ async def run_daemon(
                     version=__version__,
                     socket=str(control.path),
                     http=http_url,
-                    db=str(store.path),
+                    db=store.location,
                     jobs=dict(store.counts),
                     config=redacted(config),
                 )
@@ -221,7 +218,9 @@ async def run_daemon(
     return code
 
 
-def _build_runtime(config: Config, store: Store, providers: dict[str, OpenAIProvider]) -> Runtime:
+def _build_runtime(
+    config: Config, store: JobStore, providers: dict[str, OpenAIProvider]
+) -> Runtime:
     live = Live(config, build_analyzers(config))
     for provider in providers.values():
         # A circuit that closes frees its held jobs: claim them now, not at the next poll.

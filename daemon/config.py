@@ -8,8 +8,8 @@ path (`$.analyzers.summarize.max_tokens`) and the reason.
 from __future__ import annotations
 
 import os
-import socket
 import re
+import socket
 import string
 import tomllib
 from pathlib import Path

@@ -113,7 +113,9 @@ class Runtime:
             },
             "attempts": dict(self.dispatcher.outcomes),
             "providers": {name: provider_status(p) for name, p in self.providers.items()},
+            "nodes": [msgspec.to_builtins(node) for node in self.store.nodes()],
             "store": {
+                "backend": "postgresql" if self.config.store.url else "sqlite",
                 "path": self.store.location,
                 "commits": self.store.commits,
                 "commit_errors": self.store.commit_errors,

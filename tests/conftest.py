@@ -11,6 +11,8 @@ import structlog
 
 from tests.daemon_proc import DaemonProcess
 
+pytest_plugins = ["tests.pg_server"]  # the PostgreSQL fixtures; a server starts only if asked
+
 SLOW_TIMEOUT_S = 1800  # the long runs bound their own loops; this is the backstop
 
 

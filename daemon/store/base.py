@@ -36,6 +36,14 @@ class StoreOpenError(StartupError):
     """The database cannot be opened, migrated or recovered (locked, read-only...)."""
 
 
+class StoreRefused(StoreOpenError):
+    """A store that will not work until a human changes something (a schema newer than
+    this code, a node name another daemon holds, a refused password): exit 78, so
+    systemd does not restart-loop on it."""
+
+    exit_code = 78
+
+
 class BacklogFull(Exception):
     """Intake would push the queued backlog past `queue.max_backlog`."""
 

@@ -1,0 +1,101 @@
+"""The PostgreSQL schema as numbered migrations, run under an advisory lock so two
+daemons starting at once on an empty database migrate it once.
+
+Append, never edit. Times are unix seconds from each node's clock, as in SQLite, except
+the node heartbeat, which is the database's clock: liveness is judged on one clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MIGRATE_LOCK = 0x76_69_67_01  # pg_advisory_lock keys ("vig" + a number)
+REAPER_LOCK = 0x76_69_67_02
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: jobs, attempts, the daemons sharing them.
+    """
+    CREATE TABLE jobs (
+        id text PRIMARY KEY,
+        analyzer text NOT NULL,
+        input text NOT NULL,
+        priority integer NOT NULL DEFAULT 0,
+        idempotency_key text UNIQUE,
+        state text NOT NULL CHECK (state IN
+            ('queued', 'running', 'succeeded', 'failed', 'canceled')),
+        attempts integer NOT NULL DEFAULT 0,
+        max_attempts integer NOT NULL,
+        not_before double precision NOT NULL DEFAULT 0,
+        created_at double precision NOT NULL,
+        started_at double precision,
+        finished_at double precision,
+        result text,
+        error_type text,
+        error_message text,
+        prompt_tokens bigint,
+        completion_tokens bigint,
+        cost double precision,
+        source text NOT NULL,
+        rate_limited integer NOT NULL DEFAULT 0,
+        node text  -- the node whose attempt runs it (state running)
+    );
+    -- Picking: queued only, highest priority first, oldest first.
+    CREATE INDEX jobs_pick ON jobs (priority DESC, id) WHERE state = 'queued';
+    CREATE INDEX jobs_wake ON jobs (not_before) WHERE state = 'queued';
+    CREATE INDEX jobs_running ON jobs (node) WHERE state = 'running';
+    CREATE INDEX jobs_state ON jobs (state, id);
+    CREATE INDEX jobs_analyzer ON jobs (analyzer, state);
+    CREATE INDEX jobs_finished ON jobs (finished_at)
+        WHERE state IN ('succeeded', 'failed', 'canceled');
+    CREATE TABLE attempts (
+        id bigserial PRIMARY KEY,
+        job_id text NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        n integer NOT NULL,
+        node text,
+        started_at double precision NOT NULL,
+        finished_at double precision,
+        outcome text NOT NULL DEFAULT 'running',
+        http_status integer,
+        error_type text,
+        error_message text,
+        latency_ms double precision,
+        prompt_tokens bigint,
+        completion_tokens bigint,
+        cost double precision,
+        answer text
+    );
+    CREATE INDEX attempts_job ON attempts (job_id, n);
+    CREATE TABLE nodes (
+        name text PRIMARY KEY,
+        host text NOT NULL,
+        pid integer NOT NULL,
+        version text NOT NULL,
+        started_at double precision NOT NULL,
+        heartbeat_at timestamptz NOT NULL DEFAULT now()
+    );
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+async def migrate(conn: Any) -> int:
+    """Bring the database to SCHEMA_VERSION under the migration lock; returns the
+    version found. Raises SchemaTooNew for a database a newer Vigil wrote."""
+    from daemon.store.schema import SchemaTooNew
+
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK)
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS vigil_schema (version integer NOT NULL)")
+        start = await conn.fetchval("SELECT max(version) FROM vigil_schema") or 0
+        if start > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"database schema version {start} is newer than this Vigil ({SCHEMA_VERSION}): "
+                "upgrade this daemon"
+            )
+        for version in range(start + 1, SCHEMA_VERSION + 1):
+            async with conn.transaction():
+                await conn.execute(MIGRATIONS[version - 1])
+                await conn.execute("INSERT INTO vigil_schema (version) VALUES ($1)", version)
+        return int(start)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK)

@@ -1,0 +1,676 @@
+"""The job store in PostgreSQL, shared by several daemons (README "Cluster").
+
+Each daemon is a node: a row in `nodes` with a heartbeat on the database's clock, and a
+session advisory lock on its name held by a connection of its own (released the moment
+the process dies; it also refuses a second daemon with the same name). A job that runs
+is marked with its node. A claim takes ready jobs with `FOR UPDATE SKIP LOCKED`, so
+nodes never wait on each other, and counts the attempt at once, as SQLite does. Every
+finish is fenced: it records only where the job is still `running` under the attempt
+number it was claimed with, so a node presumed dead that comes back cannot record a
+second result. The reaper (one node at a time, by advisory lock) marks a silent node's
+attempts `crashed` and requeues or dead-letters their jobs, as SQLite's start-up
+recovery does; a node restarted under its old name recovers its own at once.
+
+Connections: one for the node lock and LISTEN, and a pool of `POOL_SIZE` for writes
+and reads. No transaction is held open across an API call."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import AsyncGenerator, Collection, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Literal, Self
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import asyncpg
+import msgspec
+import structlog
+
+from daemon import __version__
+from daemon.config import StoreConfig
+from daemon.jobs import STATES, Attempt, ErrorInfo, Job, State
+from daemon.store.base import (
+    JOB_COLUMNS,
+    PROCESS_DIED,
+    AttemptEnd,
+    BacklogFull,
+    Canceled,
+    InvalidTransition,
+    JobNotFound,
+    NewJob,
+    Node,
+    OpFailed,
+    StoreError,
+    StoreOpenError,
+    StoreRefused,
+    Submitted,
+    row_to_job,
+    usage_of,
+)
+from daemon.store.pg_schema import REAPER_LOCK, migrate
+from daemon.store.schema import SchemaTooNew
+from daemon.wakeup import Wakeup
+
+log = structlog.get_logger("vigil.store")
+POOL_SIZE = 3
+CHANNEL = "vigil_jobs"  # NOTIFY'd in the transaction that makes jobs ready
+CONNECT_TIMEOUT_S = 10.0
+STATEMENT_TIMEOUT_S = 30.0
+PRUNE_AFTER_S = 86_400.0  # a dead node's row stays this long (status shows it dead)
+_LOGIN_REFUSED = (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_INSERT_JOB = (
+    "INSERT INTO jobs (id, analyzer, input, priority, idempotency_key, state, max_attempts, "
+    "created_at, source) VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8) "
+    "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+)
+
+
+def safe_url(url: str) -> str:
+    """The URL with any password taken out (config refuses one; libpq's are elsewhere)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _node_key(name: str) -> str:
+    return f"vigil.node.{name}"
+
+
+class PostgresStore(anyio.AsyncContextManagerMixin):
+    """Owns the node's connections and its heartbeat/reaper task for the daemon's life."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
+        self.node = config.node
+        self.counts: Counter[str] = Counter(dict.fromkeys(STATES, 0))
+        self.recovered: dict[str, int] = {}
+        self.wakeup = Wakeup()
+        self.commits = 0
+        self.commit_errors = 0
+        self.commit_seconds = 0.0
+        self.last_error: str | None = None
+        self.low_space: str | None = None  # the database server watches its own disk
+        self.refused_finishes = 0  # fenced out: this node's attempt had been taken over
+        self.reaped = 0  # attempts of dead nodes this node recovered
+        self._nodes: list[Node] = []
+        self._heartbeat_ok = time.monotonic()
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def location(self) -> str:
+        return safe_url(self.config.url)
+
+    def nodes(self) -> list[Node]:
+        return list(self._nodes)
+
+    # -- life -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
+        password = os.environ.get(self.config.password_env) if self.config.password_env else None
+        try:
+            lock_conn = await self._connect(password)
+        except (
+            asyncpg.InvalidPasswordError,
+            asyncpg.InvalidAuthorizationSpecificationError,
+        ) as exc:
+            raise StoreRefused(
+                f"the database {self.location} refused the login: {_reason(exc)}"
+            ) from None
+        except (*_DB_ERRORS, ValueError) as exc:
+            raise StoreOpenError(
+                f"cannot connect to the database {self.location}: {_reason(exc)}"
+            ) from None
+        try:
+            await self._open(lock_conn, password)
+            assert self._pool is not None
+            async with self._pool, anyio.create_task_group() as tg:
+                await self._listen(lock_conn)
+                tg.start_soon(self._maintain, name="store.heartbeat")
+                try:
+                    yield self
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            self._pool = None
+            with anyio.CancelScope(shield=True), contextlib.suppress(*_DB_ERRORS):
+                await lock_conn.close(timeout=5)
+
+    async def _connect(self, password: str | None) -> Any:
+        return await asyncpg.connect(self.config.url, password=password, timeout=CONNECT_TIMEOUT_S)
+
+    async def _open(self, lock_conn: Any, password: str | None) -> None:
+        try:
+            await migrate(lock_conn)
+            held = await lock_conn.fetchval(
+                "SELECT pg_try_advisory_lock(hashtext($1))", _node_key(self.node)
+            )
+        except SchemaTooNew as exc:
+            raise StoreRefused(str(exc)) from None
+        except _DB_ERRORS as exc:
+            raise StoreOpenError(f"cannot prepare the database: {_reason(exc)}") from None
+        if not held:
+            raise StoreRefused(
+                f"another daemon named {self.node!r} is using the database {self.location} "
+                "(store.node_name must be unique)"
+            )
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.config.url,
+                password=password,
+                min_size=1,
+                max_size=POOL_SIZE,
+                timeout=CONNECT_TIMEOUT_S,
+                command_timeout=STATEMENT_TIMEOUT_S,
+            )
+            await lock_conn.execute(
+                "INSERT INTO nodes (name, host, pid, version, started_at) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET host = $2, "
+                "pid = $3, version = $4, started_at = $5, heartbeat_at = now()",
+                self.node,
+                socket.gethostname(),
+                os.getpid(),
+                __version__,
+                time.time(),
+            )
+            # Our name's lock is ours: any attempt still marked ours is from our last life.
+            self.recovered = await self._recover(lock_conn, [self.node])
+            await self._refresh(lock_conn)
+        except _DB_ERRORS as exc:
+            raise StoreOpenError(f"cannot prepare the database: {_reason(exc)}") from None
+
+    async def _listen(self, conn: Any) -> None:
+        if self.config.poll_only:
+            return
+        await conn.add_listener(CHANNEL, lambda *_: self.wakeup.notify())
+
+    async def _maintain(self) -> None:
+        """Heartbeat, counts, the node list and the reaper, every lease_s / 3; a failed
+        round is logged and the next one tries again (the database may be restarting)."""
+        interval = self.config.lease_s / 3
+        while True:
+            await anyio.sleep(min(interval, 1.0))
+            try:
+                await self._beat()
+            except _DB_ERRORS as exc:
+                self._failed(exc)
+            except Exception:
+                log.exception("store.maintain_failed")
+
+    async def _beat(self) -> None:
+        assert self._pool is not None
+        async with self._pool.acquire() as conn:
+            await conn.execute("UPDATE nodes SET heartbeat_at = now() WHERE name = $1", self.node)
+            self._heartbeat_ok = time.monotonic()
+            self.last_error = None
+            await self._refresh(conn)
+            async with conn.transaction():
+                if await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", REAPER_LOCK):
+                    await self._reap(conn)
+
+    async def _refresh(self, conn: Any) -> None:
+        rows = await conn.fetch("SELECT state, count(*) FROM jobs GROUP BY state")
+        counts: Counter[str] = Counter(dict.fromkeys(STATES, 0))
+        counts.update({row["state"]: row["count"] for row in rows})
+        self.counts = counts
+        lease = self.config.lease_s
+        self._nodes = [
+            Node(
+                name=r["name"],
+                host=r["host"],
+                pid=r["pid"],
+                version=r["version"],
+                alive=r["age"] < lease,
+                heartbeat_age_s=round(r["age"], 1),
+                running=r["running"],
+            )
+            for r in await conn.fetch(
+                "SELECT n.name, n.host, n.pid, n.version, "
+                "extract(epoch FROM now() - n.heartbeat_at)::float8 AS age, "
+                "(SELECT count(*) FROM jobs j WHERE j.state = 'running' AND j.node = n.name) "
+                "AS running FROM nodes n ORDER BY n.name"
+            )
+        ]
+
+    async def _reap(self, conn: Any) -> None:
+        """Take over the attempts of nodes silent past the lease (this node holds the
+        reaper lock); forget nodes long dead with nothing left running."""
+        dead = [
+            row["name"]
+            for row in await conn.fetch(
+                "SELECT name FROM nodes WHERE name != $1 AND "
+                "heartbeat_at < now() - make_interval(secs => $2)",
+                self.node,
+                self.config.lease_s,
+            )
+        ]
+        if dead:
+            taken = await self._recover(conn, dead)
+            if any(taken.values()):
+                self.reaped += sum(taken.values())
+                log.warning("store.nodes_reaped", nodes=dead, **taken)
+                self.wakeup.notify()
+        await conn.execute(
+            "DELETE FROM nodes n WHERE heartbeat_at < now() - make_interval(secs => $1) "
+            "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.state = 'running' AND j.node = n.name)",
+            max(PRUNE_AFTER_S, self.config.lease_s * 10),
+        )
+
+    async def _recover(self, conn: Any, nodes: list[str]) -> dict[str, int]:
+        """The running attempts of `nodes` count as crashed; their jobs retry or
+        dead-letter (SQLite's start-up recovery, for named nodes)."""
+        now = time.time()
+        async with conn.transaction():
+            await conn.execute(
+                "UPDATE attempts a SET outcome = 'crashed', finished_at = $1, error_type = $2, "
+                "error_message = $3 FROM jobs j WHERE a.job_id = j.id AND a.n = j.attempts "
+                "AND a.outcome = 'running' AND j.state = 'running' AND j.node = ANY($4)",
+                now,
+                PROCESS_DIED.type,
+                PROCESS_DIED.message,
+                nodes,
+            )
+            failed = await conn.fetchval(
+                "WITH f AS (UPDATE jobs SET state = 'failed', finished_at = $1, error_type = $2, "
+                "error_message = $3, node = NULL WHERE state = 'running' AND node = ANY($4) "
+                "AND attempts >= max_attempts RETURNING 1) SELECT count(*) FROM f",
+                now,
+                PROCESS_DIED.type,
+                PROCESS_DIED.message,
+                nodes,
+            )
+            requeued = await conn.fetchval(
+                "WITH r AS (UPDATE jobs SET state = 'queued', not_before = 0, error_type = $1, "
+                "error_message = $2, node = NULL WHERE state = 'running' AND node = ANY($3) "
+                "RETURNING 1) SELECT count(*) FROM r",
+                PROCESS_DIED.type,
+                PROCESS_DIED.message,
+                nodes,
+            )
+            if requeued:
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+        return {"requeued": int(requeued), "failed": int(failed)}
+
+    # -- the write path ---------------------------------------------------------
+
+    def _failed(self, exc: BaseException) -> None:
+        self.commit_errors += 1
+        self.last_error = f"{type(exc).__name__}: {_reason(exc)}"
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncGenerator[Any]:
+        """One write transaction; database faults become StoreError (the dispatcher
+        retries a finished attempt's record until it lands), an error of the
+        operation itself OpFailed."""
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        started = time.perf_counter()
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                yield conn
+        except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
+            raise OpFailed(str(exc)) from None
+        except _DB_ERRORS as exc:
+            self._failed(exc)
+            raise StoreError(f"database write failed: {_reason(exc)}") from None
+        self.commits += 1
+        self.commit_seconds += time.perf_counter() - started
+        self.last_error = None
+
+    def _move(self, old: str | None, new: str | None, n: int = 1) -> None:
+        """Our own moves show in the counts at once; the next refresh makes them exact."""
+        if old:
+            self.counts[old] -= n
+        if new:
+            self.counts[new] += n
+
+    async def probe(self) -> None:
+        async with self._tx() as conn:
+            await conn.execute("UPDATE nodes SET heartbeat_at = now() WHERE name = $1", self.node)
+
+    async def submit(self, jobs: Sequence[NewJob], *, max_backlog: int) -> list[Submitted]:
+        """Insert jobs in one transaction; a repeated idempotency key (from any node)
+        returns the first job. Over the backlog bound nothing is inserted."""
+        if self.last_error:
+            raise StoreError(f"not accepting jobs: database unwritable: {self.last_error}")
+        queued = self.counts["queued"]
+        if queued + len(jobs) > max_backlog:
+            raise BacklogFull(queued, max_backlog)
+        now = time.time()
+        out: list[Submitted] = []
+        created = 0
+        async with self._tx() as conn:
+            for job in jobs:
+                new_id = await conn.fetchval(
+                    _INSERT_JOB,
+                    job.id,
+                    job.analyzer,
+                    msgspec.json.encode(job.input).decode(),
+                    job.priority,
+                    job.idempotency_key,
+                    job.max_attempts,
+                    now,
+                    job.source,
+                )
+                if new_id is not None:
+                    created += 1
+                    out.append(Submitted(job.id, True))
+                    continue
+                first = await conn.fetchval(
+                    "SELECT id FROM jobs WHERE idempotency_key = $1", job.idempotency_key
+                )
+                out.append(Submitted(first, False))
+            if created:
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+        self._move(None, "queued", created)
+        return out
+
+    async def claim(self, limit: int, skip_analyzers: Collection[str] = ()) -> list[Job]:
+        """Move up to `limit` ready jobs to `running` on this node, counting the attempt
+        now. A node whose heartbeat is overdue claims nothing: it may be presumed dead."""
+        if time.monotonic() - self._heartbeat_ok > self.config.lease_s * 2 / 3:
+            return []
+        now = time.time()
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                "WITH picked AS MATERIALIZED (SELECT id FROM jobs WHERE state = 'queued' "
+                "AND not_before <= $1 AND NOT (analyzer = ANY($2)) "
+                "ORDER BY priority DESC, id LIMIT $3 FOR UPDATE SKIP LOCKED) "
+                "UPDATE jobs j SET state = 'running', attempts = j.attempts + 1, "
+                "started_at = coalesce(j.started_at, $1), node = $4 FROM picked "
+                f"WHERE j.id = picked.id RETURNING {_qualified('j')}",
+                now,
+                list(skip_analyzers),
+                limit,
+                self.node,
+            )
+            jobs = [row_to_job(row) for row in rows]
+            if jobs:
+                await conn.executemany(
+                    "INSERT INTO attempts (job_id, n, node, started_at) VALUES ($1, $2, $3, $4)",
+                    [(job.id, job.attempts, self.node, now) for job in jobs],
+                )
+        self._move("queued", "running", len(jobs))
+        jobs.sort(key=lambda j: (-j.priority, j.id))
+        return jobs
+
+    async def finish(self, job: Job, end: AttemptEnd) -> State | None:
+        """Record an attempt's end, fenced on (running, attempt number): a node whose
+        attempt was taken over (presumed dead) records nothing; that is counted and
+        logged. Returns the job's new state, or None."""
+        result_json = None if end.result is None else msgspec.json.encode(end.result).decode()
+        rate_limited = end.outcome == "rate_limited"
+        new: State
+        if end.outcome == "succeeded":
+            new = "succeeded"
+        elif rate_limited or (end.retry_at is not None and job.attempts < job.max_attempts):
+            new = "queued"
+        else:
+            new = "failed"
+        given_back = 1 if rate_limited else 0
+        error, usage = end.error, end.usage
+        now = time.time()
+        async with self._tx() as conn:
+            moved = await conn.fetchval(
+                "WITH m AS (UPDATE jobs SET state = $1, not_before = $2, finished_at = $3, "
+                "result = $4, error_type = $5, error_message = $6, attempts = attempts - $7, "
+                "rate_limited = rate_limited + $7, node = NULL, "
+                "prompt_tokens = coalesce(prompt_tokens, 0) + $8, "
+                "completion_tokens = coalesce(completion_tokens, 0) + $9, "
+                "cost = CASE WHEN $10::float8 IS NULL THEN cost ELSE coalesce(cost, 0) + $10 END "
+                "WHERE id = $11 AND state = 'running' AND attempts = $12 RETURNING 1) "
+                "SELECT count(*) FROM m",
+                new,
+                end.retry_at or 0.0,
+                None if new == "queued" else now,
+                result_json,
+                error.type if error else None,
+                error.message if error else None,
+                given_back,
+                usage.prompt_tokens if usage else 0,
+                usage.completion_tokens if usage else 0,
+                usage.cost if usage else None,
+                job.id,
+                job.attempts,
+            )
+            if moved:
+                await conn.execute(
+                    "UPDATE attempts SET finished_at = $1, outcome = $2, http_status = $3, "
+                    "error_type = $4, error_message = $5, latency_ms = $6, prompt_tokens = $7, "
+                    "completion_tokens = $8, cost = $9, answer = $10 "
+                    "WHERE job_id = $11 AND n = $12 AND outcome = 'running'",
+                    now,
+                    end.outcome,
+                    end.http_status,
+                    error.type if error else None,
+                    error.message if error else None,
+                    end.latency_ms,
+                    usage.prompt_tokens if usage else None,
+                    usage.completion_tokens if usage else None,
+                    usage.cost if usage else None,
+                    end.answer,
+                    job.id,
+                    job.attempts,
+                )
+                if new == "queued":
+                    await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            else:
+                state = await conn.fetchval("SELECT state FROM jobs WHERE id = $1", job.id)
+        if not moved:
+            if state != "canceled":
+                self.refused_finishes += 1
+                log.warning(
+                    "store.finish_refused",
+                    job_id=job.id,
+                    attempt=job.attempts,
+                    state=state,
+                    reason="the attempt no longer owns the job (taken over after this node "
+                    "was presumed dead)",
+                )
+            return None
+        self._move("running", new)
+        return new
+
+    async def requeue(
+        self,
+        jobs: Iterable[Job],
+        reason: str,
+        *,
+        outcome: Literal["interrupted", "deferred"] = "interrupted",
+        not_before: float = 0.0,
+    ) -> int:
+        """Give back attempts that did not really happen; they do not count."""
+        rows = [(job.id, job.attempts) for job in jobs]
+        now = time.time()
+        moved = 0
+        async with self._tx() as conn:
+            for job_id, n in rows:
+                done = await conn.fetchval(
+                    "WITH m AS (UPDATE jobs SET state = 'queued', attempts = attempts - 1, "
+                    "not_before = $1, node = NULL WHERE id = $2 AND state = 'running' "
+                    "AND attempts = $3 RETURNING 1) SELECT count(*) FROM m",
+                    not_before,
+                    job_id,
+                    n,
+                )
+                if done:
+                    moved += 1
+                    await conn.execute(
+                        "UPDATE attempts SET outcome = $1, finished_at = $2, error_type = $3, "
+                        "error_message = $4 WHERE job_id = $5 AND n = $6 AND outcome = 'running'",
+                        outcome,
+                        now,
+                        outcome.capitalize(),
+                        reason,
+                        job_id,
+                        n,
+                    )
+            if moved:
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+        self._move("running", "queued", moved)
+        return moved
+
+    async def cancel(self, job_id: str) -> Canceled:
+        now = time.time()
+        async with self._tx() as conn:
+            row = await conn.fetchrow(
+                "SELECT state, analyzer FROM jobs WHERE id = $1 FOR UPDATE", job_id
+            )
+            if row is None:
+                raise JobNotFound(job_id)
+            state, analyzer = row["state"], row["analyzer"]
+            if state not in ("queued", "running"):
+                raise InvalidTransition(
+                    f"job {job_id} is {state}; only queued or running jobs can be canceled"
+                )
+            await conn.execute(
+                "UPDATE jobs SET state = 'canceled', finished_at = $1, node = NULL WHERE id = $2",
+                now,
+                job_id,
+            )
+            await conn.execute(
+                "UPDATE attempts SET outcome = 'canceled', finished_at = $1 "
+                "WHERE job_id = $2 AND outcome = 'running'",
+                now,
+                job_id,
+            )
+        self._move(state, "canceled")
+        return Canceled(state, analyzer)
+
+    async def retry(self, job_ids: Sequence[str] | None, *, max_backlog: int) -> int:
+        async with self._tx() as conn:
+            if job_ids is None:
+                rows = await conn.fetch(
+                    "SELECT id, state FROM jobs WHERE state = 'failed' FOR UPDATE"
+                )
+            else:
+                rows = await conn.fetch(
+                    "SELECT id, state FROM jobs WHERE id = ANY($1) FOR UPDATE", list(job_ids)
+                )
+                found = {r["id"]: r["state"] for r in rows}
+                for job_id in job_ids:
+                    if job_id not in found:
+                        raise JobNotFound(job_id)
+                    if found[job_id] not in ("failed", "canceled"):
+                        raise InvalidTransition(
+                            f"job {job_id} is {found[job_id]}; only failed or canceled jobs retry"
+                        )
+            queued = self.counts["queued"]
+            if queued + len(rows) > max_backlog:
+                raise BacklogFull(queued, max_backlog)
+            await conn.execute(
+                "UPDATE jobs SET state = 'queued', max_attempts = attempts + max_attempts, "
+                "not_before = 0, finished_at = NULL WHERE id = ANY($1)",
+                [r["id"] for r in rows],
+            )
+            if rows:
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+        for old, n in Counter(r["state"] for r in rows).items():
+            self._move(old, "queued", n)
+        return len(rows)
+
+    async def purge(self, older_than_s: float) -> int:
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'canceled') "
+                "AND finished_at <= $1 RETURNING state",
+                time.time() - older_than_s,
+            )
+        for state, n in Counter(r["state"] for r in rows).items():
+            self._move(state, None, n)
+        return len(rows)
+
+    # -- reads ------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        try:
+            rows: list[Any] = await self._pool.fetch(sql, *args)
+        except _DB_ERRORS as exc:
+            raise StoreError(f"database read failed: {_reason(exc)}") from None
+        return rows
+
+    async def get(self, job_id: str) -> Job | None:
+        rows = await self._fetch(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1", job_id)
+        return row_to_job(rows[0]) if rows else None
+
+    async def get_by_idempotency_key(self, key: str) -> Job | None:
+        rows = await self._fetch(f"SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1", key)
+        return row_to_job(rows[0]) if rows else None
+
+    async def attempts(self, job_id: str) -> list[Attempt]:
+        rows = await self._fetch(
+            "SELECT n, started_at, finished_at, outcome, http_status, error_type, "
+            "error_message, latency_ms, prompt_tokens, completion_tokens, cost, answer "
+            "FROM attempts WHERE job_id = $1 ORDER BY id",
+            job_id,
+        )
+        return [
+            Attempt(
+                n=n,
+                started_at=s,
+                finished_at=f,
+                outcome=o,
+                http_status=h,
+                error=ErrorInfo(et, em or "") if et else None,
+                latency_ms=lat,
+                usage=usage_of(ptok, ctok, cost),
+                answer=answer,
+            )
+            for n, s, f, o, h, et, em, lat, ptok, ctok, cost, answer in rows
+        ]
+
+    async def list_jobs(
+        self,
+        *,
+        state: str | None = None,
+        analyzer: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[Job]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (("state", state), ("analyzer", analyzer), ("id <", before)):
+            if value is not None:
+                params.append(value)
+                op = "" if column.endswith("<") else " ="
+                clauses.append(f"{column}{op} ${len(params)}")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        params.append(limit)
+        rows = await self._fetch(
+            f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ${len(params)}",
+            *params,
+        )
+        return [row_to_job(row) for row in rows]
+
+    async def states_of(self, job_ids: Sequence[str]) -> dict[str, State]:
+        rows = await self._fetch("SELECT id, state FROM jobs WHERE id = ANY($1)", list(job_ids))
+        return {r["id"]: r["state"] for r in rows}
+
+    async def next_wake(self) -> float | None:
+        rows = await self._fetch("SELECT min(not_before) FROM jobs WHERE state = 'queued'")
+        value = rows[0][0] if rows else None
+        return None if value is None else float(value)
+
+
+def _qualified(alias: str) -> str:
+    return ", ".join(f"{alias}.{column.strip()}" for column in JOB_COLUMNS.split(","))
+
+
+def _reason(exc: BaseException) -> str:
+    """An error's text for logs and status: the driver's message, never a password
+    (asyncpg's messages do not carry it; the URL in ours has none)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,192 @@
+"""What only a shared store has, on a real PostgreSQL: nodes, their leases, the reaper
+that takes over a silent node's attempts, fencing of a late finish, one migration for
+nodes starting together, and refusals at start (newer schema, a name in use)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+
+from daemon.config import StoreConfig
+from daemon.jobs import JobIds
+from daemon.store.base import AttemptEnd, NewJob, StoreRefused
+from daemon.store.postgres import PostgresStore, safe_url
+from daemon.store.sqlite import Store
+
+pytestmark = pytest.mark.anyio
+
+TIMEOUT_S = 30
+IDS = JobIds()
+OpenStore = Callable[..., AbstractAsyncContextManager[PostgresStore]]
+
+
+def new_job(key: str | None = None) -> NewJob:
+    """A valid job with a fresh id."""
+    return NewJob(
+        id=IDS.new(),
+        analyzer="summarize",
+        input={"text": "hello"},
+        priority=0,
+        idempotency_key=key,
+        max_attempts=3,
+        source="test",
+    )
+
+
+@pytest.fixture
+def open_store(pg_dsn: str) -> OpenStore:
+    """Open a PostgresStore on this test's database as the named node."""
+
+    def make(node: str, **settings: Any) -> AbstractAsyncContextManager[PostgresStore]:
+        return PostgresStore(StoreConfig(url=pg_dsn, node_name=node, **settings))
+
+    return make
+
+
+async def test_a_node_restarted_under_its_name_recovers_its_attempts_at_once(
+    open_store: OpenStore,
+) -> None:
+    """A node that died mid-attempt (its jobs still `running` under its name) counts
+    that attempt as crashed and requeues the job as it comes back, without a lease."""
+    with anyio.fail_after(TIMEOUT_S):
+        async with open_store("a") as a:
+            [sub] = await a.submit([new_job()], max_backlog=100)
+            [job] = await a.claim(1)
+        async with open_store("a") as again:
+            assert again.recovered == {"requeued": 1, "failed": 0}
+            back = await again.get(sub.id)
+            assert back is not None and (back.state, back.attempts) == ("queued", 1)
+            [attempt] = await again.attempts(job.id)
+            assert attempt.outcome == "crashed"
+
+
+async def test_a_silent_node_is_taken_over_and_its_late_finish_refused(
+    open_store: OpenStore,
+) -> None:
+    """Node a claims a job and falls silent; past the lease node b's reaper marks the
+    attempt crashed and requeues the job, b runs it, and a's finish, arriving late,
+    records nothing: the job has one result, and the refusal is counted."""
+    with anyio.fail_after(TIMEOUT_S):
+        async with open_store("b", lease_s=3) as b:
+            async with open_store("a", lease_s=3) as a:
+                [sub] = await a.submit([new_job()], max_backlog=100)
+                [stale] = await a.claim(1)
+            assert {n.name: n.alive for n in b.nodes()}.get("a", True)
+            for _ in range(100):  # the reaper's round comes every second
+                job = await b.get(sub.id)
+                if job is not None and job.state == "queued":
+                    break
+                await anyio.sleep(0.2)
+            assert {n.name: n.alive for n in b.nodes()}["a"] is False
+            assert b.reaped == 1
+            [mine] = await b.claim(1)
+            assert mine.attempts == 2
+            late = AttemptEnd(outcome="succeeded", result="from a", latency_ms=1)
+            assert await b.finish(stale, late) is None
+            assert b.refused_finishes == 1
+            ok = AttemptEnd(outcome="succeeded", result="from b", latency_ms=1)
+            assert await b.finish(mine, ok) == "succeeded"
+            done = await b.get(sub.id)
+            assert done is not None and done.result == "from b"
+            outcomes = [a.outcome for a in await b.attempts(sub.id)]
+            assert outcomes == ["crashed", "succeeded"]
+
+
+async def test_nodes_share_one_queue_and_one_idempotency_key(open_store: OpenStore) -> None:
+    """Two nodes claim from one queue without taking a job twice, and the same key sent
+    to both at once makes one job."""
+    with anyio.fail_after(TIMEOUT_S):
+        async with open_store("a") as a, open_store("b") as b:
+            subs: list[Any] = []
+
+            async def send(store: PostgresStore) -> None:
+                subs.extend(await store.submit([new_job(key="same")], max_backlog=100))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send, a)
+                tg.start_soon(send, b)
+            assert len({s.id for s in subs}) == 1
+            assert sorted(s.created for s in subs) == [False, True]
+            await a.submit([new_job() for _ in range(40)], max_backlog=100)
+            claimed: list[str] = []
+
+            async def take(store: PostgresStore) -> None:
+                for _ in range(10):
+                    claimed.extend(job.id for job in await store.claim(3))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(take, a)
+                tg.start_soon(take, b)
+            assert len(claimed) == len(set(claimed)) == 41
+            names = {n.name for n in b.nodes()}  # b started second: it saw a
+            assert {"a", "b"} <= names
+
+
+async def test_nodes_starting_together_migrate_once(open_store: OpenStore, pg_dsn: str) -> None:
+    """Three nodes opening an empty database at once: one migration, three nodes."""
+    with anyio.fail_after(TIMEOUT_S):
+        opened: list[str] = []
+
+        async def start(name: str) -> None:
+            async with open_store(name) as store:
+                opened.append(store.node)
+
+        async with anyio.create_task_group() as tg:
+            for name in ("a", "b", "c"):
+                tg.start_soon(start, name)
+        assert sorted(opened) == ["a", "b", "c"]
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            versions = await conn.fetch("SELECT version FROM vigil_schema")
+        finally:
+            await conn.close()
+        assert [v["version"] for v in versions] == [1]
+
+
+async def test_a_newer_schema_and_a_name_in_use_are_refused(
+    open_store: OpenStore, pg_dsn: str
+) -> None:
+    """Start refusals a human must fix are StoreRefused (exit 78), naming the reason."""
+    with anyio.fail_after(TIMEOUT_S):
+        async with open_store("a"):
+            with pytest.raises(StoreRefused, match="another daemon named 'a'"):
+                async with open_store("a"):
+                    pytest.fail("a second daemon named a started")
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute("INSERT INTO vigil_schema (version) VALUES (99)")
+        finally:
+            await conn.close()
+        with pytest.raises(StoreRefused, match="schema version 99 is newer"):
+            async with open_store("b"):
+                pytest.fail("opened a newer schema")
+
+
+async def test_an_unreachable_database_is_a_clear_start_error(tmp_path: Any) -> None:
+    """No server at the address: one line naming the database, exit 1 (a restart may
+    help), never the password."""
+    url = f"postgresql://vigil@/vigil?host={tmp_path}&port=1"
+    with anyio.fail_after(TIMEOUT_S), pytest.raises(Exception) as info:
+        async with PostgresStore(StoreConfig(url=url, password_env="VIGIL_TEST_PG_PW")):
+            pytest.fail("opened")
+    assert info.type.__name__ == "StoreOpenError"
+    assert "cannot connect to the database" in str(info.value)
+    assert getattr(info.value, "exit_code", None) == 1
+
+
+def test_safe_url_drops_a_password() -> None:
+    """A URL shown in status and logs never carries a password."""
+    assert safe_url("postgresql://u:s3cret@db:5432/v") == "postgresql://u@db:5432/v"
+    assert safe_url("postgresql://u@db/v") == "postgresql://u@db/v"
+
+
+async def test_sqlite_store_reports_itself_as_the_one_node(tmp_path: Any) -> None:
+    """On SQLite `nodes` is this daemon alone, alive (status has the same shape)."""
+    async with Store(tmp_path / "v.db") as store:
+        [node] = store.nodes()
+    assert node.alive and node.heartbeat_age_s == 0
