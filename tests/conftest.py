@@ -45,8 +45,10 @@ def start_daemon(tmp_path: Path) -> Iterator[Any]:
     """Start `vigil run` subprocesses with a given config; all are killed at the end."""
     started: list[DaemonProcess] = []
 
-    def start(config: str, *, name: str = "d", env: dict[str, str] | None = None) -> DaemonProcess:
-        proc = DaemonProcess.start(tmp_path / name, config, env=env)
+    def start(
+        config: str, *, name: str = "d", env: dict[str, str] | None = None, ready: bool = True
+    ) -> DaemonProcess:
+        proc = DaemonProcess.start(tmp_path / name, config, env=env, ready=ready)
         started.append(proc)
         return proc
 

@@ -214,10 +214,10 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
             await conn.execute("UPDATE nodes SET heartbeat_at = now() WHERE name = $1", self.node)
             self._heartbeat_ok = time.monotonic()
             self.last_error = None
-            await self._refresh(conn)
             async with conn.transaction():
                 if await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", REAPER_LOCK):
                     await self._reap(conn)
+            await self._refresh(conn)
 
     async def _refresh(self, conn: Any) -> None:
         rows = await conn.fetch("SELECT state, count(*) FROM jobs GROUP BY state")

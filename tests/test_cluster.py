@@ -1,0 +1,91 @@
+"""Several daemons on one PostgreSQL database, as real processes: one queue, one view
+from any node, and a node killed mid-attempt taken over by the others."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from daemon.config import SimulateConfig
+from tests.daemon_proc import DaemonProcess, daemon_config, run_cli, wait_until
+from tests.pg_server import PgServer
+from tests.torture_helpers import analyzer, openai_provider, threaded_api
+
+StartDaemon = Callable[..., DaemonProcess]
+LEASE_S = 3
+
+
+def cluster_config(dsn: str, node: str, api_url: str) -> str:
+    store = f'\n[store]\nurl = "{dsn}"\nnode_name = "{node}"\nlease_s = {LEASE_S}\n'
+    sections = openai_provider("main", api_url, max_concurrency=8) + analyzer("a", "main")
+    return daemon_config(sections + store, max_concurrency=8)
+
+
+def test_nodes_share_the_queue_and_a_killed_node_is_taken_over(
+    start_daemon: StartDaemon, pg_server: PgServer, pg_dsn: str
+) -> None:
+    """Jobs sent to one node run on both; SIGKILL one mid-attempt and the other takes its
+    attempts over within the lease (recorded `crashed`), so every job ends with one
+    result and the API saw no more requests than there are attempt rows."""
+    settings = SimulateConfig(latency_ms=400, latency_sigma=0.1, seed=1)
+    with threaded_api(settings) as api:
+        a = start_daemon(cluster_config(pg_dsn, "a", api.url), name="a")
+        b = start_daemon(cluster_config(pg_dsn, "b", api.url), name="b")
+        jobs = [{"analyzer": "a", "input": {"text": f"doc {i}"}} for i in range(48)]
+        ids = a.call("submit", jobs=jobs)["ids"]
+        # Both nodes claim from the one queue.
+        wait_until(
+            lambda: all(n["running"] > 0 for n in b.call("status")["nodes"]),
+            what="both nodes running jobs",
+        )
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait(10)
+        killed_at = time.monotonic()
+        wait_until(lambda: b.call("status")["jobs"]["succeeded"] == len(ids), 120, "all done")
+        taken_over_s = time.monotonic() - killed_at
+        status = b.call("status")
+        requests = api.stats()["requests"]
+    nodes = {n["name"]: n for n in status["nodes"]}
+    assert nodes["a"]["alive"] is False and nodes["b"]["alive"] is True, nodes
+    assert status["jobs"] == {
+        "queued": 0,
+        "running": 0,
+        "succeeded": len(ids),
+        "failed": 0,
+        "canceled": 0,
+    }
+    rows = pg_server.psql(
+        "SELECT outcome, count(*) FROM attempts GROUP BY outcome ORDER BY outcome",
+        dbname=urlsplit(pg_dsn).path.lstrip("/"),
+    )
+    by_outcome = dict(line.split("|") for line in rows.splitlines())
+    assert by_outcome["succeeded"] == str(len(ids)), by_outcome
+    assert int(by_outcome.get("crashed", "0")) >= 1, by_outcome
+    assert requests <= sum(int(n) for n in by_outcome.values()), (requests, by_outcome)
+    one_each = pg_server.psql(
+        "SELECT count(*) FROM (SELECT job_id FROM attempts WHERE outcome = 'succeeded' "
+        "GROUP BY job_id HAVING count(*) > 1) t",
+        dbname=urlsplit(pg_dsn).path.lstrip("/"),
+    )
+    assert one_each.strip() == "0"
+    # Every job is readable from the surviving node, whichever node ran it.
+    shown = run_cli("show", ids[0], "--json", socket_path=b.socket_path)
+    assert shown.returncode == 0 and '"succeeded"' in shown.stdout
+    assert taken_over_s < 120
+
+
+def test_a_second_daemon_with_the_same_node_name_is_refused(
+    start_daemon: StartDaemon, pg_dsn: str
+) -> None:
+    """Two daemons named alike would recover each other's attempts: the second exits 78
+    with one line naming the clash."""
+    with threaded_api() as api:
+        start_daemon(cluster_config(pg_dsn, "same", api.url), name="one")
+        second = start_daemon(cluster_config(pg_dsn, "same", api.url), name="two", ready=False)
+        code = second.proc.wait(30)
+    log = second.log()
+    assert code == 78, log
+    assert "another daemon named 'same'" in log
+    assert "Traceback" not in log
