@@ -89,3 +89,23 @@ def test_a_second_daemon_with_the_same_node_name_is_refused(
     assert code == 78, log
     assert "another daemon named 'same'" in log
     assert "Traceback" not in log
+
+
+def test_a_database_restart_mid_run_loses_nothing(
+    start_daemon: StartDaemon, pg_server: PgServer, pg_dsn: str
+) -> None:
+    """PostgreSQL restarted (pg_ctl restart -m fast) while jobs run: the daemon does not
+    exit, attempts that finished meanwhile keep retrying their record, and every
+    accepted job ends succeeded."""
+    settings = SimulateConfig(latency_ms=300, latency_sigma=0.1, seed=1)
+    with threaded_api(settings) as api:
+        daemon = start_daemon(cluster_config(pg_dsn, "a", api.url))
+        jobs = [{"analyzer": "a", "input": {"text": f"doc {i}"}} for i in range(40)]
+        ids = daemon.call("submit", jobs=jobs)["ids"]
+        wait_until(lambda: daemon.call("status")["jobs"]["running"] > 0, what="jobs running")
+        pg_server.restart()
+        wait_until(
+            lambda: daemon.call("status")["jobs"]["succeeded"] == len(ids), 120, "all succeeded"
+        )
+        assert daemon.proc.poll() is None
+        assert daemon.call("status")["health"]["ready"]

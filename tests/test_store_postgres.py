@@ -14,9 +14,10 @@ import pytest
 
 from daemon.config import StoreConfig
 from daemon.jobs import JobIds
-from daemon.store.base import AttemptEnd, NewJob, StoreRefused
+from daemon.store.base import AttemptEnd, NewJob, StoreError, StoreRefused
 from daemon.store.postgres import PostgresStore, safe_url
 from daemon.store.sqlite import Store
+from tests.pg_server import PgServer
 
 pytestmark = pytest.mark.anyio
 
@@ -190,3 +191,26 @@ async def test_sqlite_store_reports_itself_as_the_one_node(tmp_path: Any) -> Non
     async with Store(tmp_path / "v.db") as store:
         [node] = store.nodes()
     assert node.alive and node.heartbeat_age_s == 0
+
+
+async def test_the_store_carries_on_after_the_database_restarts(
+    open_store: OpenStore, pg_server: PgServer
+) -> None:
+    """PostgreSQL restarted under a node (pg_ctl restart -m fast): writes fail with
+    StoreError while it is away, then succeed again by themselves; nothing committed is
+    lost and the store never closes."""
+    with anyio.fail_after(TIMEOUT_S):
+        async with open_store("a") as a:
+            [before] = await a.submit([new_job()], max_backlog=100)
+            await anyio.to_thread.run_sync(pg_server.restart)
+            for _ in range(100):
+                try:
+                    [after] = await a.submit([new_job()], max_backlog=100)
+                    break
+                except StoreError:
+                    await anyio.sleep(0.1)
+            else:
+                pytest.fail("writes never came back")
+            assert {j.id for j in await a.list_jobs()} == {before.id, after.id}
+            await a.probe()
+            assert a.last_error is None
