@@ -222,9 +222,11 @@ def _build_runtime(
     config: Config, store: JobStore, providers: dict[str, OpenAIProvider]
 ) -> Runtime:
     live = Live(config, build_analyzers(config))
-    for provider in providers.values():
+    for name, provider in providers.items():
         # A circuit that closes frees its held jobs: claim them now, not at the next poll.
         provider.breaker.on_close = store.wakeup.notify
+        # In a cluster the budgets and 429 holds are the database's, keyed by provider.
+        provider.limits.shared, provider.limits.shared_key = store.rates, name
     worker = Worker(live, providers)
     dispatcher = Dispatcher(
         store,

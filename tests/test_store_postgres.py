@@ -12,12 +12,16 @@ import anyio
 import asyncpg
 import pytest
 
-from daemon.config import StoreConfig
+from daemon.config import SimulateConfig, StoreConfig
 from daemon.jobs import JobIds
+from daemon.providers.openai import OpenAIProvider
+from daemon.providers.simulated import SimulatedAPI
 from daemon.store.base import AttemptEnd, NewJob, StoreError, StoreRefused
+from daemon.store.pg_schema import SCHEMA_VERSION
 from daemon.store.postgres import PostgresStore, safe_url
 from daemon.store.sqlite import Store
 from tests.pg_server import PgServer
+from tests.test_provider import chat, config, serve_app
 
 pytestmark = pytest.mark.anyio
 
@@ -146,7 +150,7 @@ async def test_nodes_starting_together_migrate_once(open_store: OpenStore, pg_ds
             versions = await conn.fetch("SELECT version FROM vigil_schema")
         finally:
             await conn.close()
-        assert [v["version"] for v in versions] == [1]
+        assert sorted(v["version"] for v in versions) == list(range(1, SCHEMA_VERSION + 1))
 
 
 async def test_a_newer_schema_and_a_name_in_use_are_refused(
@@ -214,3 +218,30 @@ async def test_the_store_carries_on_after_the_database_restarts(
             assert {j.id for j in await a.list_jobs()} == {before.id, after.id}
             await a.probe()
             assert a.last_error is None
+
+
+async def test_nodes_share_one_rate_budget_and_one_429_hold(open_store: OpenStore) -> None:
+    """Two nodes, each configured with the API's whole 1200 RPM, send together: the
+    budget is the cluster's, so the API (enforcing 20 a second) refuses none. A 429
+    seen by one node holds the other back for its retry-after."""
+    api = SimulatedAPI(SimulateConfig(latency_ms=0, requests_per_minute=1200, seed=3))
+    with anyio.fail_after(TIMEOUT_S):
+        async with (
+            serve_app(api.app()) as (seen, url),
+            open_store("a") as a,
+            open_store("b") as b,
+            OpenAIProvider("main", config(url, requests_per_minute=1200)) as on_a,
+            OpenAIProvider("main", config(url, requests_per_minute=1200)) as on_b,
+        ):
+            for store, provider in ((a, on_a), (b, on_b)):
+                provider.limits.shared, provider.limits.shared_key = store.rates, "main"
+            async with anyio.create_task_group() as tg:
+                for _ in range(30):
+                    tg.start_soon(on_a.complete, chat())
+                    tg.start_soon(on_b.complete, chat())
+            assert api.stats().by_status == {"200": 60}
+            held_at = anyio.current_time()
+            await on_a.limits.hold_shared(1.0)
+            await on_b.complete(chat())
+            assert seen.times[-1] - held_at >= 0.9
+    assert on_a.limits.shared_errors == on_b.limits.shared_errors == 0

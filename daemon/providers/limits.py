@@ -23,13 +23,15 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
+import structlog
 
 from daemon.providers.base import ProviderError
 from daemon.providers.ratelimit_headers import Budget, RateLimitHeaders
 
+log = structlog.get_logger("vigil.provider")
 SEND_HISTORY = 4096
 """Sends remembered per bucket for `sync` (bounded; older ones fall back to a safe guess)."""
 
@@ -303,6 +305,20 @@ class AdaptiveConcurrency:
         return True
 
 
+class SharedRates(Protocol):
+    """Budgets kept where every node sees them (a cluster's database): one place in
+    time per request for the whole cluster, so nodes together stay within a limit."""
+
+    async def book(self, key: str, increment_s: float, slice_s: float) -> float:
+        """Take `increment_s` of the budget `key` (one slice of burst); returns the
+        seconds to wait before sending."""
+        ...
+
+    async def hold(self, key: str, seconds: float, slice_s: float) -> None:
+        """A 429: nothing goes out on `key` for `seconds`, from any node."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """What one request holds: its budget tickets and the AIMD epoch it started in."""
@@ -347,6 +363,10 @@ class ProviderLimits:
         self.cooldowns = 0
         self._pace = anyio.Lock()  # FIFO: callers take their place in time one at a time
         self.waiting = 0  # callers holding a concurrency slot, waiting for budget or cool-down
+        # A cluster's shared budgets (the provider's name keys them), or None: local only.
+        self.shared: SharedRates | None = None
+        self.shared_key = ""
+        self.shared_errors = 0
 
     def configure(
         self,
@@ -415,6 +435,40 @@ class ProviderLimits:
                 self.waiting -= 1
             yield Reservation(requests, tokens, self.adaptive.epoch)
 
+    async def _book_shared(self, estimated_tokens: int) -> float:
+        """The cluster's place in time for this request (0 with no shared budgets). A
+        database that cannot answer leaves the local budgets alone in charge."""
+        if self.shared is None:
+            return 0.0
+        wait = 0.0
+        try:
+            for name, bucket, units in (
+                ("requests", self.requests, 1),
+                ("tokens", self.tokens, estimated_tokens),
+            ):
+                if bucket.per_minute:
+                    increment_s = bucket.cost(units) * 60 / bucket.per_minute
+                    key = f"{self.shared_key}.{name}"
+                    booked = await self.shared.book(key, increment_s, bucket.slice_s)
+                    wait = max(wait, booked + bucket.margin_s)
+        except Exception as exc:
+            self.shared_errors += 1
+            if self.shared_errors == 1 or self.shared_errors % 1000 == 0:
+                log.warning("provider.shared_budget_failed", error=f"{type(exc).__name__}")
+        return wait
+
+    async def hold_shared(self, seconds: float) -> None:
+        """Tell every node of a 429: the shared budgets wait `seconds` from now."""
+        if self.shared is None:
+            return
+        try:
+            for name, bucket in (("requests", self.requests), ("tokens", self.tokens)):
+                if bucket.per_minute:
+                    await self.shared.hold(f"{self.shared_key}.{name}", seconds, bucket.slice_s)
+        except Exception as exc:
+            self.shared_errors += 1
+            log.warning("provider.shared_budget_failed", error=f"{type(exc).__name__}")
+
     def give_back(self, reservation: Reservation) -> None:
         """A reservation whose request was never sent returns to the callers behind."""
         self.requests.refund(reservation.requests.units)
@@ -430,7 +484,8 @@ class ProviderLimits:
             requests = self.requests.book(1)
             tokens = self.tokens.book(estimated_tokens)
             try:
-                wait = max(requests.wait_s, tokens.wait_s)
+                shared = await self._book_shared(estimated_tokens)
+                wait = max(requests.wait_s, tokens.wait_s, shared)
                 if wait > 0:
                     await anyio.sleep(wait)
             except anyio.get_cancelled_exc_class():

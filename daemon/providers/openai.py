@@ -220,7 +220,13 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
             answered = reply.status < 500
             if not answered:
                 failure = f"HTTP {reply.status}"
-            return self._settle(reply, reservation, estimate)
+            try:
+                return self._settle(reply, reservation, estimate)
+            except ProviderError as exc:
+                if exc.kind == "RateLimited":  # the other nodes hold back too
+                    hint = exc.retry_after_s
+                    await self.limits.hold_shared(DEFAULT_429_PAUSE_S if hint is None else hint)
+                raise
         finally:
             if failure is not None:
                 self.breaker.failed(failure, probe)

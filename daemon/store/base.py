@@ -13,6 +13,7 @@ import msgspec
 
 from daemon.errors import StartupError
 from daemon.jobs import Attempt, ErrorInfo, Job, State, Usage
+from daemon.providers.limits import SharedRates
 from daemon.wakeup import Wakeup
 
 PROCESS_DIED = ErrorInfo("ProcessDied", "process died during the attempt")
@@ -178,6 +179,7 @@ class JobStore(Protocol):
     commit_seconds: float
     last_error: str | None  # set while writes fail
     low_space: str | None  # set while the disk is nearly full
+    rates: SharedRates | None  # budgets the cluster's nodes share; None: one daemon
 
     @property
     def location(self) -> str:

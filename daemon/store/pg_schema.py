@@ -73,6 +73,14 @@ MIGRATIONS: tuple[str, ...] = (
         heartbeat_at timestamptz NOT NULL DEFAULT now()
     );
     """,
+    # 2: the cluster's shared rate budgets: one GCRA row per provider budget, its
+    # theoretical arrival time on the database's clock (unix seconds).
+    """
+    CREATE TABLE rate_budgets (
+        key text PRIMARY KEY,
+        tat double precision NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

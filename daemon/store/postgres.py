@@ -34,6 +34,7 @@ import structlog
 from daemon import __version__
 from daemon.config import StoreConfig
 from daemon.jobs import STATES, Attempt, ErrorInfo, Job, State
+from daemon.providers.limits import SharedRates
 from daemon.store.base import (
     JOB_COLUMNS,
     PROCESS_DIED,
@@ -101,6 +102,7 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
         self.commit_seconds = 0.0
         self.last_error: str | None = None
         self.low_space: str | None = None  # the database server watches its own disk
+        self.rates: SharedRates | None = self  # the providers' budgets, cluster-wide
         self.refused_finishes = 0  # fenced out: this node's attempt had been taken over
         self.reaped = 0  # attempts of dead nodes this node recovered
         self._nodes: list[Node] = []
@@ -590,6 +592,38 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
         for state, n in Counter(r["state"] for r in rows).items():
             self._move(state, None, n)
         return len(rows)
+
+    # -- the cluster's rate budgets (daemon/providers/limits.py SharedRates) ------
+
+    async def book(self, key: str, increment_s: float, slice_s: float) -> float:
+        """GCRA on the database's clock, in one statement: the budget's theoretical
+        arrival time moves on by `increment_s`; a request may go once that is within
+        one slice of now. Returns the seconds to wait."""
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        wait: float = await self._pool.fetchval(
+            "WITH c AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS now) "
+            "INSERT INTO rate_budgets AS b (key, tat) SELECT $1, c.now + $2 FROM c "
+            "ON CONFLICT (key) DO UPDATE SET tat = greatest(b.tat, (SELECT now FROM c)) + $2 "
+            "RETURNING b.tat - $3 - (SELECT now FROM c)",
+            key,
+            increment_s,
+            slice_s,
+        )
+        return max(0.0, wait)
+
+    async def hold(self, key: str, seconds: float, slice_s: float) -> None:
+        """A 429 on any node: the next request on `key` goes `seconds` from now."""
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        await self._pool.execute(
+            "WITH c AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS now) "
+            "INSERT INTO rate_budgets AS b (key, tat) SELECT $1, c.now + $2 + $3 FROM c "
+            "ON CONFLICT (key) DO UPDATE SET tat = greatest(b.tat, (SELECT now FROM c) + $2 + $3)",
+            key,
+            seconds,
+            slice_s,
+        )
 
     # -- reads ------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from anyio.abc import TaskStatus
 
 from daemon import __version__
 from daemon.jobs import STATES, Attempt, ErrorInfo, Job, State
+from daemon.providers.limits import SharedRates
 from daemon.store.base import (
     JOB_COLUMNS,
     PROCESS_DIED,
@@ -102,6 +103,7 @@ class Store(anyio.AsyncContextManagerMixin):
         self.path = path
         self._min_free_bytes = min_free_mb * 1024 * 1024
         self.low_space: str | None = None  # set while free space is below min_free_mb
+        self.rates: SharedRates | None = None  # one daemon: its budgets are its own
         self._synchronous = synchronous
         self._max_batch = max_batch
         self._send, self._receive = anyio.create_memory_object_stream[_Pending](max_waiting_writes)
