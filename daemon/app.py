@@ -233,5 +233,6 @@ def _build_runtime(
         worker.attempt,
         max_concurrency=config.queue.max_concurrency,
         held_analyzers=worker.held_analyzers,
+        shared=bool(config.store.url),
     )
     return Runtime(live, store, providers, Intake(store, live), dispatcher)

@@ -24,6 +24,7 @@ from daemon.store.base import AttemptEnd, Canceled, JobStore, OpFailed, StoreErr
 
 log = structlog.get_logger("vigil.queue")
 POLL_S = 1.0
+CANCEL_POLL_S = 1.0
 RECORD_RETRY_MIN_S = 0.05
 RECORD_RETRY_MAX_S = 1.0  # also how long a stop may wait for a retrying record
 T = TypeVar("T")
@@ -53,12 +54,15 @@ class Dispatcher:
         *,
         max_concurrency: int,
         held_analyzers: Callable[[], tuple[frozenset[str], bool]] = lambda: (frozenset(), False),
+        shared: bool = False,
     ) -> None:
         self._store = store
         self._execute = execute
         # Analyzers whose provider refuses calls now, and whether that is all of them:
         # their jobs are not claimed, so they wait without spending attempts.
         self._held_analyzers = held_analyzers
+        # A store other daemons share: a job running here may be canceled from there.
+        self._shared = shared
         self.max_concurrency = max_concurrency
         self.paused = False
         self.active: dict[str, ActiveAttempt] = {}
@@ -136,6 +140,9 @@ class Dispatcher:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
             task_status.started()
+            follow = anyio.CancelScope()
+            if self._shared:
+                tg.start_soon(self._follow_cancels, follow, name="queue.cancels")
             while not self._stopping:
                 free = self.max_concurrency - len(self.active)
                 if self.paused or free <= 0:
@@ -157,9 +164,29 @@ class Dispatcher:
                     tg.start_soon(self._run_one, entry, name=f"job {job.id}")
                 if not jobs:
                     await self._store.wakeup.wait(await self._until_next_retry())
+            follow.cancel()
             # Stopping: running attempts belong to drain(); wait for them here.
             if self.active:
                 await self._idle.wait()
+
+    async def _follow_cancels(self, scope: anyio.CancelScope) -> None:
+        """On a shared store `cancel` may come from another node: the job is marked
+        canceled there, and its attempt here is stopped at the next look (each
+        CANCEL_POLL_S), its end not recorded again."""
+        with scope:
+            while True:
+                await anyio.sleep(CANCEL_POLL_S)
+                if not self.active:
+                    continue
+                try:
+                    states = await self._store.states_of(list(self.active))
+                except StoreError:
+                    continue  # the store's own health says why
+                for job_id, state in states.items():
+                    entry = self.active.get(job_id)
+                    if state == "canceled" and entry is not None:
+                        log.info("job.canceled_elsewhere", job_id=job_id)
+                        entry.scope.cancel()
 
     async def _until_next_retry(self) -> float:
         """How long to sleep when nothing could be claimed. A job that is due yet was

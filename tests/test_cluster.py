@@ -109,3 +109,38 @@ def test_a_database_restart_mid_run_loses_nothing(
         )
         assert daemon.proc.poll() is None
         assert daemon.call("status")["health"]["ready"]
+
+
+def test_cancel_from_one_node_stops_the_attempt_running_on_another(
+    start_daemon: StartDaemon, pg_dsn: str
+) -> None:
+    """A job canceled through the node that does not run it: the node that does stops
+    its attempt at once (it does not wait out the API call), and the job stays canceled."""
+    settings = SimulateConfig(latency_ms=20_000, latency_sigma=0.01, seed=1)
+    with threaded_api(settings) as api:
+        nodes = {
+            name: start_daemon(cluster_config(pg_dsn, name, api.url), name=name)
+            for name in ("a", "b")
+        }
+        [job_id] = nodes["a"].call("submit", jobs=[{"analyzer": "a", "input": {"text": "x"}}])[
+            "ids"
+        ]
+
+        def runner() -> str | None:
+            running = [n["name"] for n in nodes["a"].call("status")["nodes"] if n["running"]]
+            return running[0] if running else None
+
+        wait_until(lambda: runner() is not None, what="the job running on a node")
+        owner = runner()
+        assert owner is not None
+        other = "b" if owner == "a" else "a"
+        assert nodes[other].call("cancel", id=job_id)["was"] == "running"
+        wait_until(
+            lambda: any(e["event"] == "job.canceled_elsewhere" for e in nodes[owner].events()),
+            15,
+            "the owner to stop the attempt",
+        )
+        wait_until(lambda: nodes[owner].call("status")["queue"]["active"] == 0, 15)
+        shown = nodes[owner].call("show", id=job_id)
+    assert shown["job"]["state"] == "canceled"
+    assert [a["outcome"] for a in shown["attempts"]] == ["canceled"]
