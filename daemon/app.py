@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import gc
 import os
 import signal
@@ -23,6 +24,7 @@ import structlog
 from daemon import __version__, systemd
 from daemon.analyzers import build_analyzers
 from daemon.config import Config, redacted
+from daemon.control.commands import obey
 from daemon.control.server import ControlServer
 from daemon.errors import StartupError
 from daemon.intake.http import HttpServer
@@ -151,6 +153,8 @@ async def run_daemon(
         async with AsyncExitStack() as stack:
             providers, simulated = await _open_providers(config, stack)
             rt = _build_runtime(config, store, providers)
+            if store.cluster is not None:
+                store.cluster.on_command = functools.partial(obey, rt)
             rt.simulated = simulated
             rt.config_path = config_path
             if log_ring is not None:

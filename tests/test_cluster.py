@@ -144,3 +144,30 @@ def test_cancel_from_one_node_stops_the_attempt_running_on_another(
         shown = nodes[owner].call("show", id=job_id)
     assert shown["job"]["state"] == "canceled"
     assert [a["outcome"] for a in shown["attempts"]] == ["canceled"]
+
+
+def test_pause_resume_and_drain_with_cluster_reach_every_node(
+    start_daemon: StartDaemon, pg_dsn: str
+) -> None:
+    """`--cluster` acts on every node sharing the store; without it only the node asked.
+    A daemon running alone refuses `--cluster` rather than pretend."""
+    with threaded_api() as api:
+        a = start_daemon(cluster_config(pg_dsn, "a", api.url), name="a")
+        b = start_daemon(cluster_config(pg_dsn, "b", api.url), name="b")
+        out = run_cli("pause", socket_path=a.socket_path)
+        assert out.returncode == 0, out.stderr
+        assert a.call("status")["queue"]["paused"] and not b.call("status")["queue"]["paused"]
+        out = run_cli("pause", "--cluster", socket_path=a.socket_path)
+        assert out.returncode == 0 and "every node" in out.stdout, out
+        wait_until(lambda: b.call("status")["queue"]["paused"], 15, "b to pause")
+        run_cli("resume", "--cluster", socket_path=b.socket_path)
+        wait_until(lambda: not a.call("status")["queue"]["paused"], 15, "a to resume")
+        assert not b.call("status")["queue"]["paused"]
+        run_cli("drain", "--cluster", socket_path=b.socket_path)
+        wait_until(lambda: a.call("status")["state"] == "draining", 15, "a to drain")
+        alone = start_daemon(
+            daemon_config(openai_provider("main", api.url) + analyzer("a", "main")), name="alone"
+        )
+        refused = run_cli("pause", "--cluster", socket_path=alone.socket_path)
+    assert refused.returncode != 0 and "store.url" in refused.stderr, refused
+    assert not alone.call("status")["queue"]["paused"]

@@ -295,6 +295,10 @@ async def show(client: ControlClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _everywhere(data: dict[str, Any]) -> str:
+    return " (every node: the others follow within about a second)" if data.get("cluster") else ""
+
+
 def _tokens(usage: dict[str, Any] | None) -> str:
     usage = usage or {}
     cost = usage.get("cost")
@@ -326,14 +330,15 @@ async def purge(client: ControlClient, args: argparse.Namespace) -> int:
 
 
 async def pause(client: ControlClient, args: argparse.Namespace) -> int:
-    _done(args, await client.call("pause"), "paused: no new attempts start; intake goes on")
+    data = await client.call("pause", cluster=args.cluster)
+    _done(args, data, "paused: no new attempts start; intake goes on" + _everywhere(data))
     return 0
 
 
 async def resume(client: ControlClient, args: argparse.Namespace) -> int:
-    data = await client.call("resume")
+    data = await client.call("resume", cluster=args.cluster)
     lifted = ", ".join(data["providers_resumed"])
-    text = "resumed" + (f" (providers lifted: {lifted})" if lifted else "")
+    text = "resumed" + _everywhere(data) + (f" (providers lifted: {lifted})" if lifted else "")
     for name, reason in data.get("providers_still_paused", {}).items():
         text += f"\nprovider {name} stays paused: {reason}"
     _done(args, data, text)
@@ -341,12 +346,12 @@ async def resume(client: ControlClient, args: argparse.Namespace) -> int:
 
 
 async def drain(client: ControlClient, args: argparse.Namespace) -> int:
-    data = await client.call("drain")
+    data = await client.call("drain", cluster=args.cluster)
     _done(
         args,
         data,
-        f"draining: intake closed, {data['running']} attempt(s) still running; "
-        "`vigil resume` reopens",
+        f"draining: intake closed, {data['running']} attempt(s) still running here; "
+        f"`vigil resume` reopens{_everywhere(data)}",
     )
     return 0
 
@@ -405,7 +410,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("id")
     p = command("purge", purge, "delete finished jobs")
     p.add_argument("--older-than", type=constrained(NonNegFloat), default=0.0, metavar="SECONDS")
-    command("pause", pause, "stop starting new attempts (intake goes on)")
-    command("resume", resume, "start attempts again; reopen intake; lift paused providers")
-    command("drain", drain, "stop intake and new attempts; running ones finish")
+    for name, func, text in (
+        ("pause", pause, "stop starting new attempts (intake goes on)"),
+        ("resume", resume, "start attempts again; reopen intake; lift paused providers"),
+        ("drain", drain, "stop intake and new attempts; running ones finish"),
+    ):
+        p = command(name, func, text)
+        p.add_argument(
+            "--cluster", action="store_true", help="every daemon sharing the store, not only this"
+        )
     command("reload", reload, "re-read the config and apply what can change live")

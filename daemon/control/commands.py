@@ -15,7 +15,13 @@ from daemon.jobs import Job, State
 from daemon.observe.ring import LEVELS, LogFilter
 from daemon.reload import ReloadError, reload
 from daemon.runtime import Runtime
-from daemon.store.base import BacklogFull, InvalidTransition, JobNotFound, StoreError
+from daemon.store.base import (
+    BacklogFull,
+    ClusterCommand,
+    InvalidTransition,
+    JobNotFound,
+    StoreError,
+)
 from daemon.watchdog.introspect import task_report, thread_report
 
 
@@ -25,6 +31,10 @@ class Args(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
 
 class NoArgs(Args, frozen=True):
     pass
+
+
+class NodeArgs(Args, frozen=True):
+    cluster: bool = False  # every node sharing the store, not only this one
 
 
 class SubmitArgs(Args, frozen=True):
@@ -129,12 +139,12 @@ async def purge(rt: Runtime, args: PurgeArgs) -> Any:
     return {"deleted": await rt.store.purge(args.older_than_s)}
 
 
-async def pause(rt: Runtime, _: NoArgs) -> Any:
+def pause_here(rt: Runtime) -> dict[str, Any]:
     rt.dispatcher.set_paused(True)
     return {"state": rt.state}
 
 
-async def resume(rt: Runtime, _: NoArgs) -> Any:
+def resume_here(rt: Runtime) -> dict[str, Any]:
     """Resume starting attempts, reopen intake after a drain, and lift providers
     paused by a refused key or an exhausted quota (the operator says it is fixed).
     A provider whose key variable is not set stays paused, and the reply says why."""
@@ -153,6 +163,53 @@ async def resume(rt: Runtime, _: NoArgs) -> Any:
     return {"state": rt.state, "providers_resumed": lifted, "providers_still_paused": still}
 
 
+def drain_here(rt: Runtime) -> dict[str, Any]:
+    """Stop intake and stop starting attempts; running ones finish. For maintenance:
+    wait for `running` to reach 0, then stop or restart the daemon."""
+    if not rt.stopping:
+        rt.intake.closed_reason = DRAINING
+    rt.dispatcher.set_paused(True)
+    return {"state": rt.state, "running": len(rt.dispatcher.active)}
+
+
+HERE: dict[ClusterCommand, Callable[[Runtime], dict[str, Any]]] = {
+    "pause": pause_here,
+    "resume": resume_here,
+    "drain": drain_here,
+}
+
+
+async def obey(rt: Runtime, cmd: ClusterCommand) -> None:
+    """A `--cluster` command another node (or this one) gave: apply it here."""
+    HERE[cmd](rt)
+
+
+async def _on_node(rt: Runtime, cmd: ClusterCommand, args: NodeArgs) -> Any:
+    """`pause`, `resume`, `drain`: this node at once; with `cluster`, every node sharing
+    the store too (each within about a second)."""
+    if args.cluster:
+        if rt.store.cluster is None:
+            raise CommandError(
+                "bad_args",
+                "--cluster needs a store other daemons share (store.url): this daemon runs "
+                "alone, so the command was not applied",
+            )
+        await rt.store.cluster.broadcast(cmd)
+    return {**HERE[cmd](rt), "cluster": args.cluster}
+
+
+async def pause(rt: Runtime, args: NodeArgs) -> Any:
+    return await _on_node(rt, "pause", args)
+
+
+async def resume(rt: Runtime, args: NodeArgs) -> Any:
+    return await _on_node(rt, "resume", args)
+
+
+async def drain(rt: Runtime, args: NodeArgs) -> Any:
+    return await _on_node(rt, "drain", args)
+
+
 async def logs(rt: Runtime, args: LogsArgs) -> Any:
     """Recent events from the ring; with `follow`, a stream of them until the client
     closes (each reply line's data is one event)."""
@@ -169,15 +226,6 @@ async def _follow(rt: Runtime, flt: LogFilter, n: int) -> AsyncIterator[Any]:
 
 
 DRAINING = "draining (vigil drain); `vigil resume` reopens"
-
-
-async def drain(rt: Runtime, _: NoArgs) -> Any:
-    """Stop intake and stop starting attempts; running ones finish. For maintenance:
-    wait for `running` to reach 0, then stop or restart the daemon."""
-    if not rt.stopping:
-        rt.intake.closed_reason = DRAINING
-    rt.dispatcher.set_paused(True)
-    return {"state": rt.state, "running": len(rt.dispatcher.active)}
 
 
 async def reload_config(rt: Runtime, _: NoArgs) -> Any:
@@ -231,11 +279,11 @@ COMMANDS: dict[str, tuple[type[Args], Handler]] = {
     "retry": (RetryArgs, retry),
     "cancel": (IdArgs, cancel),
     "purge": (PurgeArgs, purge),
-    "pause": (NoArgs, pause),
-    "resume": (NoArgs, resume),
+    "pause": (NodeArgs, pause),
+    "resume": (NodeArgs, resume),
     "progress": (ProgressArgs, progress),
     "logs": (LogsArgs, logs),
-    "drain": (NoArgs, drain),
+    "drain": (NodeArgs, drain),
     "reload": (NoArgs, reload_config),
     "ping": (NoArgs, ping),
     "debug_tasks": (DebugTasksArgs, debug_tasks),

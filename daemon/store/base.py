@@ -6,7 +6,7 @@ PostgreSQL (postgres.py) lets several daemons share one queue."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -167,6 +167,19 @@ class Node(msgspec.Struct, frozen=True, kw_only=True):
     running: int
 
 
+ClusterCommand = Literal["pause", "resume", "drain"]
+
+
+class Cluster(Protocol):
+    """Commands given to every daemon sharing the store (`--cluster`)."""
+
+    on_command: Callable[[ClusterCommand], Awaitable[None]] | None  # how this node obeys
+
+    async def broadcast(self, cmd: ClusterCommand) -> None:
+        """Every node, this one included, applies `cmd` within about a second."""
+        ...
+
+
 class JobStore(Protocol):
     """The store as the rest of the daemon uses it. Writes return once committed: an
     acknowledgement to a client is a promise."""
@@ -180,6 +193,7 @@ class JobStore(Protocol):
     last_error: str | None  # set while writes fail
     low_space: str | None  # set while the disk is nearly full
     rates: SharedRates | None  # budgets the cluster's nodes share; None: one daemon
+    cluster: Cluster | None  # commands for every node; None: one daemon
 
     @property
     def location(self) -> str:

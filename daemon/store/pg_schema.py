@@ -80,6 +80,13 @@ MIGRATIONS: tuple[str, ...] = (
         key text PRIMARY KEY,
         tat double precision NOT NULL
     );
+    -- `vigil pause|resume|drain --cluster`: every node applies each one once.
+    CREATE TABLE cluster_commands (
+        id bigserial PRIMARY KEY,
+        cmd text NOT NULL,
+        node text NOT NULL,
+        issued_at timestamptz NOT NULL DEFAULT now()
+    );
     """,
 )
 

@@ -21,7 +21,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Collection, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
@@ -41,6 +41,8 @@ from daemon.store.base import (
     AttemptEnd,
     BacklogFull,
     Canceled,
+    Cluster,
+    ClusterCommand,
     InvalidTransition,
     JobNotFound,
     NewJob,
@@ -103,6 +105,9 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
         self.last_error: str | None = None
         self.low_space: str | None = None  # the database server watches its own disk
         self.rates: SharedRates | None = self  # the providers' budgets, cluster-wide
+        self.cluster: Cluster | None = self
+        self.on_command: Callable[[ClusterCommand], Awaitable[None]] | None = None
+        self._last_command = 0
         self.refused_finishes = 0  # fenced out: this node's attempt had been taken over
         self.reaped = 0  # attempts of dead nodes this node recovered
         self._nodes: list[Node] = []
@@ -188,6 +193,10 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
             )
             # Our name's lock is ours: any attempt still marked ours is from our last life.
             self.recovered = await self._recover(lock_conn, [self.node])
+            # Cluster commands given before we started are not ours to replay.
+            self._last_command = await lock_conn.fetchval(
+                "SELECT coalesce(max(id), 0) FROM cluster_commands"
+            )
             await self._refresh(lock_conn)
         except _DB_ERRORS as exc:
             raise StoreOpenError(f"cannot prepare the database: {_reason(exc)}") from None
@@ -220,6 +229,25 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
                 if await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", REAPER_LOCK):
                     await self._reap(conn)
             await self._refresh(conn)
+            commands = await conn.fetch(
+                "SELECT id, cmd, node FROM cluster_commands WHERE id > $1 ORDER BY id",
+                self._last_command,
+            )
+        for row in commands:
+            self._last_command = row["id"]
+            log.info("store.cluster_command", cmd=row["cmd"], issued_by=row["node"])
+            if self.on_command is not None:
+                await self.on_command(row["cmd"])
+
+    async def broadcast(self, cmd: ClusterCommand) -> None:
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO cluster_commands (cmd, node) VALUES ($1, $2)", cmd, self.node
+            )
+            # A week of them is plenty: each node applies a command within seconds.
+            await conn.execute(
+                "DELETE FROM cluster_commands WHERE issued_at < now() - interval '7 days'"
+            )
 
     async def _refresh(self, conn: Any) -> None:
         rows = await conn.fetch("SELECT state, count(*) FROM jobs GROUP BY state")

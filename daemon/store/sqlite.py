@@ -36,6 +36,7 @@ from daemon.store.base import (
     AttemptEnd,
     BacklogFull,
     Canceled,
+    Cluster,
     InvalidTransition,
     JobNotFound,
     NewJob,
@@ -104,6 +105,7 @@ class Store(anyio.AsyncContextManagerMixin):
         self._min_free_bytes = min_free_mb * 1024 * 1024
         self.low_space: str | None = None  # set while free space is below min_free_mb
         self.rates: SharedRates | None = None  # one daemon: its budgets are its own
+        self.cluster: Cluster | None = None
         self._synchronous = synchronous
         self._max_batch = max_batch
         self._send, self._receive = anyio.create_memory_object_stream[_Pending](max_waiting_writes)
