@@ -218,6 +218,25 @@ async def test_the_store_carries_on_after_the_database_restarts(
             assert {j.id for j in await a.list_jobs()} == {before.id, after.id}
             await a.probe()
             assert a.last_error is None
+            # The lock on its name and its LISTEN come back on a new connection.
+            for _ in range(100):
+                if a.relocks:
+                    break
+                await anyio.sleep(0.1)
+            assert a.relocks == 1 and a.name_lost is None
+            woke: list[bool] = []
+            async with open_store("b") as b, anyio.create_task_group() as tg:
+
+                async def waiter() -> None:
+                    woke.append(await a.wakeup.wait(10))
+
+                tg.start_soon(waiter)
+                await anyio.wait_all_tasks_blocked()
+                await b.submit([new_job()], max_backlog=100)
+            assert woke == [True]
+            with pytest.raises(StoreRefused):  # the name is locked again
+                async with open_store("a"):
+                    pytest.fail("a second node named a")
 
 
 async def test_nodes_share_one_rate_budget_and_one_429_hold(open_store: OpenStore) -> None:

@@ -113,6 +113,10 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
         self._nodes: list[Node] = []
         self._heartbeat_ok = time.monotonic()
         self._pool: asyncpg.Pool | None = None
+        self._lock_conn: Any = None
+        self._password: str | None = None
+        self.relocks = 0  # the lock connection was re-established (after a database restart)
+        self.name_lost: str | None = None  # set if another daemon took our name meanwhile
 
     @property
     def location(self) -> str:
@@ -125,13 +129,11 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
 
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
-        password = os.environ.get(self.config.password_env) if self.config.password_env else None
+        env = self.config.password_env
+        self._password = password = os.environ.get(env) if env else None
         try:
             lock_conn = await self._connect(password)
-        except (
-            asyncpg.InvalidPasswordError,
-            asyncpg.InvalidAuthorizationSpecificationError,
-        ) as exc:
+        except _LOGIN_REFUSED as exc:
             raise StoreRefused(
                 f"the database {self.location} refused the login: {_reason(exc)}"
             ) from None
@@ -139,6 +141,7 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
             raise StoreOpenError(
                 f"cannot connect to the database {self.location}: {_reason(exc)}"
             ) from None
+        self._lock_conn = lock_conn
         try:
             await self._open(lock_conn, password)
             assert self._pool is not None
@@ -152,7 +155,33 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
         finally:
             self._pool = None
             with anyio.CancelScope(shield=True), contextlib.suppress(*_DB_ERRORS):
-                await lock_conn.close(timeout=5)
+                await self._lock_conn.close(timeout=5)
+
+    async def _relock(self) -> None:
+        """The connection holding our name's lock (and LISTEN) died with the database
+        (a restart, a failover): take the lock again on a new one. Should another
+        daemon have taken the name meanwhile, this one stops claiming and says why."""
+        conn = await self._connect(self._password)
+        try:
+            held = await conn.fetchval(
+                "SELECT pg_try_advisory_lock(hashtext($1))", _node_key(self.node)
+            )
+            if held:
+                await self._listen(conn)
+        except BaseException:
+            with anyio.CancelScope(shield=True), contextlib.suppress(*_DB_ERRORS):
+                await conn.close(timeout=5)
+            raise
+        self._lock_conn = conn
+        self.relocks += 1
+        if held:
+            log.info("store.node_relocked", node=self.node)
+            return
+        self.name_lost = (
+            f"another daemon took the node name {self.node!r} while the database was away: "
+            "this one claims no more jobs; restart it under its own name"
+        )
+        log.error("store.node_name_lost", node=self.node, reason=self.name_lost)
 
     async def _connect(self, password: str | None) -> Any:
         return await asyncpg.connect(self.config.url, password=password, timeout=CONNECT_TIMEOUT_S)
@@ -221,6 +250,11 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
 
     async def _beat(self) -> None:
         assert self._pool is not None
+        if self._lock_conn.is_closed() and self.name_lost is None:
+            await self._relock()
+        if self.name_lost is not None:
+            self.last_error = self.name_lost
+            return
         async with self._pool.acquire() as conn:
             await conn.execute("UPDATE nodes SET heartbeat_at = now() WHERE name = $1", self.node)
             self._heartbeat_ok = time.monotonic()
@@ -409,7 +443,7 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
     async def claim(self, limit: int, skip_analyzers: Collection[str] = ()) -> list[Job]:
         """Move up to `limit` ready jobs to `running` on this node, counting the attempt
         now. A node whose heartbeat is overdue claims nothing: it may be presumed dead."""
-        if time.monotonic() - self._heartbeat_ok > self.config.lease_s * 2 / 3:
+        if self.name_lost or time.monotonic() - self._heartbeat_ok > self.config.lease_s * 2 / 3:
             return []
         now = time.time()
         async with self._tx() as conn:
