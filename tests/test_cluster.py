@@ -171,3 +171,35 @@ def test_pause_resume_and_drain_with_cluster_reach_every_node(
         refused = run_cli("pause", "--cluster", socket_path=alone.socket_path)
     assert refused.returncode != 0 and "store.url" in refused.stderr, refused
     assert not alone.call("status")["queue"]["paused"]
+
+
+def test_a_node_stopped_past_its_lease_comes_back_to_a_refused_finish(
+    start_daemon: StartDaemon, pg_dsn: str
+) -> None:
+    """SIGSTOP a node mid-attempt past its lease: another node takes the job over and
+    records its result; SIGCONT, and the first node's late finish is refused by the
+    fence (logged), so the job keeps one result and its attempts read crashed, succeeded."""
+    settings = SimulateConfig(latency_ms=2500, latency_sigma=0.01, seed=1)
+    with threaded_api(settings) as api:
+        a = start_daemon(cluster_config(pg_dsn, "a", api.url), name="a")
+        [job_id] = a.call("submit", jobs=[{"analyzer": "a", "input": {"text": "x"}}])["ids"]
+        wait_until(lambda: a.call("status")["queue"]["active"] == 1, what="a running the job")
+        b = start_daemon(cluster_config(pg_dsn, "b", api.url), name="b")
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(
+                lambda: b.call("show", id=job_id)["job"]["state"] == "succeeded",
+                60,
+                "b to take the job over and finish it",
+            )
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        wait_until(
+            lambda: any(e["event"] == "store.finish_refused" for e in a.events()),
+            30,
+            "a's late finish to be refused",
+        )
+        shown = b.call("show", id=job_id)
+        assert a.proc.poll() is None
+    assert [x["outcome"] for x in shown["attempts"]] == ["crashed", "succeeded"], shown
+    assert shown["job"]["attempts"] == 2 and shown["job"]["result"]
