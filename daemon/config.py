@@ -147,8 +147,8 @@ class AnalyzerConfig(Base, frozen=True):
     output: Literal["text", "json"] = "text"
     required_keys: list[str] = []
     max_attempts: Annotated[int, Meta(ge=1, le=100)] = 5
-    # 429s do not spend attempts (the request was not processed); past this many for
-    # one job it fails all the same, so a job cannot wait on a rate limit forever.
+    # 429s do not spend attempts (the request was not processed); at this many for one
+    # job it fails all the same, so a job cannot wait on a rate limit forever.
     max_rate_limited: Annotated[int, Meta(ge=1, le=100_000)] = 100
     timeout_s: PositiveFloat = 120.0
     handler: str = ""

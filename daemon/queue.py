@@ -189,14 +189,13 @@ class Dispatcher:
                         entry.scope.cancel()
 
     async def _until_next_retry(self) -> float:
-        """How long to sleep when nothing could be claimed. A job that is due yet was
-        not claimed belongs to a held analyzer (its provider refuses calls): that is
-        no reason to wake early, and the provider's recovery wakes the loop itself."""
-        wake = await self._store.next_wake()
-        if wake is None:
-            return POLL_S
-        left = wake - time.time()
-        return POLL_S if left <= 0 else min(POLL_S, max(0.01, left))
+        """How long to sleep when nothing could be claimed: until the next job waiting
+        for its retry time, at most POLL_S. Jobs already due yet not claimed belong to
+        held analyzers (their provider refuses calls): no reason to wake early; the
+        provider's recovery wakes the loop itself."""
+        now = time.time()
+        wake = await self._store.next_wake(after=now)
+        return POLL_S if wake is None else min(POLL_S, max(0.01, wake - now))
 
     async def _run_one(self, entry: ActiveAttempt) -> None:
         job, scope = entry.job, entry.scope

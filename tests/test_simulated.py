@@ -16,11 +16,11 @@ from multidict import CIMultiDictProxy
 from daemon.config import SimulateConfig
 from daemon.providers.simulated import (
     SimulatedAPI,
-    openai_duration,
     run_standalone,
     serve_api,
     serve_simulated,
 )
+from daemon.providers.simulated_limits import openai_duration
 
 pytestmark = pytest.mark.anyio
 

@@ -32,7 +32,8 @@ from daemon.store.base import (
 )
 from daemon.store.postgres import PostgresStore
 from daemon.store.schema import SCHEMA_VERSION, SchemaTooNew, migrate
-from daemon.store.sqlite import Store, _is_fatal
+from daemon.store.sqlite import Store
+from daemon.store.sqlite_batch import _is_fatal
 
 pytestmark = pytest.mark.anyio
 
@@ -221,12 +222,14 @@ async def test_retry_in_the_future_is_not_claimed(store: Store) -> None:
         end = AttemptEnd(outcome="error", error=ErrorInfo("HTTP", "500"), retry_at=later)
         assert await store.finish(job, end) == "queued"
         assert await store.claim(10) == []
-        assert await store.next_wake() == pytest.approx(later)
+        assert await store.next_wake(after=time.time()) == pytest.approx(later)
         assert (await get(store, job_id)).not_before == pytest.approx(later)
-        # A job without a retry time is ready now and does not hide behind the waiting one.
+        # A job without a retry time is ready now, is claimed at once, and does not hide
+        # the waiting one from next_wake (which looks past now only).
         ready = await submit_one(store)
-        assert await store.next_wake() == 0
+        assert await store.next_wake(after=time.time()) == pytest.approx(later)
         assert [j.id for j in await store.claim(10)] == [ready]
+        assert await store.next_wake(after=later + 1) is None
 
 
 async def test_commit_that_queues_jobs_wakes_waiters(store: Store) -> None:

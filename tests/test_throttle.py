@@ -10,10 +10,10 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
+from daemon.providers.adaptive import AdaptiveConcurrency
 from daemon.providers.base import ProviderError
 from daemon.providers.breaker import CircuitBreaker
 from daemon.providers.limits import (
-    AdaptiveConcurrency,
     ProviderLimits,
     Reservation,
     Ticket,
@@ -442,3 +442,85 @@ async def test_breaker_zero_failures_is_off() -> None:
         cb.failed("HTTP 500", probe=False)
     assert cb.status()["state"] == "closed"
     assert await cb.admit() is False
+
+
+@pytest.mark.anyio
+async def test_a_caller_waiting_for_the_probe_is_turned_away_before_its_own_deadline() -> None:
+    """The wait for the probe's verdict stops short of the attempt's deadline: the call
+    is turned away unsent (CircuitOpen: no attempt spent) instead of timing out."""
+    clock = FakeClock()
+    cb = CircuitBreaker("main", failures=1, open_s=10.0, probe_wait_s=30.0, clock=clock)
+    cb.failed("HTTP 503", probe=False)
+    clock.now += 10  # due to half-open
+    assert await cb.admit() is True  # the probe, under way and never answering here
+    deadline = anyio.current_time() + 0.6
+    with (
+        anyio.fail_after(5),
+        anyio.CancelScope(deadline=deadline) as scope,
+        pytest.raises(ProviderError) as info,
+    ):
+        await cb.admit()
+    assert info.value.kind == "CircuitOpen"
+    assert not scope.cancelled_caught
+
+
+@pytest.mark.anyio
+async def test_switching_the_breaker_off_during_a_probe_frees_its_waiters() -> None:
+    """breaker_failures = 0 reloaded while a probe is under way: the waiters go at once,
+    and that probe's failure, arriving later, does not open a breaker that is off."""
+    clock = FakeClock()
+    cb = breaker(clock, failures=1)
+    cb.failed("HTTP 503", probe=False)
+    clock.now += 10
+    assert await cb.admit() is True
+    verdicts: list[bool] = []
+
+    async def caller() -> None:
+        verdicts.append(await cb.admit())
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(caller)
+            await anyio.wait_all_tasks_blocked()
+            cb.configure(failures=0, open_s=10.0, probe_wait_s=2.0)
+    assert verdicts == [False]
+    cb.failed("HTTP 503", probe=True)  # the stale probe's answer
+    assert cb.status()["state"] == "closed"
+
+
+@pytest.mark.anyio
+async def test_a_429_while_the_head_waits_sends_it_back_to_book_after_the_cool_down() -> None:
+    """60 a minute: the second caller is booked for 1 s on. A 429 at 0.2 s (cool-down
+    0.5 s) means the server had nothing left: on waking it books again from an empty
+    budget, so it goes a whole interval after the 429's cool-down began, not on its old
+    schedule."""
+    limits = ProviderLimits(max_concurrency=4, requests_per_minute=60, tokens_per_minute=0)
+    sent: list[float] = []
+
+    async def call() -> None:
+        async with limits.slot(10):
+            sent.append(anyio.current_time())
+
+    with anyio.fail_after(10):
+        start = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(call)
+            await anyio.sleep(0.2)
+            limits.rate_limited(0.5)
+    assert sent[0] - start < 0.5
+    assert sent[1] - start >= 1.8, sent  # booked again: not at its old 1.0 s
+
+
+@pytest.mark.anyio
+async def test_a_429_empties_a_full_budget() -> None:
+    """An idle budget is full; a 429 says the server's is not: the next call waits for
+    refill past the cool-down instead of going the moment it ends."""
+    limits = ProviderLimits(max_concurrency=4, requests_per_minute=60, tokens_per_minute=0)
+    with anyio.fail_after(10):
+        limits.rate_limited(0.2)
+        held_at = anyio.current_time()
+        async with limits.slot(10):
+            waited = anyio.current_time() - held_at
+    assert waited >= 0.9, waited

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -61,6 +62,14 @@ def test_a_limit_ten_times_lower_than_configured_stops_429s_once_learned(
     burst = sum(1 for s in seen if s.at < first_answer_at)
     refused = stats["by_status"].get("429", 0)
     assert refused - burst <= 2, (refused, burst, stats["by_status"])
+    # The daemon's own record: no attempt begun after the limit was learned met a 429.
+    learned_at = datetime.fromisoformat(learned[0]["timestamp"]).timestamp()
+    [(late,)] = db_rows(
+        daemon.state_dir / "vigil.db",
+        "SELECT count(*) FROM attempts WHERE outcome = 'rate_limited' AND started_at > ?",
+        (learned_at,),
+    )
+    assert late == 0, late
     assert not ledger_problems(daemon.state_dir / "vigil.db")
 
 

@@ -20,6 +20,7 @@ import structlog
 from daemon.providers.base import ProviderError
 
 log = structlog.get_logger("vigil.provider")
+VERDICT_MARGIN_S = 0.25  # kept of an attempt's deadline to turn the call away unsent
 
 State = Literal["closed", "open", "half_open"]
 
@@ -56,6 +57,7 @@ class CircuitBreaker:
         self.failures_to_open, self.open_s, self.probe_wait_s = failures, open_s, probe_wait_s
         if not failures and self._state != "closed":
             self._close()
+            self._probe_ended()  # its waiters go now; its verdict, when it comes, is stale
 
     @property
     def state(self) -> State:
@@ -86,7 +88,10 @@ class CircuitBreaker:
                 return True
             if state == "half_open" and not waited and self._verdict is not None:
                 waited = True
-                with anyio.move_on_after(self.probe_wait_s):
+                # Never past the attempt's own deadline (less a margin to say so): a
+                # call turned away unsent spends no attempt, one timed out does.
+                left = anyio.current_effective_deadline() - anyio.current_time() - VERDICT_MARGIN_S
+                with anyio.move_on_after(min(self.probe_wait_s, left)):
                     await self._verdict.wait()
                 continue
             break
@@ -94,10 +99,12 @@ class CircuitBreaker:
 
     def recheck(self, probe: bool) -> None:
         """Right before sending: a call admitted while closed may have waited (for a
-        slot, for budget) while the circuit opened; it is turned away now instead of
-        spending an attempt on an API known to be down."""
-        if not probe and self.state == "open":
-            raise self._rejection("open")
+        slot, for budget) while the circuit opened (or went half-open: the probe alone
+        goes then); it is turned away now instead of spending an attempt on an API
+        known to be down."""
+        state = self.state
+        if not probe and state != "closed":
+            raise self._rejection(state)
 
     def _rejection(self, state: State) -> ProviderError:
         self.rejected += 1
@@ -145,6 +152,8 @@ class CircuitBreaker:
         """No answer, a timeout or a 5xx."""
         self.last_failure = reason
         if probe:
+            if not self._probing:
+                return  # a stale probe: the breaker was closed (switched off) meanwhile
             self.consecutive_failures += 1
             self._open(reason)
             self._probe_ended()

@@ -1,6 +1,6 @@
-"""Per-provider throttling: a concurrency limiter (optionally adaptive), request and
-token budgets, and a cool-down every caller shares after a 429, so one rate-limit
-answer pauses the provider instead of starting a retry storm.
+"""Per-provider throttling: a concurrency limiter (optionally adaptive, see
+`adaptive`), request and token budgets, and a cool-down every caller shares after a
+429, so one rate-limit answer pauses the provider instead of starting a retry storm.
 
 The budgets are our model of the server's own buckets. Real APIs enforce a
 per-minute limit in short slices (60,000 a minute as 1,000 a second), so a budget
@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import anyio
 import structlog
 
+from daemon.providers.adaptive import AdaptiveConcurrency
 from daemon.providers.base import ProviderError
 from daemon.providers.ratelimit_headers import Budget, RateLimitHeaders
 
@@ -248,63 +249,6 @@ class TokenBucket:
         }
 
 
-class AdaptiveConcurrency:
-    """AIMD on the concurrency limit: halve on a 429 or a timeout, add one after every
-    `successes_per_step` successes, between 1 and `maximum`.
-
-    Requests carry the epoch in which they started; a congestion signal from a request
-    that started before the last decrease is not acted on again, so a burst of 429s
-    from one window halves the limit once, not once per request (TCP's rule)."""
-
-    def __init__(
-        self,
-        limiter: anyio.CapacityLimiter,
-        *,
-        maximum: int,
-        successes_per_step: int,
-        enabled: bool,
-    ) -> None:
-        self._limiter = limiter
-        self.maximum = maximum
-        self.successes_per_step = successes_per_step
-        self.enabled = enabled
-        self.limit = maximum
-        self.epoch = 0
-        self.decreases = 0
-        self._successes = 0
-        self._set(maximum)
-
-    def _set(self, limit: int) -> None:
-        self.limit = limit
-        self._limiter.total_tokens = limit
-
-    def configure(self, *, maximum: int, successes_per_step: int, enabled: bool) -> None:
-        self.successes_per_step = successes_per_step
-        if not enabled or not self.enabled:
-            self._set(maximum)  # off, or newly on: start from the top
-        else:
-            self._set(min(self.limit, maximum))
-        self.maximum, self.enabled = maximum, enabled
-
-    def succeeded(self) -> None:
-        if not self.enabled or self.limit >= self.maximum:
-            return
-        self._successes += 1
-        if self._successes >= self.successes_per_step:
-            self._successes = 0
-            self._set(self.limit + 1)
-
-    def congested(self, epoch: int) -> bool:
-        """A 429 or timeout from a request started in `epoch`; True if the limit fell."""
-        if not self.enabled or epoch != self.epoch:
-            return False
-        self.epoch += 1
-        self.decreases += 1
-        self._successes = 0
-        self._set(max(1, self.limit // 2))
-        return True
-
-
 class SharedRates(Protocol):
     """Budgets kept where every node sees them (a cluster's database): one place in
     time per request for the whole cluster, so nodes together stay within a limit."""
@@ -489,9 +433,11 @@ class ProviderLimits:
                 if wait > 0:
                     await anyio.sleep(wait)
             except anyio.get_cancelled_exc_class():
-                # Never sent: give the reservation back to the callers behind us.
-                self.requests.refund(requests.units)
-                self.tokens.refund(tokens.units)
+                # Never sent: give the reservation back to the callers behind us (after
+                # a 429 meanwhile, only up to the nothing the server had left).
+                ceiling = None if cooldowns == self.cooldowns else 0.0
+                self.requests.refund(requests.units, ceiling=ceiling)
+                self.tokens.refund(tokens.units, ceiling=ceiling)
                 raise
             if (
                 cooldowns == self.cooldowns

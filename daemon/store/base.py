@@ -155,6 +155,18 @@ def usage_of(ptok: int | None, ctok: int | None, cost: float | None) -> Usage | 
     return Usage(prompt_tokens=ptok or 0, completion_tokens=ctok or 0, cost=cost)
 
 
+def next_state(job: Job, end: AttemptEnd) -> State:
+    """Where an attempt's end takes its job: succeeded; queued again (a retry with an
+    attempt left, or a 429, which spends none); else failed."""
+    if end.outcome == "succeeded":
+        return "succeeded"
+    if end.outcome == "rate_limited":
+        return "queued"
+    if end.retry_at is not None and job.attempts < job.max_attempts:
+        return "queued"
+    return "failed"
+
+
 class Node(msgspec.Struct, frozen=True, kw_only=True):
     """One daemon sharing the store (`vigil status` lists them)."""
 
@@ -240,7 +252,9 @@ class JobStore(Protocol):
 
     async def states_of(self, job_ids: Sequence[str]) -> dict[str, State]: ...
 
-    async def next_wake(self) -> float | None: ...
+    async def next_wake(self, after: float = 0.0) -> float | None:
+        """When the earliest queued job waiting past `after` becomes ready (unix time)."""
+        ...
 
     def nodes(self) -> list[Node]:
         """The daemons sharing this store, as last seen (no I/O: status is synchronous)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable, Sequence
@@ -31,13 +30,11 @@ import asyncpg
 import msgspec
 import structlog
 
-from daemon import __version__
 from daemon.config import StoreConfig
-from daemon.jobs import STATES, Attempt, ErrorInfo, Job, State
+from daemon.jobs import STATES, Job, State
 from daemon.providers.limits import SharedRates
+from daemon.store import pg_jobs, pg_nodes
 from daemon.store.base import (
-    JOB_COLUMNS,
-    PROCESS_DIED,
     AttemptEnd,
     BacklogFull,
     Canceled,
@@ -52,21 +49,20 @@ from daemon.store.base import (
     StoreOpenError,
     StoreRefused,
     Submitted,
-    row_to_job,
-    usage_of,
+    next_state,
 )
+from daemon.store.pg_nodes import CHANNEL
+from daemon.store.pg_rates import PgRates
+from daemon.store.pg_reads import DB_ERRORS, PgReads, reason
 from daemon.store.pg_schema import REAPER_LOCK, migrate
 from daemon.store.schema import SchemaTooNew
 from daemon.wakeup import Wakeup
 
 log = structlog.get_logger("vigil.store")
 POOL_SIZE = 3
-CHANNEL = "vigil_jobs"  # NOTIFY'd in the transaction that makes jobs ready
 CONNECT_TIMEOUT_S = 10.0
 STATEMENT_TIMEOUT_S = 30.0
-PRUNE_AFTER_S = 86_400.0  # a dead node's row stays this long (status shows it dead)
 _LOGIN_REFUSED = (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 _INSERT_JOB = (
     "INSERT INTO jobs (id, analyzer, input, priority, idempotency_key, state, max_attempts, "
     "created_at, source) VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8) "
@@ -90,7 +86,7 @@ def _node_key(name: str) -> str:
     return f"vigil.node.{name}"
 
 
-class PostgresStore(anyio.AsyncContextManagerMixin):
+class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
     """Owns the node's connections and its heartbeat/reaper task for the daemon's life."""
 
     def __init__(self, config: StoreConfig) -> None:
@@ -104,7 +100,7 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
         self.commit_seconds = 0.0
         self.last_error: str | None = None
         self.low_space: str | None = None  # the database server watches its own disk
-        self.rates: SharedRates | None = self  # the providers' budgets, cluster-wide
+        self.rates: SharedRates | None = None  # the providers' budgets, once open
         self.cluster: Cluster | None = self
         self.on_command: Callable[[ClusterCommand], Awaitable[None]] | None = None
         self._last_command = 0
@@ -135,11 +131,11 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
             lock_conn = await self._connect(password)
         except _LOGIN_REFUSED as exc:
             raise StoreRefused(
-                f"the database {self.location} refused the login: {_reason(exc)}"
+                f"the database {self.location} refused the login: {reason(exc)}"
             ) from None
-        except (*_DB_ERRORS, ValueError) as exc:
+        except (*DB_ERRORS, ValueError) as exc:
             raise StoreOpenError(
-                f"cannot connect to the database {self.location}: {_reason(exc)}"
+                f"cannot connect to the database {self.location}: {reason(exc)}"
             ) from None
         self._lock_conn = lock_conn
         try:
@@ -154,7 +150,7 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
                     tg.cancel_scope.cancel()
         finally:
             self._pool = None
-            with anyio.CancelScope(shield=True), contextlib.suppress(*_DB_ERRORS):
+            with anyio.CancelScope(shield=True), contextlib.suppress(*DB_ERRORS):
                 await self._lock_conn.close(timeout=5)
 
     async def _relock(self) -> None:
@@ -169,7 +165,7 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
             if held:
                 await self._listen(conn)
         except BaseException:
-            with anyio.CancelScope(shield=True), contextlib.suppress(*_DB_ERRORS):
+            with anyio.CancelScope(shield=True), contextlib.suppress(*DB_ERRORS):
                 await conn.close(timeout=5)
             raise
         self._lock_conn = conn
@@ -194,8 +190,8 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
             )
         except SchemaTooNew as exc:
             raise StoreRefused(str(exc)) from None
-        except _DB_ERRORS as exc:
-            raise StoreOpenError(f"cannot prepare the database: {_reason(exc)}") from None
+        except DB_ERRORS as exc:
+            raise StoreOpenError(f"cannot prepare the database: {reason(exc)}") from None
         if not held:
             raise StoreRefused(
                 f"another daemon named {self.node!r} is using the database {self.location} "
@@ -210,25 +206,14 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
                 timeout=CONNECT_TIMEOUT_S,
                 command_timeout=STATEMENT_TIMEOUT_S,
             )
-            await lock_conn.execute(
-                "INSERT INTO nodes (name, host, pid, version, started_at) "
-                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET host = $2, "
-                "pid = $3, version = $4, started_at = $5, heartbeat_at = now()",
-                self.node,
-                socket.gethostname(),
-                os.getpid(),
-                __version__,
-                time.time(),
-            )
+            self.rates = PgRates(self._pool)
+            await pg_nodes.register(lock_conn, self.node)
             # Our name's lock is ours: any attempt still marked ours is from our last life.
-            self.recovered = await self._recover(lock_conn, [self.node])
-            # Cluster commands given before we started are not ours to replay.
-            self._last_command = await lock_conn.fetchval(
-                "SELECT coalesce(max(id), 0) FROM cluster_commands"
-            )
+            self.recovered = await pg_nodes.recover(lock_conn, [self.node])
+            self._last_command = await pg_nodes.latest_command(lock_conn)
             await self._refresh(lock_conn)
-        except _DB_ERRORS as exc:
-            raise StoreOpenError(f"cannot prepare the database: {_reason(exc)}") from None
+        except DB_ERRORS as exc:
+            raise StoreOpenError(f"cannot prepare the database: {reason(exc)}") from None
 
     async def _listen(self, conn: Any) -> None:
         if self.config.poll_only:
@@ -243,7 +228,7 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
             await anyio.sleep(min(interval, 1.0))
             try:
                 await self._beat()
-            except _DB_ERRORS as exc:
+            except DB_ERRORS as exc:
                 self._failed(exc)
             except Exception:
                 log.exception("store.maintain_failed")
@@ -256,121 +241,37 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
             self.last_error = self.name_lost
             return
         async with self._pool.acquire() as conn:
-            await conn.execute("UPDATE nodes SET heartbeat_at = now() WHERE name = $1", self.node)
+            await pg_nodes.heartbeat(conn, self.node)
             self._heartbeat_ok = time.monotonic()
             self.last_error = None
             async with conn.transaction():
                 if await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", REAPER_LOCK):
-                    await self._reap(conn)
+                    dead, taken = await pg_nodes.reap(conn, self.node, self.config.lease_s)
+                    if any(taken.values()):
+                        self.reaped += sum(taken.values())
+                        log.warning("store.nodes_reaped", nodes=dead, **taken)
+                        self.wakeup.notify()
             await self._refresh(conn)
-            commands = await conn.fetch(
-                "SELECT id, cmd, node FROM cluster_commands WHERE id > $1 ORDER BY id",
-                self._last_command,
-            )
-        for row in commands:
-            self._last_command = row["id"]
-            log.info("store.cluster_command", cmd=row["cmd"], issued_by=row["node"])
+            commands = await pg_nodes.new_commands(conn, self._last_command)
+        for command_id, cmd, issued_by in commands:
+            self._last_command = command_id
+            log.info("store.cluster_command", cmd=cmd, issued_by=issued_by)
             if self.on_command is not None:
-                await self.on_command(row["cmd"])
+                await self.on_command(cmd)
+
+    async def _refresh(self, conn: Any) -> None:
+        self.counts = await pg_nodes.read_counts(conn)
+        self._nodes = await pg_nodes.read_nodes(conn, self.config.lease_s)
 
     async def broadcast(self, cmd: ClusterCommand) -> None:
         async with self._tx() as conn:
-            await conn.execute(
-                "INSERT INTO cluster_commands (cmd, node) VALUES ($1, $2)", cmd, self.node
-            )
-            # A week of them is plenty: each node applies a command within seconds.
-            await conn.execute(
-                "DELETE FROM cluster_commands WHERE issued_at < now() - interval '7 days'"
-            )
-
-    async def _refresh(self, conn: Any) -> None:
-        rows = await conn.fetch("SELECT state, count(*) FROM jobs GROUP BY state")
-        counts: Counter[str] = Counter(dict.fromkeys(STATES, 0))
-        counts.update({row["state"]: row["count"] for row in rows})
-        self.counts = counts
-        lease = self.config.lease_s
-        self._nodes = [
-            Node(
-                name=r["name"],
-                host=r["host"],
-                pid=r["pid"],
-                version=r["version"],
-                alive=r["age"] < lease,
-                heartbeat_age_s=round(r["age"], 1),
-                running=r["running"],
-            )
-            for r in await conn.fetch(
-                "SELECT n.name, n.host, n.pid, n.version, "
-                "extract(epoch FROM now() - n.heartbeat_at)::float8 AS age, "
-                "(SELECT count(*) FROM jobs j WHERE j.state = 'running' AND j.node = n.name) "
-                "AS running FROM nodes n ORDER BY n.name"
-            )
-        ]
-
-    async def _reap(self, conn: Any) -> None:
-        """Take over the attempts of nodes silent past the lease (this node holds the
-        reaper lock); forget nodes long dead with nothing left running."""
-        dead = [
-            row["name"]
-            for row in await conn.fetch(
-                "SELECT name FROM nodes WHERE name != $1 AND "
-                "heartbeat_at < now() - make_interval(secs => $2)",
-                self.node,
-                self.config.lease_s,
-            )
-        ]
-        if dead:
-            taken = await self._recover(conn, dead)
-            if any(taken.values()):
-                self.reaped += sum(taken.values())
-                log.warning("store.nodes_reaped", nodes=dead, **taken)
-                self.wakeup.notify()
-        await conn.execute(
-            "DELETE FROM nodes n WHERE heartbeat_at < now() - make_interval(secs => $1) "
-            "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.state = 'running' AND j.node = n.name)",
-            max(PRUNE_AFTER_S, self.config.lease_s * 10),
-        )
-
-    async def _recover(self, conn: Any, nodes: list[str]) -> dict[str, int]:
-        """The running attempts of `nodes` count as crashed; their jobs retry or
-        dead-letter (SQLite's start-up recovery, for named nodes)."""
-        now = time.time()
-        async with conn.transaction():
-            await conn.execute(
-                "UPDATE attempts a SET outcome = 'crashed', finished_at = $1, error_type = $2, "
-                "error_message = $3 FROM jobs j WHERE a.job_id = j.id AND a.n = j.attempts "
-                "AND a.outcome = 'running' AND j.state = 'running' AND j.node = ANY($4)",
-                now,
-                PROCESS_DIED.type,
-                PROCESS_DIED.message,
-                nodes,
-            )
-            failed = await conn.fetchval(
-                "WITH f AS (UPDATE jobs SET state = 'failed', finished_at = $1, error_type = $2, "
-                "error_message = $3, node = NULL WHERE state = 'running' AND node = ANY($4) "
-                "AND attempts >= max_attempts RETURNING 1) SELECT count(*) FROM f",
-                now,
-                PROCESS_DIED.type,
-                PROCESS_DIED.message,
-                nodes,
-            )
-            requeued = await conn.fetchval(
-                "WITH r AS (UPDATE jobs SET state = 'queued', not_before = 0, error_type = $1, "
-                "error_message = $2, node = NULL WHERE state = 'running' AND node = ANY($3) "
-                "RETURNING 1) SELECT count(*) FROM r",
-                PROCESS_DIED.type,
-                PROCESS_DIED.message,
-                nodes,
-            )
-            if requeued:
-                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
-        return {"requeued": int(requeued), "failed": int(failed)}
+            await pg_nodes.add_command(conn, cmd, self.node)
 
     # -- the write path ---------------------------------------------------------
 
     def _failed(self, exc: BaseException) -> None:
         self.commit_errors += 1
-        self.last_error = f"{type(exc).__name__}: {_reason(exc)}"
+        self.last_error = f"{type(exc).__name__}: {reason(exc)}"
 
     @asynccontextmanager
     async def _tx(self) -> AsyncGenerator[Any]:
@@ -385,9 +286,9 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
                 yield conn
         except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
             raise OpFailed(str(exc)) from None
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             self._failed(exc)
-            raise StoreError(f"database write failed: {_reason(exc)}") from None
+            raise StoreError(f"database write failed: {reason(exc)}") from None
         self.commits += 1
         self.commit_seconds += time.perf_counter() - started
         self.last_error = None
@@ -445,26 +346,8 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
         now. A node whose heartbeat is overdue claims nothing: it may be presumed dead."""
         if self.name_lost or time.monotonic() - self._heartbeat_ok > self.config.lease_s * 2 / 3:
             return []
-        now = time.time()
         async with self._tx() as conn:
-            rows = await conn.fetch(
-                "WITH picked AS MATERIALIZED (SELECT id FROM jobs WHERE state = 'queued' "
-                "AND not_before <= $1 AND NOT (analyzer = ANY($2)) "
-                "ORDER BY priority DESC, id LIMIT $3 FOR UPDATE SKIP LOCKED) "
-                "UPDATE jobs j SET state = 'running', attempts = j.attempts + 1, "
-                "started_at = coalesce(j.started_at, $1), node = $4 FROM picked "
-                f"WHERE j.id = picked.id RETURNING {_qualified('j')}",
-                now,
-                list(skip_analyzers),
-                limit,
-                self.node,
-            )
-            jobs = [row_to_job(row) for row in rows]
-            if jobs:
-                await conn.executemany(
-                    "INSERT INTO attempts (job_id, n, node, started_at) VALUES ($1, $2, $3, $4)",
-                    [(job.id, job.attempts, self.node, now) for job in jobs],
-                )
+            jobs = await pg_jobs.claim(conn, self.node, limit, skip_analyzers)
         self._move("queued", "running", len(jobs))
         jobs.sort(key=lambda j: (-j.priority, j.id))
         return jobs
@@ -473,63 +356,11 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
         """Record an attempt's end, fenced on (running, attempt number): a node whose
         attempt was taken over (presumed dead) records nothing; that is counted and
         logged. Returns the job's new state, or None."""
-        result_json = None if end.result is None else msgspec.json.encode(end.result).decode()
-        rate_limited = end.outcome == "rate_limited"
-        new: State
-        if end.outcome == "succeeded":
-            new = "succeeded"
-        elif rate_limited or (end.retry_at is not None and job.attempts < job.max_attempts):
-            new = "queued"
-        else:
-            new = "failed"
-        given_back = 1 if rate_limited else 0
-        error, usage = end.error, end.usage
-        now = time.time()
+        new = next_state(job, end)
+        state: str | None = None
         async with self._tx() as conn:
-            moved = await conn.fetchval(
-                "WITH m AS (UPDATE jobs SET state = $1, not_before = $2, finished_at = $3, "
-                "result = $4, error_type = $5, error_message = $6, attempts = attempts - $7, "
-                "rate_limited = rate_limited + $7, node = NULL, "
-                "prompt_tokens = coalesce(prompt_tokens, 0) + $8, "
-                "completion_tokens = coalesce(completion_tokens, 0) + $9, "
-                "cost = CASE WHEN $10::float8 IS NULL THEN cost ELSE coalesce(cost, 0) + $10 END "
-                "WHERE id = $11 AND state = 'running' AND attempts = $12 RETURNING 1) "
-                "SELECT count(*) FROM m",
-                new,
-                end.retry_at or 0.0,
-                None if new == "queued" else now,
-                result_json,
-                error.type if error else None,
-                error.message if error else None,
-                given_back,
-                usage.prompt_tokens if usage else 0,
-                usage.completion_tokens if usage else 0,
-                usage.cost if usage else None,
-                job.id,
-                job.attempts,
-            )
-            if moved:
-                await conn.execute(
-                    "UPDATE attempts SET finished_at = $1, outcome = $2, http_status = $3, "
-                    "error_type = $4, error_message = $5, latency_ms = $6, prompt_tokens = $7, "
-                    "completion_tokens = $8, cost = $9, answer = $10 "
-                    "WHERE job_id = $11 AND n = $12 AND outcome = 'running'",
-                    now,
-                    end.outcome,
-                    end.http_status,
-                    error.type if error else None,
-                    error.message if error else None,
-                    end.latency_ms,
-                    usage.prompt_tokens if usage else None,
-                    usage.completion_tokens if usage else None,
-                    usage.cost if usage else None,
-                    end.answer,
-                    job.id,
-                    job.attempts,
-                )
-                if new == "queued":
-                    await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
-            else:
+            moved = await pg_jobs.record_end(conn, job, end, new)
+            if not moved:
                 state = await conn.fetchval("SELECT state FROM jobs WHERE id = $1", job.id)
         if not moved:
             if state != "canceled":
@@ -635,6 +466,7 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
                 raise BacklogFull(queued, max_backlog)
             await conn.execute(
                 "UPDATE jobs SET state = 'queued', max_attempts = attempts + max_attempts, "
+                "rate_limited = 0, "
                 "not_before = 0, finished_at = NULL WHERE id = ANY($1)",
                 [r["id"] for r in rows],
             )
@@ -654,119 +486,3 @@ class PostgresStore(anyio.AsyncContextManagerMixin):
         for state, n in Counter(r["state"] for r in rows).items():
             self._move(state, None, n)
         return len(rows)
-
-    # -- the cluster's rate budgets (daemon/providers/limits.py SharedRates) ------
-
-    async def book(self, key: str, increment_s: float, slice_s: float) -> float:
-        """GCRA on the database's clock, in one statement: the budget's theoretical
-        arrival time moves on by `increment_s`; a request may go once that is within
-        one slice of now. Returns the seconds to wait."""
-        if self._pool is None:
-            raise StoreError("the store is not open")
-        wait: float = await self._pool.fetchval(
-            "WITH c AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS now) "
-            "INSERT INTO rate_budgets AS b (key, tat) SELECT $1, c.now + $2 FROM c "
-            "ON CONFLICT (key) DO UPDATE SET tat = greatest(b.tat, (SELECT now FROM c)) + $2 "
-            "RETURNING b.tat - $3 - (SELECT now FROM c)",
-            key,
-            increment_s,
-            slice_s,
-        )
-        return max(0.0, wait)
-
-    async def hold(self, key: str, seconds: float, slice_s: float) -> None:
-        """A 429 on any node: the next request on `key` goes `seconds` from now."""
-        if self._pool is None:
-            raise StoreError("the store is not open")
-        await self._pool.execute(
-            "WITH c AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS now) "
-            "INSERT INTO rate_budgets AS b (key, tat) SELECT $1, c.now + $2 + $3 FROM c "
-            "ON CONFLICT (key) DO UPDATE SET tat = greatest(b.tat, (SELECT now FROM c) + $2 + $3)",
-            key,
-            seconds,
-            slice_s,
-        )
-
-    # -- reads ------------------------------------------------------------------
-
-    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
-        if self._pool is None:
-            raise StoreError("the store is not open")
-        try:
-            rows: list[Any] = await self._pool.fetch(sql, *args)
-        except _DB_ERRORS as exc:
-            raise StoreError(f"database read failed: {_reason(exc)}") from None
-        return rows
-
-    async def get(self, job_id: str) -> Job | None:
-        rows = await self._fetch(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1", job_id)
-        return row_to_job(rows[0]) if rows else None
-
-    async def get_by_idempotency_key(self, key: str) -> Job | None:
-        rows = await self._fetch(f"SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1", key)
-        return row_to_job(rows[0]) if rows else None
-
-    async def attempts(self, job_id: str) -> list[Attempt]:
-        rows = await self._fetch(
-            "SELECT n, started_at, finished_at, outcome, http_status, error_type, "
-            "error_message, latency_ms, prompt_tokens, completion_tokens, cost, answer "
-            "FROM attempts WHERE job_id = $1 ORDER BY id",
-            job_id,
-        )
-        return [
-            Attempt(
-                n=n,
-                started_at=s,
-                finished_at=f,
-                outcome=o,
-                http_status=h,
-                error=ErrorInfo(et, em or "") if et else None,
-                latency_ms=lat,
-                usage=usage_of(ptok, ctok, cost),
-                answer=answer,
-            )
-            for n, s, f, o, h, et, em, lat, ptok, ctok, cost, answer in rows
-        ]
-
-    async def list_jobs(
-        self,
-        *,
-        state: str | None = None,
-        analyzer: str | None = None,
-        limit: int = 50,
-        before: str | None = None,
-    ) -> list[Job]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        for column, value in (("state", state), ("analyzer", analyzer), ("id <", before)):
-            if value is not None:
-                params.append(value)
-                op = "" if column.endswith("<") else " ="
-                clauses.append(f"{column}{op} ${len(params)}")
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        params.append(limit)
-        rows = await self._fetch(
-            f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ${len(params)}",
-            *params,
-        )
-        return [row_to_job(row) for row in rows]
-
-    async def states_of(self, job_ids: Sequence[str]) -> dict[str, State]:
-        rows = await self._fetch("SELECT id, state FROM jobs WHERE id = ANY($1)", list(job_ids))
-        return {r["id"]: r["state"] for r in rows}
-
-    async def next_wake(self) -> float | None:
-        rows = await self._fetch("SELECT min(not_before) FROM jobs WHERE state = 'queued'")
-        value = rows[0][0] if rows else None
-        return None if value is None else float(value)
-
-
-def _qualified(alias: str) -> str:
-    return ", ".join(f"{alias}.{column.strip()}" for column in JOB_COLUMNS.split(","))
-
-
-def _reason(exc: BaseException) -> str:
-    """An error's text for logs and status: the driver's message, never a password
-    (asyncpg's messages do not carry it; the URL in ours has none)."""
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

@@ -1,10 +1,8 @@
 """The job store: SQLite in WAL mode with a single group-committing writer.
 
-Every write goes through one task that gathers what is waiting into one transaction
-(group commit): a thousand concurrent submits cost one fsync, not a thousand, and
-there is never more than one writer to contend for the lock. A caller's `await`
-returns only once its write is committed, which is what makes an acknowledgement to
-a client a promise. Reads use a second connection, which WAL lets run beside writes.
+Here is what each write does; how writes land, batched into transactions by one writer
+task, is `sqlite_batch`. Reads use a second connection, which WAL lets run beside
+writes (`sqlite_reads`).
 """
 
 from __future__ import annotations
@@ -15,20 +13,18 @@ import socket
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncGenerator, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Literal, Self
 
 import aiosqlite
 import anyio
 import msgspec
 import structlog
-from anyio.abc import TaskStatus
 
 from daemon import __version__
-from daemon.jobs import STATES, Attempt, ErrorInfo, Job, State
+from daemon.jobs import Job, State
 from daemon.providers.limits import SharedRates
 from daemon.store.base import (
     JOB_COLUMNS,
@@ -41,15 +37,15 @@ from daemon.store.base import (
     JobNotFound,
     NewJob,
     Node,
-    OpFailed,
     StoreError,
     StoreOpenError,
     Submitted,
+    next_state,
     row_to_job,
-    usage_of,
 )
 from daemon.store.schema import migrate
-from daemon.wakeup import Wakeup
+from daemon.store.sqlite_batch import BatchWriter, Tx
+from daemon.store.sqlite_reads import SqliteReads
 
 log = structlog.get_logger("vigil.store")
 Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
@@ -62,34 +58,7 @@ _INSERT_JOB = (
 )
 
 
-@dataclass
-class _Tx:
-    """Per-batch bookkeeping: state moves are applied to the counters only on commit."""
-
-    current: Counter[str] = field(default_factory=Counter)
-    probed: bool = False  # a write probe ran: committing proves the disk writable
-
-    def move(self, old: str | None, new: str | None, n: int = 1) -> None:
-        if old:
-            self.current[old] -= n
-        if new:
-            self.current[new] += n
-
-
-# A write as plain sqlite3 calls, run in the connection's thread: a whole batch of
-# them costs one hop there (and one wake-up of the loop), not one per statement.
-WriteOp = Callable[[sqlite3.Connection, _Tx], Any]
-
-
-@dataclass
-class _Pending:
-    op: WriteOp
-    done: anyio.Event = field(default_factory=anyio.Event)
-    result: Any = None
-    error: BaseException | None = None
-
-
-class Store(anyio.AsyncContextManagerMixin):
+class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
     """Owns the database connections and the writer task for the daemon's lifetime."""
 
     def __init__(
@@ -101,22 +70,14 @@ class Store(anyio.AsyncContextManagerMixin):
         max_waiting_writes: int = 8192,
         min_free_mb: int = 0,
     ) -> None:
+        super().__init__(max_batch=max_batch, max_waiting_writes=max_waiting_writes)
         self.path = path
         self._min_free_bytes = min_free_mb * 1024 * 1024
         self.low_space: str | None = None  # set while free space is below min_free_mb
         self.rates: SharedRates | None = None  # one daemon: its budgets are its own
         self.cluster: Cluster | None = None
         self._synchronous = synchronous
-        self._max_batch = max_batch
-        self._send, self._receive = anyio.create_memory_object_stream[_Pending](max_waiting_writes)
-        self.counts: Counter[str] = Counter(dict.fromkeys(STATES, 0))
         self.recovered: dict[str, int] = {}
-        self.wakeup = Wakeup()  # a commit made jobs ready (others may poke it too)
-        self.commits = 0
-        self.commit_errors = 0
-        self.commit_seconds = 0.0
-        self.last_error: str | None = None
-        self._db: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
 
     @property
@@ -221,78 +182,6 @@ class Store(anyio.AsyncContextManagerMixin):
             f"below daemon.min_free_mb ({self._min_free_bytes // 2**20})"
         )
 
-    async def probe(self) -> None:
-        """A write that changes nothing yet touches the disk (the schema version in the
-        header, rewritten): an empty transaction would succeed on a full or read-only
-        disk. Raises StoreError while the database cannot be written."""
-
-        def op(db: sqlite3.Connection, tx: _Tx) -> None:
-            row = db.execute("PRAGMA user_version").fetchone()
-            db.execute(f"PRAGMA user_version = {int(row[0]) if row else 0}")
-            tx.probed = True
-
-        await self._write(op)
-
-    # -- the writer -------------------------------------------------------------
-
-    async def _write(self, op: WriteOp) -> Any:
-        """Queue a write and wait until it is committed; raises what the op raised."""
-        pending = _Pending(op)
-        try:
-            await self._send.send(pending)
-        except anyio.ClosedResourceError:
-            raise StoreError("the store is closing") from None
-        await pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        return pending.result
-
-    async def _write_loop(self, *, task_status: TaskStatus[None]) -> None:
-        task_status.started()
-        async with self._receive:
-            async for first in self._receive:
-                batch = [first]
-                while len(batch) < self._max_batch:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                # A batch commits or rolls back whole, even if shutdown cancels us.
-                with anyio.CancelScope(shield=True):
-                    await self._run_batch(batch)
-
-    async def _run_batch(self, batch: list[_Pending]) -> None:
-        assert self._db is not None
-        db = self._db
-        tx = _Tx()
-        started = time.perf_counter()
-        changes = db.total_changes
-        try:
-            # One hop for the whole batch. aiosqlite's own thread and connection
-            # (private API, pinned in uv.lock): the only way into its transaction
-            # without a hop per call.
-            await db._execute(  # type: ignore[no-untyped-call]
-                _run_transaction, db._conn, batch, tx
-            )
-        except sqlite3.Error as exc:
-            self.commit_errors += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            if db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):  # a failed disk may refuse this too
-                    await db.execute("ROLLBACK")
-            for item in batch:
-                item.result, item.error = None, StoreError(f"database write failed: {exc}")
-        else:
-            self.commits += 1
-            self.commit_seconds += time.perf_counter() - started
-            if tx.probed or db.total_changes != changes:  # an empty commit proves nothing
-                self.last_error = None
-            self.counts.update(tx.current)
-            if tx.current["queued"] > 0:
-                self.wakeup.notify()
-        for item in batch:
-            item.done.set()
-
     # -- start-up ---------------------------------------------------------------
 
     async def _recover(self, db: aiosqlite.Connection) -> dict[str, int]:
@@ -333,7 +222,7 @@ class Store(anyio.AsyncContextManagerMixin):
             problem = self.low_space or f"database unwritable: {self.last_error}"
             raise StoreError(f"not accepting jobs: {problem}")
 
-        def op(db: sqlite3.Connection, tx: _Tx) -> list[Submitted]:
+        def op(db: sqlite3.Connection, tx: Tx) -> list[Submitted]:
             queued = self.counts["queued"] + tx.current["queued"]
             if queued + len(jobs) > max_backlog:
                 raise BacklogFull(queued, max_backlog)
@@ -382,7 +271,7 @@ class Store(anyio.AsyncContextManagerMixin):
         skip = sorted(skip_analyzers)
         skip_sql = f"AND analyzer NOT IN ({','.join('?' * len(skip))}) " if skip else ""
 
-        def op(db: sqlite3.Connection, tx: _Tx) -> list[Job]:
+        def op(db: sqlite3.Connection, tx: Tx) -> list[Job]:
             now = time.time()
             cur = db.execute(
                 f"UPDATE jobs SET state = 'running', attempts = attempts + 1, "
@@ -414,7 +303,7 @@ class Store(anyio.AsyncContextManagerMixin):
 
         rate_limited = end.outcome == "rate_limited"
 
-        def op(db: sqlite3.Connection, tx: _Tx) -> State | None:
+        def op(db: sqlite3.Connection, tx: Tx) -> State | None:
             now = time.time()
             error = end.error
             usage = end.usage
@@ -438,13 +327,7 @@ class Store(anyio.AsyncContextManagerMixin):
                     job.attempts,
                 ),
             )
-            new: State
-            if end.outcome == "succeeded":
-                new = "succeeded"
-            elif rate_limited or (end.retry_at is not None and job.attempts < job.max_attempts):
-                new = "queued"
-            else:
-                new = "failed"
+            new = next_state(job, end)
             # A 429 gives its attempt back: the request was not processed.
             given_back = 1 if rate_limited else 0
             cur = db.execute(
@@ -495,7 +378,7 @@ class Store(anyio.AsyncContextManagerMixin):
         rows = [(job.id, job.attempts) for job in jobs]
         error_type = outcome.capitalize()
 
-        def op(db: sqlite3.Connection, tx: _Tx) -> int:
+        def op(db: sqlite3.Connection, tx: Tx) -> int:
             now = time.time()
             moved = 0
             for job_id, n in rows:
@@ -521,7 +404,7 @@ class Store(anyio.AsyncContextManagerMixin):
     async def cancel(self, job_id: str) -> Canceled:
         """Cancel a queued or running job; says the state it was in."""
 
-        def op(db: sqlite3.Connection, tx: _Tx) -> Canceled:
+        def op(db: sqlite3.Connection, tx: Tx) -> Canceled:
             state, analyzer = _state_of(db, job_id)
             if state not in ("queued", "running"):
                 raise InvalidTransition(
@@ -548,7 +431,7 @@ class Store(anyio.AsyncContextManagerMixin):
         attempts; `None` retries every failed job. Attempt numbers keep counting up,
         so a stale attempt of the earlier run can never record over the new one."""
 
-        def op(db: sqlite3.Connection, tx: _Tx) -> int:
+        def op(db: sqlite3.Connection, tx: Tx) -> int:
             if job_ids is not None:
                 for job_id in job_ids:
                     state, _ = _state_of(db, job_id)
@@ -585,7 +468,7 @@ class Store(anyio.AsyncContextManagerMixin):
         """Delete finished jobs (and their attempts) that ended before the cut-off."""
         cutoff = time.time() - older_than_s
 
-        def op(db: sqlite3.Connection, tx: _Tx) -> int:
+        def op(db: sqlite3.Connection, tx: Tx) -> int:
             rows = db.execute(
                 "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'canceled') "
                 "AND finished_at <= ? RETURNING state",
@@ -599,96 +482,6 @@ class Store(anyio.AsyncContextManagerMixin):
         result: int = await self._write(op)
         return result
 
-    # -- reads ------------------------------------------------------------------
-
-    @property
-    def _read(self) -> aiosqlite.Connection:
-        if self._reader is None:
-            raise StoreError("the store is not open")
-        return self._reader
-
-    async def get(self, job_id: str) -> Job | None:
-        async with self._read.execute(
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
-        ) as cur:
-            row = await cur.fetchone()
-        return row_to_job(row) if row else None
-
-    async def get_by_idempotency_key(self, key: str) -> Job | None:
-        """The job submitted with this key, if any (the spool resumes by key)."""
-        async with self._read.execute(
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = ?", (key,)
-        ) as cur:
-            row = await cur.fetchone()
-        return row_to_job(row) if row else None
-
-    async def attempts(self, job_id: str) -> list[Attempt]:
-        async with self._read.execute(
-            "SELECT n, started_at, finished_at, outcome, http_status, error_type, "
-            "error_message, latency_ms, prompt_tokens, completion_tokens, cost, answer "
-            "FROM attempts WHERE job_id = ? ORDER BY id",
-            (job_id,),
-        ) as cur:
-            rows = await cur.fetchall()
-        return [
-            Attempt(
-                n=n,
-                started_at=s,
-                finished_at=f,
-                outcome=o,
-                http_status=h,
-                error=ErrorInfo(et, em or "") if et else None,
-                latency_ms=lat,
-                usage=usage_of(ptok, ctok, cost),
-                answer=answer,
-            )
-            for n, s, f, o, h, et, em, lat, ptok, ctok, cost, answer in rows
-        ]
-
-    async def list_jobs(
-        self,
-        *,
-        state: str | None = None,
-        analyzer: str | None = None,
-        limit: int = 50,
-        before: str | None = None,
-    ) -> list[Job]:
-        """Newest first; `before` is the last id of the previous page (a cursor)."""
-        clauses, params = [], []
-        for column, value in (("state", state), ("analyzer", analyzer)):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        if before is not None:
-            clauses.append("id < ?")
-            params.append(before)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        async with self._read.execute(
-            f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?",
-            (*params, limit),
-        ) as cur:
-            return [row_to_job(row) for row in await cur.fetchall()]
-
-    async def states_of(self, job_ids: Sequence[str]) -> dict[str, State]:
-        """Current state of each id (unknown ids are left out)."""
-        out: dict[str, State] = {}
-        for i in range(0, len(job_ids), 500):
-            chunk = job_ids[i : i + 500]
-            async with self._read.execute(
-                f"SELECT id, state FROM jobs WHERE id IN ({','.join('?' * len(chunk))})",
-                tuple(chunk),
-            ) as cur:
-                out.update({row[0]: row[1] for row in await cur.fetchall()})
-        return out
-
-    async def next_wake(self) -> float | None:
-        """When the earliest waiting retry becomes ready (unix time), if any."""
-        async with self._read.execute(
-            "SELECT min(not_before) FROM jobs WHERE state = 'queued'"
-        ) as cur:
-            row = await cur.fetchone()
-        return None if row is None or row[0] is None else float(row[0])
-
 
 def _state_of(db: sqlite3.Connection, job_id: str) -> tuple[State, str]:
     """The job's state and analyzer, inside the writer's transaction; JobNotFound if
@@ -697,81 +490,3 @@ def _state_of(db: sqlite3.Connection, job_id: str) -> tuple[State, str]:
     if row is None:
         raise JobNotFound(job_id)
     return row[0], row[1]
-
-
-def _run_transaction(db: sqlite3.Connection, batch: list[_Pending], tx: _Tx) -> None:
-    """A batch of ops as one transaction, in the connection's thread. Ops rarely
-    fail, so the batch first runs without savepoints (two statements fewer an op);
-    if one fails, it all rolls back and runs again, each op in its own savepoint, so
-    only the failed one is undone (ops read and write only the database: rerunnable).
-    A lone op needs no savepoint: its failure rolls back the whole transaction."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        _run_ops(db, batch, tx, isolate=False)
-        if len(batch) > 1 and any(item.error is not None for item in batch):
-            db.execute("ROLLBACK")
-            for item in batch:
-                item.result = item.error = None
-            tx.current.clear()
-            tx.probed = False
-            db.execute("BEGIN IMMEDIATE")
-            _run_ops(db, batch, tx, isolate=True)
-        db.execute("ROLLBACK" if len(batch) == 1 and batch[0].error is not None else "COMMIT")
-    except sqlite3.Error:
-        if db.in_transaction:
-            with contextlib.suppress(sqlite3.Error):  # the first error is the one to report
-                db.execute("ROLLBACK")
-        raise
-
-
-def _run_ops(db: sqlite3.Connection, batch: list[_Pending], tx: _Tx, isolate: bool) -> None:
-    """Each op's result or error onto its item, its counter moves undone if it failed;
-    `isolate` wraps each in a savepoint so a failure undoes that op's writes alone. A
-    fatal error propagates: it spoils the whole batch."""
-    for item in batch:
-        before = Counter(tx.current)
-        if isolate:
-            db.execute("SAVEPOINT op")
-        try:
-            item.result = item.op(db, tx)
-        except sqlite3.Error as exc:
-            if _is_fatal(exc):
-                raise
-            item.error = OpFailed(str(exc))
-        except (ValueError, OverflowError) as exc:  # a value sqlite3 cannot bind
-            item.error = OpFailed(f"{type(exc).__name__}: {exc}")
-        except Exception as exc:
-            item.error = exc
-        if item.error is not None:
-            tx.current = before
-            if isolate:
-                db.execute("ROLLBACK TO op")
-        if isolate:
-            db.execute("RELEASE op")
-
-
-# SQLite's primary result codes for faults of the database, not of one operation.
-_FATAL_CODES = frozenset(
-    {
-        sqlite3.SQLITE_PERM,
-        sqlite3.SQLITE_BUSY,
-        sqlite3.SQLITE_LOCKED,
-        sqlite3.SQLITE_NOMEM,
-        sqlite3.SQLITE_READONLY,
-        sqlite3.SQLITE_IOERR,
-        sqlite3.SQLITE_CORRUPT,
-        sqlite3.SQLITE_FULL,
-        sqlite3.SQLITE_CANTOPEN,
-        sqlite3.SQLITE_PROTOCOL,
-        sqlite3.SQLITE_NOTADB,
-    }
-)
-
-
-def _is_fatal(exc: sqlite3.Error) -> bool:
-    """Errors that spoil the whole transaction, not only the one operation: they fail
-    the batch and show in readiness. A constraint or a bad value fails its op alone."""
-    # Errors the sqlite3 module raises itself carry no code: a misused API (a wrong
-    # binding, say), which concerns the one operation.
-    code: int | None = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in _FATAL_CODES

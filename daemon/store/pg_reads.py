@@ -1,0 +1,98 @@
+"""The PostgreSQL store's reads: jobs, attempts, listings, for any node's control
+commands and HTTP API (a mixin: the store owns the connection pool)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from daemon.jobs import Attempt, ErrorInfo, Job, State
+from daemon.store.base import JOB_COLUMNS, StoreError, row_to_job, usage_of
+
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+class PgReads:
+    _pool: Any
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        try:
+            rows: list[Any] = await self._pool.fetch(sql, *args)
+        except DB_ERRORS as exc:
+            raise StoreError(f"database read failed: {reason(exc)}") from None
+        return rows
+
+    async def get(self, job_id: str) -> Job | None:
+        rows = await self._fetch(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1", job_id)
+        return row_to_job(rows[0]) if rows else None
+
+    async def get_by_idempotency_key(self, key: str) -> Job | None:
+        rows = await self._fetch(f"SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1", key)
+        return row_to_job(rows[0]) if rows else None
+
+    async def attempts(self, job_id: str) -> list[Attempt]:
+        rows = await self._fetch(
+            "SELECT n, started_at, finished_at, outcome, http_status, error_type, "
+            "error_message, latency_ms, prompt_tokens, completion_tokens, cost, answer "
+            "FROM attempts WHERE job_id = $1 ORDER BY id",
+            job_id,
+        )
+        return [
+            Attempt(
+                n=n,
+                started_at=s,
+                finished_at=f,
+                outcome=o,
+                http_status=h,
+                error=ErrorInfo(et, em or "") if et else None,
+                latency_ms=lat,
+                usage=usage_of(ptok, ctok, cost),
+                answer=answer,
+            )
+            for n, s, f, o, h, et, em, lat, ptok, ctok, cost, answer in rows
+        ]
+
+    async def list_jobs(
+        self,
+        *,
+        state: str | None = None,
+        analyzer: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[Job]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (("state", state), ("analyzer", analyzer), ("id <", before)):
+            if value is not None:
+                params.append(value)
+                op = "" if column.endswith("<") else " ="
+                clauses.append(f"{column}{op} ${len(params)}")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        params.append(limit)
+        rows = await self._fetch(
+            f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ${len(params)}",
+            *params,
+        )
+        return [row_to_job(row) for row in rows]
+
+    async def states_of(self, job_ids: Sequence[str]) -> dict[str, State]:
+        rows = await self._fetch("SELECT id, state FROM jobs WHERE id = ANY($1)", list(job_ids))
+        return {r["id"]: r["state"] for r in rows}
+
+    async def next_wake(self, after: float = 0.0) -> float | None:
+        rows = await self._fetch(
+            "SELECT min(not_before) FROM jobs WHERE state = 'queued' AND not_before > $1", after
+        )
+        value = rows[0][0] if rows else None
+        return None if value is None else float(value)
+
+
+def reason(exc: BaseException) -> str:
+    """An error's text for logs and status: the driver's message, never a password
+    (asyncpg's messages do not carry it; the URL in ours has none)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

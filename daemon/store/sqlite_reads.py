@@ -1,0 +1,104 @@
+"""The SQLite store's reads: jobs, attempts, listings, on the second connection,
+which WAL lets run beside the writer (a mixin: the store opens the connection)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import aiosqlite
+
+from daemon.jobs import Attempt, ErrorInfo, Job, State
+from daemon.store.base import JOB_COLUMNS, StoreError, row_to_job, usage_of
+
+
+class SqliteReads:
+    _reader: aiosqlite.Connection | None
+
+    @property
+    def _read(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise StoreError("the store is not open")
+        return self._reader
+
+    async def get(self, job_id: str) -> Job | None:
+        async with self._read.execute(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return row_to_job(row) if row else None
+
+    async def get_by_idempotency_key(self, key: str) -> Job | None:
+        """The job submitted with this key, if any (the spool resumes by key)."""
+        async with self._read.execute(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = ?", (key,)
+        ) as cur:
+            row = await cur.fetchone()
+        return row_to_job(row) if row else None
+
+    async def attempts(self, job_id: str) -> list[Attempt]:
+        async with self._read.execute(
+            "SELECT n, started_at, finished_at, outcome, http_status, error_type, "
+            "error_message, latency_ms, prompt_tokens, completion_tokens, cost, answer "
+            "FROM attempts WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [
+            Attempt(
+                n=n,
+                started_at=s,
+                finished_at=f,
+                outcome=o,
+                http_status=h,
+                error=ErrorInfo(et, em or "") if et else None,
+                latency_ms=lat,
+                usage=usage_of(ptok, ctok, cost),
+                answer=answer,
+            )
+            for n, s, f, o, h, et, em, lat, ptok, ctok, cost, answer in rows
+        ]
+
+    async def list_jobs(
+        self,
+        *,
+        state: str | None = None,
+        analyzer: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[Job]:
+        """Newest first; `before` is the last id of the previous page (a cursor)."""
+        clauses, params = [], []
+        for column, value in (("state", state), ("analyzer", analyzer)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if before is not None:
+            clauses.append("id < ?")
+            params.append(before)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        async with self._read.execute(
+            f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        ) as cur:
+            return [row_to_job(row) for row in await cur.fetchall()]
+
+    async def states_of(self, job_ids: Sequence[str]) -> dict[str, State]:
+        """Current state of each id (unknown ids are left out)."""
+        out: dict[str, State] = {}
+        for i in range(0, len(job_ids), 500):
+            chunk = job_ids[i : i + 500]
+            async with self._read.execute(
+                f"SELECT id, state FROM jobs WHERE id IN ({','.join('?' * len(chunk))})",
+                tuple(chunk),
+            ) as cur:
+                out.update({row[0]: row[1] for row in await cur.fetchall()})
+        return out
+
+    async def next_wake(self, after: float = 0.0) -> float | None:
+        """When the earliest queued job waiting past `after` becomes ready (unix time)."""
+        async with self._read.execute(
+            "SELECT min(not_before) FROM jobs WHERE state = 'queued' AND not_before > ?",
+            (after,),
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
