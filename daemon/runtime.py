@@ -119,6 +119,7 @@ class Runtime:
                 "path": self.store.location,
                 "commits": self.store.commits,
                 "commit_errors": self.store.commit_errors,
+                "finishes_refused": self.store.refused_finishes,
                 "last_error": self.store.last_error,
                 "low_space": self.store.low_space,
             },

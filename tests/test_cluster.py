@@ -3,8 +3,10 @@ from any node, and a node killed mid-attempt taken over by the others."""
 
 from __future__ import annotations
 
+import re
 import signal
 import time
+import urllib.request
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -203,3 +205,21 @@ def test_a_node_stopped_past_its_lease_comes_back_to_a_refused_finish(
         assert a.proc.poll() is None
     assert [x["outcome"] for x in shown["attempts"]] == ["crashed", "succeeded"], shown
     assert shown["job"]["attempts"] == 2 and shown["job"]["result"]
+
+
+def test_metrics_show_the_nodes_and_the_hot_tables(start_daemon: StartDaemon, pg_dsn: str) -> None:
+    """/metrics on a cluster node: nodes by liveness, the jobs and attempts tables' size
+    and dead rows, refused finishes."""
+    with threaded_api() as api:
+        config = cluster_config(pg_dsn, "a", api.url).replace(
+            'listen = ""', 'listen = "127.0.0.1:0"'
+        )
+        daemon = start_daemon(config)
+        daemon.call("submit", jobs=[{"analyzer": "a", "input": {"text": "x"}}])
+        daemon.wait_all_terminal()
+        with urllib.request.urlopen(f"{daemon.http_url()}/metrics", timeout=30) as response:
+            text = response.read().decode()
+    assert 'vigil_cluster_nodes{alive="true"} 1.0' in text, text
+    assert re.search(r'vigil_db_table_bytes\{table="jobs"\} [1-9]', text), text
+    assert 'vigil_db_dead_tuples{table="attempts"}' in text
+    assert "vigil_db_finishes_refused_total 0.0" in text

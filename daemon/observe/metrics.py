@@ -361,6 +361,32 @@ class RuntimeCollector:
         yield GaugeMetricFamily(
             "vigil_db_writable", "0 while the last commit failed.", store.last_error is None
         )
+        yield CounterMetricFamily(
+            "vigil_db_finishes_refused",
+            "Attempt ends not recorded: the job had been taken over (its node presumed dead).",
+            store.refused_finishes,
+        )
+        tables = store.table_stats()
+        if tables:  # PostgreSQL: keep the hot tables small (purge) and vacuumed
+            size = GaugeMetricFamily(
+                "vigil_db_table_bytes",
+                "A table's size on disk, indexes included.",
+                labels=["table"],
+            )
+            dead = GaugeMetricFamily(
+                "vigil_db_dead_tuples", "A table's dead rows not yet vacuumed.", labels=["table"]
+            )
+            for table, stats in sorted(tables.items()):
+                size.add_metric([table], stats.bytes)
+                dead.add_metric([table], stats.dead_tuples)
+            yield from (size, dead)
+        nodes = store.nodes()
+        alive = GaugeMetricFamily(
+            "vigil_cluster_nodes", "Daemons sharing the store, by liveness.", labels=["alive"]
+        )
+        for flag in (True, False):
+            alive.add_metric([str(flag).lower()], sum(1 for n in nodes if n.alive is flag))
+        yield alive
 
     def _watchdog(self) -> Iterator[Metric]:
         section = self._rt.status_sections.get("watchdog")

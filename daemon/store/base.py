@@ -167,6 +167,11 @@ def next_state(job: Job, end: AttemptEnd) -> State:
     return "failed"
 
 
+class TableStats(msgspec.Struct, frozen=True):
+    bytes: int
+    dead_tuples: int
+
+
 class Node(msgspec.Struct, frozen=True, kw_only=True):
     """One daemon sharing the store (`vigil status` lists them)."""
 
@@ -203,6 +208,7 @@ class JobStore(Protocol):
     commit_errors: int
     commit_seconds: float
     last_error: str | None  # set while writes fail
+    refused_finishes: int  # finishes fenced out: the attempt no longer owned its job
     low_space: str | None  # set while the disk is nearly full
     rates: SharedRates | None  # budgets the cluster's nodes share; None: one daemon
     cluster: Cluster | None  # commands for every node; None: one daemon
@@ -258,4 +264,8 @@ class JobStore(Protocol):
 
     def nodes(self) -> list[Node]:
         """The daemons sharing this store, as last seen (no I/O: status is synchronous)."""
+        ...
+
+    def table_stats(self) -> dict[str, TableStats]:
+        """Size and dead rows of the hot tables, as last read (PostgreSQL; {} on SQLite)."""
         ...

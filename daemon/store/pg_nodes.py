@@ -12,7 +12,7 @@ from typing import Any
 
 from daemon import __version__
 from daemon.jobs import STATES
-from daemon.store.base import PROCESS_DIED, ClusterCommand, Node
+from daemon.store.base import PROCESS_DIED, ClusterCommand, Node, TableStats
 
 CHANNEL = "vigil_jobs"  # NOTIFY'd in the transaction that makes jobs ready
 PRUNE_AFTER_S = 86_400.0  # a dead node's row stays this long (status shows it dead)
@@ -63,6 +63,15 @@ async def read_nodes(conn: Any, lease_s: float) -> list[Node]:
         )
         for r in rows
     ]
+
+
+async def read_tables(conn: Any) -> dict[str, TableStats]:
+    """The hot tables' size on disk and dead rows (what autovacuum has yet to take)."""
+    rows = await conn.fetch(
+        "SELECT relname, pg_total_relation_size(relid) AS bytes, n_dead_tup "
+        "FROM pg_stat_user_tables WHERE relname IN ('jobs', 'attempts')"
+    )
+    return {r["relname"]: TableStats(bytes=r["bytes"], dead_tuples=r["n_dead_tup"]) for r in rows}
 
 
 async def reap(conn: Any, me: str, lease_s: float) -> tuple[list[str], dict[str, int]]:

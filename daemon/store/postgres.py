@@ -49,6 +49,7 @@ from daemon.store.base import (
     StoreOpenError,
     StoreRefused,
     Submitted,
+    TableStats,
     next_state,
 )
 from daemon.store.pg_nodes import CHANNEL
@@ -60,6 +61,7 @@ from daemon.wakeup import Wakeup
 
 log = structlog.get_logger("vigil.store")
 POOL_SIZE = 3
+TABLES_EVERY_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 STATEMENT_TIMEOUT_S = 30.0
 _LOGIN_REFUSED = (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)
@@ -107,6 +109,8 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         self.refused_finishes = 0  # fenced out: this node's attempt had been taken over
         self.reaped = 0  # attempts of dead nodes this node recovered
         self._nodes: list[Node] = []
+        self._tables: dict[str, TableStats] = {}
+        self._tables_read = 0.0  # monotonic; table sizes are read every TABLES_EVERY_S
         self._heartbeat_ok = time.monotonic()
         self._pool: asyncpg.Pool | None = None
         self._lock_conn: Any = None
@@ -120,6 +124,9 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
 
     def nodes(self) -> list[Node]:
         return list(self._nodes)
+
+    def table_stats(self) -> dict[str, TableStats]:
+        return dict(self._tables)
 
     # -- life -------------------------------------------------------------------
 
@@ -262,6 +269,9 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
     async def _refresh(self, conn: Any) -> None:
         self.counts = await pg_nodes.read_counts(conn)
         self._nodes = await pg_nodes.read_nodes(conn, self.config.lease_s)
+        if time.monotonic() - self._tables_read >= TABLES_EVERY_S:
+            self._tables_read = time.monotonic()
+            self._tables = await pg_nodes.read_tables(conn)
 
     async def broadcast(self, cmd: ClusterCommand) -> None:
         async with self._tx() as conn:

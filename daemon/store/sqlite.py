@@ -40,6 +40,7 @@ from daemon.store.base import (
     StoreError,
     StoreOpenError,
     Submitted,
+    TableStats,
     next_state,
     row_to_job,
 )
@@ -75,6 +76,7 @@ class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
         self._min_free_bytes = min_free_mb * 1024 * 1024
         self.low_space: str | None = None  # set while free space is below min_free_mb
         self.rates: SharedRates | None = None  # one daemon: its budgets are its own
+        self.refused_finishes = 0  # one daemon: an attempt is never taken over
         self.cluster: Cluster | None = None
         self._synchronous = synchronous
         self.recovered: dict[str, int] = {}
@@ -83,6 +85,9 @@ class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
     @property
     def location(self) -> str:
         return str(self.path)
+
+    def table_stats(self) -> dict[str, TableStats]:
+        return {}  # one file; its size is the disk check's business
 
     def nodes(self) -> list[Node]:
         """One daemon: this one (a SQLite store is never shared)."""
