@@ -38,6 +38,7 @@ from daemon.providers.openai import OpenAIProvider
 from daemon.providers.simulated import SimulatedAPI, serve_simulated
 from daemon.queue import Dispatcher
 from daemon.reload import ReloadError, reload
+from daemon.retention import Retention
 from daemon.runtime import Runtime
 from daemon.store.base import JobStore
 from daemon.store.open import open_store
@@ -169,6 +170,7 @@ async def run_daemon(
                 tg.start_soon(_watch_signals, rt, tg.cancel_scope, name="signals")
                 await tg.start(watchdog.run, name="watchdog")
                 await tg.start(rt.dispatcher.run)
+                await tg.start(Retention(store, rt.live).run, name="retention")
                 await tg.start(control.run)
                 # Stays up while draining (/readyz answers 503); the final cancel stops it.
                 http_url = await tg.start(http.run) if http else None

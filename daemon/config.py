@@ -62,6 +62,7 @@ class QueueConfig(Base, frozen=True):
     max_input_bytes: PositiveInt = 1_048_576
     backoff_base_s: NonNegFloat = 1.0
     backoff_max_s: NonNegFloat = 300.0
+    retain_finished_s: NonNegFloat = 0.0  # finished jobs older than this are deleted; 0 = keep
 
 
 class LogConfig(Base, frozen=True):
