@@ -35,6 +35,7 @@ from daemon.observe.logs import LineWriter
 from daemon.observe.ring import LogRing
 from daemon.observe.sdstatus import extend_while_draining, report_status
 from daemon.providers.openai import OpenAIProvider
+from daemon.providers.shared_state import ProviderSync
 from daemon.providers.simulated import SimulatedAPI, serve_simulated
 from daemon.queue import Dispatcher
 from daemon.reload import ReloadError, reload
@@ -171,6 +172,9 @@ async def run_daemon(
                 await tg.start(watchdog.run, name="watchdog")
                 await tg.start(rt.dispatcher.run)
                 await tg.start(Retention(store, rt.live).run, name="retention")
+                if store.provider_state is not None:
+                    sync = ProviderSync(providers, store.provider_state, config.store.node)
+                    await tg.start(sync.run, name="providers.sync")
                 await tg.start(control.run)
                 # Stays up while draining (/readyz answers 503); the final cancel stops it.
                 http_url = await tg.start(http.run) if http else None

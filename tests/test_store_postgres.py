@@ -15,6 +15,7 @@ import pytest
 from daemon.config import SimulateConfig, StoreConfig
 from daemon.jobs import JobIds
 from daemon.providers.openai import OpenAIProvider
+from daemon.providers.shared_state import ProviderSync
 from daemon.providers.simulated import SimulatedAPI
 from daemon.store.base import AttemptEnd, NewJob, StoreError, StoreRefused
 from daemon.store.pg_schema import SCHEMA_VERSION
@@ -264,3 +265,45 @@ async def test_nodes_share_one_rate_budget_and_one_429_hold(open_store: OpenStor
             await on_b.complete(chat())
             assert seen.times[-1] - held_at >= 0.9
     assert on_a.limits.shared_errors == on_b.limits.shared_errors == 0
+
+
+async def test_nodes_share_one_breaker_and_one_pause_per_provider(open_store: OpenStore) -> None:
+    """A circuit one node opens is open on the others within a sync round, and closes
+    there when the node whose probe succeeded closes it; a refused key's pause on one
+    node holds the others, and a resume on any node lifts it everywhere."""
+    api = SimulatedAPI(SimulateConfig(latency_ms=0, seed=3))
+    with anyio.fail_after(TIMEOUT_S):
+        async with (
+            serve_app(api.app()) as (_, url),
+            open_store("a") as a,
+            open_store("b") as b,
+            OpenAIProvider("main", config(url, breaker_failures=2)) as on_a,
+            OpenAIProvider("main", config(url, breaker_failures=2)) as on_b,
+            anyio.create_task_group() as tg,
+        ):
+            for store, provider in ((a, on_a), (b, on_b)):
+                shared = store.provider_state
+                assert shared is not None
+                await tg.start(ProviderSync({"main": provider}, shared, store.node).run)
+
+            async def until(check: Callable[[], bool]) -> None:
+                for _ in range(100):
+                    if check():
+                        return
+                    await anyio.sleep(0.1)
+                pytest.fail("the other node did not follow")
+
+            on_a.breaker.failed("HTTP 503", probe=False)
+            on_a.breaker.failed("HTTP 503", probe=False)
+            await until(lambda: on_b.breaker.state == "open")
+            assert not on_b.available()
+            assert "opened by node a" in (on_b.held_reason() or "")
+            on_a.breaker.configure(failures=0, open_s=30.0, probe_wait_s=30.0)  # a closes it
+            await until(lambda: on_b.breaker.state == "closed")
+
+            on_b.pause("HTTP 401: the API key in $X was refused")
+            await until(lambda: on_a.paused_reason is not None)
+            assert "(on node b)" in (on_a.paused_reason or "")
+            assert on_a.resume() is None
+            await until(lambda: on_b.paused_reason is None)
+            tg.cancel_scope.cancel()

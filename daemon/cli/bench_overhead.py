@@ -9,6 +9,7 @@ daemon up and idle, so both see the same machine."""
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +32,36 @@ FULL_JOBS = 10_000
 SMOKE_JOBS = 200
 
 
-async def dispatch(env: Env, jobs: int) -> dict[str, Any]:
+async def dispatch(
+    env: Env,
+    jobs: int,
+    *,
+    others: Sequence[Env] = (),
+    window: Callable[[], Awaitable[tuple[float, float, int]]] | None = None,
+) -> dict[str, Any]:
     """Submit `jobs` while paused, resume, wait until all are final; the rate from
-    the first attempt's start to the last commit, and CPU per job of each process."""
-    await env.client.call("pause")
+    the first attempt's start to the last commit, and CPU per job of each process.
+
+    On a shared store (`vigil bench cluster`): `others` are more daemons on env's
+    store, paused and resumed with it (their CPU counted with its); `window` reads
+    (first start, last finish, jobs finished) from that store, not env's SQLite."""
+    nodes = [env, *others]
+    for node in nodes:
+        await node.client.call("pause")
     await env.submit(0, jobs)
-    daemon_cpu = cpu_s(env.daemon)
+    daemon_cpu = sum(cpu_s(node.daemon) for node in nodes)
     api_cpu = cpu_s(env.api) if env.api else 0.0
     machine_cpu = MachineCpu()
     started = time.perf_counter()
-    await env.client.call("resume")
+    for node in nodes:
+        await node.client.call("resume")
     counts = await env.wait_finished(jobs, deadline_s=120 + jobs / 50)
     wall_s = time.perf_counter() - started
     split = machine_cpu.split()
-    first, last, done = await anyio.to_thread.run_sync(db_window, env.db_path)
+    if window is None:
+        first, last, done = await anyio.to_thread.run_sync(db_window, env.db_path)
+    else:
+        first, last, done = await window()
     span = max(last - first, 1e-6)
     return {
         "jobs": jobs,
@@ -53,7 +70,9 @@ async def dispatch(env: Env, jobs: int) -> dict[str, Any]:
         "seconds": round(span, 3),
         "per_s": round(done / span, 1),
         "wall_s": round(wall_s, 3),
-        "daemon_cpu_us_per_job": round((cpu_s(env.daemon) - daemon_cpu) / jobs * 1e6),
+        "daemon_cpu_us_per_job": round(
+            (sum(cpu_s(node.daemon) for node in nodes) - daemon_cpu) / jobs * 1e6
+        ),
         "api_cpu_us_per_job": (round((cpu_s(env.api) - api_cpu) / jobs * 1e6) if env.api else None),
         "machine_cpu_pct": split,
     }

@@ -51,6 +51,7 @@ class CircuitBreaker:
         self.consecutive_failures = 0
         self.opened = 0
         self.rejected = 0
+        self.changes = 0  # opens and closes this node decided (to share in a cluster)
         self.last_failure: str | None = None
 
     def configure(self, *, failures: int, open_s: float, probe_wait_s: float) -> None:
@@ -170,10 +171,33 @@ class CircuitBreaker:
         if probe:
             self._probe_ended()
 
+    def open_left_s(self) -> float:
+        """Seconds until half-open while open; 0 otherwise."""
+        if self.state != "open":
+            return 0.0
+        return max(0.0, self._opened_at + self.open_s - self._clock())
+
+    def adopt(self, open_for_s: float, by: str) -> None:
+        """Another node opened the circuit (for `open_for_s` more) or closed it (0):
+        follow it. Not counted in `changes`: it is not ours to share again."""
+        if open_for_s <= 0:
+            if self._state != "closed":
+                self._close(share=False)
+                self._probe_ended()
+            return
+        if not self.failures_to_open:
+            return  # the breaker is off on this node
+        self.last_failure = f"opened by node {by}"
+        self._state = "open"
+        self._opened_at = self._clock() - max(0.0, self.open_s - open_for_s)
+        self.opened += 1
+        log.warning("provider.circuit_opened", provider=self.provider, by=by, open_s=open_for_s)
+
     def _open(self, reason: str) -> None:
         self._state = "open"
         self._opened_at = self._clock()
         self.opened += 1
+        self.changes += 1
         log.warning(
             "provider.circuit_opened",
             provider=self.provider,
@@ -182,11 +206,12 @@ class CircuitBreaker:
             last_failure=reason,
         )
 
-    def _close(self) -> None:
+    def _close(self, *, share: bool = True) -> None:
         was = self._state
         self._state = "closed"
         self.consecutive_failures = 0
         if was != "closed":
+            self.changes += share
             log.info("provider.circuit_closed", provider=self.provider)
             self.on_close()
 

@@ -97,6 +97,7 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
         self.latency = LatencyWindow()
         self._statuses = StatusCounter(self.stats)
         self.paused_reason: str | None = None
+        self.pause_changes = 0  # pauses and lifts this node made (to share in a cluster)
         self._session: aiohttp.ClientSession | None = None
         self._key()  # a key missing from the start pauses the provider at once, loudly
 
@@ -174,6 +175,27 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
         or half-open with no probe under way (the next call probes)."""
         return self.paused_reason is None and self.breaker.accepting()
 
+    def pause(self, reason: str) -> None:
+        """A pause the account's state causes (a refused key, no quota): in a cluster
+        every node takes it (daemon/providers/shared_state.py). A missing key variable
+        is this daemon's alone and does not come here."""
+        self.paused_reason = reason
+        self.pause_changes += 1
+        log.error("provider.paused", provider=self.name, reason=reason)
+
+    def adopt_pause(self, reason: str | None) -> None:
+        """Another node paused this provider (or lifted its pause): follow, unless our
+        own environment lacks the key, which only a restart here can fix."""
+        if self.paused_reason is not None and self.paused_reason == self._missing_key():
+            return
+        if reason is None:
+            if self.paused_reason is not None:
+                log.info("provider.resumed", provider=self.name, by="another node")
+            self.paused_reason = None
+            return
+        self.paused_reason = reason
+        log.error("provider.paused", provider=self.name, reason=reason, by="another node")
+
     def held_reason(self) -> str | None:
         """Why calls are held back now (paused, circuit open or probing), or None."""
         if self.paused_reason:
@@ -188,7 +210,9 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
         if env and not os.environ.get(env):
             self.paused_reason = self._missing_key()
             return self.paused_reason
-        self.paused_reason = None
+        if self.paused_reason is not None:
+            self.paused_reason = None
+            self.pause_changes += 1  # lifted for every node
         return None
 
     async def complete(self, request: ChatRequest) -> Completion:
@@ -352,8 +376,7 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
         if status == 429:
             self.stats.rate_limited += 1
             if code == "insufficient_quota":
-                self.paused_reason = "quota exhausted (insufficient_quota)"
-                log.error("provider.paused", provider=self.name, reason=self.paused_reason)
+                self.pause("quota exhausted (insufficient_quota)")
                 return ProviderError(
                     f"HTTP 429 insufficient_quota: {message}",
                     kind="QuotaExhausted",
@@ -374,10 +397,8 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
                 retry_after_s=hint,
             )
         if status in (401, 403):
-            self.paused_reason = (
-                f"HTTP {status}: the API key in ${self.config.api_key_env or '(none)'} was refused"
-            )
-            log.error("provider.paused", provider=self.name, reason=self.paused_reason)
+            env = self.config.api_key_env or "(none)"
+            self.pause(f"HTTP {status}: the API key in ${env} was refused")
         return ProviderError(
             f"HTTP {status}: {message}",
             kind="HTTPError",

@@ -14,6 +14,7 @@ import msgspec
 from daemon.errors import StartupError
 from daemon.jobs import Attempt, ErrorInfo, Job, State, Usage
 from daemon.providers.limits import SharedRates
+from daemon.providers.shared_state import SharedProviderState
 from daemon.wakeup import Wakeup
 
 PROCESS_DIED = ErrorInfo("ProcessDied", "process died during the attempt")
@@ -211,6 +212,7 @@ class JobStore(Protocol):
     refused_finishes: int  # finishes fenced out: the attempt no longer owned its job
     low_space: str | None  # set while the disk is nearly full
     rates: SharedRates | None  # budgets the cluster's nodes share; None: one daemon
+    provider_state: SharedProviderState | None  # breakers and pauses, likewise
     cluster: Cluster | None  # commands for every node; None: one daemon
 
     @property

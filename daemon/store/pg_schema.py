@@ -80,6 +80,18 @@ MIGRATIONS: tuple[str, ...] = (
         key text PRIMARY KEY,
         tat double precision NOT NULL
     );
+    -- One circuit breaker and one pause state per provider: the last node to open or
+    -- close, pause or lift, writes here (seq from one sequence), the others follow.
+    CREATE SEQUENCE provider_state_seq;
+    CREATE TABLE provider_states (
+        provider text PRIMARY KEY,
+        circuit_seq bigint NOT NULL DEFAULT 0,
+        open_until double precision NOT NULL DEFAULT 0,
+        circuit_by text NOT NULL DEFAULT '',
+        pause_seq bigint NOT NULL DEFAULT 0,
+        paused text,
+        paused_by text NOT NULL DEFAULT ''
+    );
     -- `vigil pause|resume|drain --cluster`: every node applies each one once.
     CREATE TABLE cluster_commands (
         id bigserial PRIMARY KEY,

@@ -33,6 +33,7 @@ import structlog
 from daemon.config import StoreConfig
 from daemon.jobs import STATES, Job, State
 from daemon.providers.limits import SharedRates
+from daemon.providers.shared_state import SharedProviderState
 from daemon.store import pg_jobs, pg_nodes
 from daemon.store.base import (
     AttemptEnd,
@@ -53,6 +54,7 @@ from daemon.store.base import (
     next_state,
 )
 from daemon.store.pg_nodes import CHANNEL
+from daemon.store.pg_providers import PgProviderState
 from daemon.store.pg_rates import PgRates
 from daemon.store.pg_reads import DB_ERRORS, PgReads, reason
 from daemon.store.pg_schema import REAPER_LOCK, migrate
@@ -103,6 +105,7 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         self.last_error: str | None = None
         self.low_space: str | None = None  # the database server watches its own disk
         self.rates: SharedRates | None = None  # the providers' budgets, once open
+        self.provider_state: SharedProviderState | None = None  # breakers, pauses: likewise
         self.cluster: Cluster | None = self
         self.on_command: Callable[[ClusterCommand], Awaitable[None]] | None = None
         self._last_command = 0
@@ -214,6 +217,7 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
                 command_timeout=STATEMENT_TIMEOUT_S,
             )
             self.rates = PgRates(self._pool)
+            self.provider_state = PgProviderState(self._pool, self.node)
             await pg_nodes.register(lock_conn, self.node)
             # Our name's lock is ours: any attempt still marked ours is from our last life.
             self.recovered = await pg_nodes.recover(lock_conn, [self.node])

@@ -26,6 +26,7 @@ import structlog
 from daemon import __version__
 from daemon.jobs import Job, State
 from daemon.providers.limits import SharedRates
+from daemon.providers.shared_state import SharedProviderState
 from daemon.store.base import (
     JOB_COLUMNS,
     PROCESS_DIED,
@@ -76,6 +77,7 @@ class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
         self._min_free_bytes = min_free_mb * 1024 * 1024
         self.low_space: str | None = None  # set while free space is below min_free_mb
         self.rates: SharedRates | None = None  # one daemon: its budgets are its own
+        self.provider_state: SharedProviderState | None = None
         self.refused_finishes = 0  # one daemon: an attempt is never taken over
         self.cluster: Cluster | None = None
         self._synchronous = synchronous
