@@ -44,6 +44,7 @@ class ActiveAttempt:
     started: float = field(default_factory=anyio.current_time)
     task: asyncio.Task[Any] | None = None
     abandoned: bool = False  # its end was recorded by `abandon`; the task may linger
+    interrupted: str | None = None  # stopped to be given back uncounted, for this reason
 
 
 class Dispatcher:
@@ -172,11 +173,16 @@ class Dispatcher:
     async def _follow_cancels(self, scope: anyio.CancelScope) -> None:
         """On a shared store `cancel` may come from another node: the job is marked
         canceled there, and its attempt here is stopped at the next look (each
-        CANCEL_POLL_S), its end not recorded again."""
+        CANCEL_POLL_S), its end not recorded again. And a node cut off from the store
+        for a lease gives its running attempts up: others may be running them now."""
         with scope:
             while True:
                 await anyio.sleep(CANCEL_POLL_S)
                 if not self.active:
+                    continue
+                cut_off = self._store.cut_off
+                if cut_off is not None:
+                    self._interrupt_all(cut_off)
                     continue
                 try:
                     states = await self._store.states_of(list(self.active))
@@ -188,13 +194,26 @@ class Dispatcher:
                         log.info("job.canceled_elsewhere", job_id=job_id)
                         entry.scope.cancel()
 
+    def _interrupt_all(self, reason: str) -> None:
+        """Stop every running attempt and give it back uncounted once the store takes
+        the write (the record retries until then): another node may be running them."""
+        running = [e for e in self.active.values() if e.interrupted is None and not e.abandoned]
+        if running:
+            log.warning("queue.cut_off", reason=reason, attempts=len(running))
+        for entry in running:
+            entry.interrupted = f"given up: {reason}"
+            entry.scope.cancel()
+
     async def _until_next_retry(self) -> float:
         """How long to sleep when nothing could be claimed: until the next job waiting
         for its retry time, at most POLL_S. Jobs already due yet not claimed belong to
         held analyzers (their provider refuses calls): no reason to wake early; the
         provider's recovery wakes the loop itself."""
         now = time.time()
-        wake = await self._store.next_wake(after=now)
+        try:
+            wake = await self._store.next_wake(after=now)
+        except StoreError:  # a shared store away for a moment: the claim says so
+            return POLL_S
         return POLL_S if wake is None else min(POLL_S, max(0.01, wake - now))
 
     async def _run_one(self, entry: ActiveAttempt) -> None:
@@ -208,7 +227,10 @@ class Dispatcher:
                 return  # `abandon` recorded this attempt's end already
             with anyio.CancelScope(shield=True):
                 if scope.cancelled_caught:
-                    if self._stopping:
+                    if entry.interrupted is not None:
+                        reason = entry.interrupted
+                        await self._until_written(job, lambda: self._store.requeue([job], reason))
+                    elif self._stopping:
                         await self._store.requeue([job], "daemon shutting down")
                     # else: `cancel` already marked it canceled in the store.
                 elif end.outcome == "deferred":
@@ -224,9 +246,13 @@ class Dispatcher:
                     end, new = await self._record(job, end)
                     self._ended(job, end, new)
         except anyio.get_cancelled_exc_class():
-            # Cancelled from outside (forced stop): give the attempt back.
+            # Cancelled from outside (forced stop): give the attempt back. A store that
+            # cannot take it now leaves the job `running`: recovery counts it later.
             with anyio.CancelScope(shield=True):
-                await self._store.requeue([job], "daemon stopped")
+                try:
+                    await self._store.requeue([job], "daemon stopped")
+                except StoreError as exc:
+                    log.error("job.record_failed", job_id=job.id, error=str(exc))
             raise
         except Exception as exc:  # a store fault or an unencodable result
             # The job stays `running` in the database; recovery retries it.

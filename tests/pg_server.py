@@ -144,6 +144,13 @@ class PgServer:
         same socket with the same data; returns once it accepts connections."""
         self._pg_ctl("restart", "-m", "fast", "-o", self._server_options())
 
+    def outage(self, seconds: float) -> None:
+        """The server away for `seconds` (`pg_ctl stop -m fast`, then start again on the
+        same socket with the same data); returns once it accepts connections again."""
+        self._pg_ctl("stop", "-m", "fast")
+        time.sleep(seconds)
+        self._pg_ctl("start", "-o", self._server_options())
+
     def stop(self) -> None:
         """Stop the server (`-m immediate`) and remove its directory. Idempotent; never
         raises, so it is safe in finalizers and at exit."""

@@ -19,9 +19,10 @@ StartDaemon = Callable[..., DaemonProcess]
 LEASE_S = 3
 
 
-def cluster_config(dsn: str, node: str, api_url: str) -> str:
+def cluster_config(dsn: str, node: str, api_url: str, *, timeout_s: float = 5.0) -> str:
     store = f'\n[store]\nurl = "{dsn}"\nnode_name = "{node}"\nlease_s = {LEASE_S}\n'
-    sections = openai_provider("main", api_url, max_concurrency=8) + analyzer("a", "main")
+    provider = openai_provider("main", api_url, max_concurrency=8, timeout_s=timeout_s)
+    sections = provider + analyzer("a", "main", timeout_s=timeout_s * 2)
     return daemon_config(sections + store, max_concurrency=8)
 
 
@@ -223,3 +224,25 @@ def test_metrics_show_the_nodes_and_the_hot_tables(start_daemon: StartDaemon, pg
     assert re.search(r'vigil_db_table_bytes\{table="jobs"\} [1-9]', text), text
     assert 'vigil_db_dead_tuples{table="attempts"}' in text
     assert "vigil_db_finishes_refused_total 0.0" in text
+
+
+def test_a_node_cut_off_from_the_database_past_its_lease_gives_its_attempts_up(
+    start_daemon: StartDaemon, pg_server: PgServer, pg_dsn: str
+) -> None:
+    """The database away longer than the lease while an attempt runs: the node gives
+    the attempt up (another node may have taken it over), records it `interrupted`,
+    uncounted, once the database is back, and the job then runs again and succeeds."""
+    settings = SimulateConfig(latency_ms=6000, latency_sigma=0.01, seed=1)
+    with threaded_api(settings) as api:
+        daemon = start_daemon(cluster_config(pg_dsn, "a", api.url, timeout_s=20))
+        [job_id] = daemon.call("submit", jobs=[{"analyzer": "a", "input": {"text": "x"}}])["ids"]
+        wait_until(lambda: daemon.call("status")["queue"]["active"] == 1, what="the attempt")
+        pg_server.outage(LEASE_S + 2.5)
+        wait_until(
+            lambda: daemon.call("show", id=job_id)["job"]["state"] == "succeeded", 60, "success"
+        )
+        shown = daemon.call("show", id=job_id)
+        events = [e["event"] for e in daemon.events()]
+    assert "queue.cut_off" in events, events
+    assert [a["outcome"] for a in shown["attempts"]] == ["interrupted", "succeeded"], shown
+    assert shown["job"]["attempts"] == 1

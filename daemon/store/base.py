@@ -210,6 +210,13 @@ class JobStore(Protocol):
     commit_seconds: float
     last_error: str | None  # set while writes fail
     refused_finishes: int  # finishes fenced out: the attempt no longer owned its job
+
+    @property
+    def cut_off(self) -> str | None:
+        """Why this daemon must give up its running attempts now (a shared store it has
+        not reached for a lease: another node may have taken them over), or None."""
+        ...
+
     low_space: str | None  # set while the disk is nearly full
     rates: SharedRates | None  # budgets the cluster's nodes share; None: one daemon
     provider_state: SharedProviderState | None  # breakers and pauses, likewise

@@ -128,6 +128,16 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
     def nodes(self) -> list[Node]:
         return list(self._nodes)
 
+    @property
+    def cut_off(self) -> str | None:
+        silent_s = time.monotonic() - self._heartbeat_ok
+        if silent_s <= self.config.lease_s:
+            return None
+        return (
+            f"no heartbeat reached the database for {silent_s:.0f} s (store.lease_s is "
+            f"{self.config.lease_s:g}): other nodes may have taken this one's attempts over"
+        )
+
     def table_stats(self) -> dict[str, TableStats]:
         return dict(self._tables)
 

@@ -88,6 +88,10 @@ class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
     def location(self) -> str:
         return str(self.path)
 
+    @property
+    def cut_off(self) -> str | None:
+        return None  # nobody else could take its attempts over
+
     def table_stats(self) -> dict[str, TableStats]:
         return {}  # one file; its size is the disk check's business
 
