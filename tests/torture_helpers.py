@@ -13,7 +13,7 @@ import sys
 import sysconfig
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,9 +284,16 @@ UNCOUNTED = "('interrupted', 'deferred', 'rate_limited')"
 
 
 def ledger_problems(db_path: Path, *, all_terminal: bool = True) -> list[str]:
-    """Every broken promise the database shows: jobs not finished, two recorded
-    results, attempt counts that disagree with the attempt rows, results without
-    success, failures without an error."""
+    """Every broken promise a SQLite database shows (see `ledger_problems_in`)."""
+    return ledger_problems_in(lambda sql: db_rows(db_path, sql), all_terminal=all_terminal)
+
+
+def ledger_problems_in(
+    query: Callable[[str], Sequence[Any]], *, all_terminal: bool = True
+) -> list[str]:
+    """Every broken promise the database shows, through `query` (SQL both stores
+    speak): jobs not finished, two recorded results, attempt counts that disagree with
+    the attempt rows, results without success, failures without an error."""
     checks = {
         "not terminal": "SELECT id, state FROM jobs WHERE state NOT IN "
         "('succeeded', 'failed', 'canceled')",
@@ -301,9 +308,9 @@ def ledger_problems(db_path: Path, *, all_terminal: bool = True) -> list[str]:
         "WHERE state = 'succeeded' AND result IS NULL",
         "failed without an error": "SELECT id FROM jobs "
         "WHERE state = 'failed' AND error_type IS NULL",
-        "attempts not counted": "SELECT j.id, j.attempts, (SELECT count(*) FROM attempts a "
-        f"WHERE a.job_id = j.id AND a.outcome NOT IN {UNCOUNTED}) AS rows FROM jobs j "
-        "WHERE j.attempts != rows",
+        "attempts not counted": "SELECT * FROM (SELECT j.id, j.attempts, (SELECT count(*) "
+        f"FROM attempts a WHERE a.job_id = j.id AND a.outcome NOT IN {UNCOUNTED}) AS n "
+        "FROM jobs j) t WHERE t.attempts != t.n",
         "more attempts than allowed": "SELECT id, attempts, max_attempts FROM jobs "
         "WHERE attempts > max_attempts",
         "an attempt number used twice": "SELECT job_id, n FROM attempts "
@@ -315,7 +322,7 @@ def ledger_problems(db_path: Path, *, all_terminal: bool = True) -> list[str]:
         del checks["not terminal"]
     problems = []
     for name, sql in checks.items():
-        rows = db_rows(db_path, sql)
+        rows = query(sql)
         if rows:
             problems.append(f"{name}: {len(rows)} jobs, e.g. {rows[:3]}")
     return problems
