@@ -64,6 +64,8 @@ from daemon.wakeup import Wakeup
 log = structlog.get_logger("vigil.store")
 POOL_SIZE = 3
 TABLES_EVERY_S = 30.0
+COUNTS_SHARE = 0.05  # of the time spent counting jobs by state, at most
+COUNTS_MAX_EVERY_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 STATEMENT_TIMEOUT_S = 30.0
 _LOGIN_REFUSED = (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)
@@ -114,6 +116,7 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         self._nodes: list[Node] = []
         self._tables: dict[str, TableStats] = {}
         self._tables_read = 0.0  # monotonic; table sizes are read every TABLES_EVERY_S
+        self._counts_due = 0.0  # monotonic: when the counts are read again
         self._heartbeat_ok = time.monotonic()
         self._pool: asyncpg.Pool | None = None
         self._lock_conn: Any = None
@@ -281,7 +284,14 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
                 await self.on_command(cmd)
 
     async def _refresh(self, conn: Any) -> None:
-        self.counts = await pg_nodes.read_counts(conn)
+        """The cluster's counts and nodes. Counting scans the jobs table, so with a large
+        backlog it runs less often: its cost kept near COUNTS_SHARE of the time (our own
+        moves show in the counts meanwhile)."""
+        now = time.monotonic()
+        if now >= self._counts_due:
+            self.counts = await pg_nodes.read_counts(conn)
+            took = time.monotonic() - now
+            self._counts_due = now + min(COUNTS_MAX_EVERY_S, took / COUNTS_SHARE)
         self._nodes = await pg_nodes.read_nodes(conn, self.config.lease_s)
         if time.monotonic() - self._tables_read >= TABLES_EVERY_S:
             self._tables_read = time.monotonic()
