@@ -18,46 +18,50 @@ _RETURNING = ", ".join(f"j.{column.strip()}" for column in JOB_COLUMNS.split(","
 
 async def claim(conn: Any, node: str, limit: int, skip_analyzers: Collection[str]) -> list[Job]:
     """Up to `limit` ready jobs, highest priority then oldest, moved to `running` on
-    `node` with their attempt counted and recorded; nodes claiming together skip each
-    other's rows instead of waiting on them."""
+    `node` with their attempt counted and recorded, in one statement; nodes claiming
+    together skip each other's rows instead of waiting on them."""
     now = time.time()
     rows = await conn.fetch(
         "WITH picked AS MATERIALIZED (SELECT id FROM jobs WHERE state = 'queued' "
         "AND not_before <= $1 AND NOT (analyzer = ANY($2)) "
-        "ORDER BY priority DESC, id LIMIT $3 FOR UPDATE SKIP LOCKED) "
-        "UPDATE jobs j SET state = 'running', attempts = j.attempts + 1, "
+        "ORDER BY priority DESC, id LIMIT $3 FOR UPDATE SKIP LOCKED), "
+        "claimed AS (UPDATE jobs j SET state = 'running', attempts = j.attempts + 1, "
         "started_at = coalesce(j.started_at, $1), node = $4 FROM picked "
-        f"WHERE j.id = picked.id RETURNING {_RETURNING}",
+        f"WHERE j.id = picked.id RETURNING {_RETURNING}), "
+        "recorded AS (INSERT INTO attempts (job_id, n, node, started_at) "
+        "SELECT id, attempts, $4, $1 FROM claimed) "
+        "SELECT * FROM claimed",
         now,
         list(skip_analyzers),
         limit,
         node,
     )
-    jobs = [row_to_job(row) for row in rows]
-    if jobs:
-        await conn.executemany(
-            "INSERT INTO attempts (job_id, n, node, started_at) VALUES ($1, $2, $3, $4)",
-            [(job.id, job.attempts, node, now) for job in jobs],
-        )
-    return jobs
+    return [row_to_job(row) for row in rows]
 
 
-async def record_end(conn: Any, job: Job, end: AttemptEnd, new: State) -> bool:
-    """Move the job to `new` and record its attempt's end, only where the job is still
-    `running` under this attempt's number (the fence). False: it no longer is."""
+async def record_end(conn: Any, job: Job, end: AttemptEnd, new: State) -> tuple[bool, str | None]:
+    """Move the job to `new` and record its attempt's end, in one statement, only where
+    the job is still `running` under this attempt's number (the fence). Returns whether
+    it was, and the job's state as it is otherwise."""
     now = time.time()
     result_json = None if end.result is None else msgspec.json.encode(end.result).decode()
     given_back = 1 if end.outcome == "rate_limited" else 0  # a 429 spends no attempt
     error, usage = end.error, end.usage
-    moved = await conn.fetchval(
+    row = await conn.fetchrow(
         "WITH m AS (UPDATE jobs SET state = $1, not_before = $2, finished_at = $3, "
         "result = $4, error_type = $5, error_message = $6, attempts = attempts - $7, "
         "rate_limited = rate_limited + $7, node = NULL, "
         "prompt_tokens = coalesce(prompt_tokens, 0) + $8, "
         "completion_tokens = coalesce(completion_tokens, 0) + $9, "
         "cost = CASE WHEN $10::float8 IS NULL THEN cost ELSE coalesce(cost, 0) + $10 END "
-        "WHERE id = $11 AND state = 'running' AND attempts = $12 RETURNING 1) "
-        "SELECT count(*) FROM m",
+        "WHERE id = $11 AND state = 'running' AND attempts = $12 RETURNING id), "
+        "a AS (UPDATE attempts SET finished_at = $13, outcome = $14, http_status = $15, "
+        "error_type = $5, error_message = $6, latency_ms = $16, prompt_tokens = $17, "
+        "completion_tokens = $18, cost = $10, answer = $19 "
+        "WHERE job_id IN (SELECT id FROM m) AND n = $12 AND outcome = 'running' RETURNING 1), "
+        "w AS (SELECT pg_notify($20, '') FROM m WHERE $1 = 'queued') "
+        "SELECT (SELECT count(*) FROM m) AS moved, (SELECT count(*) FROM a) AS recorded, "
+        "(SELECT count(*) FROM w) AS woke, (SELECT state FROM jobs WHERE id = $11) AS state",
         new,
         end.retry_at or 0.0,
         None if new == "queued" else now,
@@ -70,27 +74,13 @@ async def record_end(conn: Any, job: Job, end: AttemptEnd, new: State) -> bool:
         usage.cost if usage else None,
         job.id,
         job.attempts,
-    )
-    if not moved:
-        return False
-    await conn.execute(
-        "UPDATE attempts SET finished_at = $1, outcome = $2, http_status = $3, "
-        "error_type = $4, error_message = $5, latency_ms = $6, prompt_tokens = $7, "
-        "completion_tokens = $8, cost = $9, answer = $10 "
-        "WHERE job_id = $11 AND n = $12 AND outcome = 'running'",
         now,
         end.outcome,
         end.http_status,
-        error.type if error else None,
-        error.message if error else None,
         end.latency_ms,
         usage.prompt_tokens if usage else None,
         usage.completion_tokens if usage else None,
-        usage.cost if usage else None,
         end.answer,
-        job.id,
-        job.attempts,
+        CHANNEL,
     )
-    if new == "queued":
-        await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
-    return True
+    return bool(row["moved"]), row["state"]

@@ -308,16 +308,21 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         self.last_error = f"{type(exc).__name__}: {reason(exc)}"
 
     @asynccontextmanager
-    async def _tx(self) -> AsyncGenerator[Any]:
-        """One write transaction; database faults become StoreError (the dispatcher
-        retries a finished attempt's record until it lands), an error of the
+    async def _tx(self, *, single: bool = False) -> AsyncGenerator[Any]:
+        """One write transaction (`single`: one statement, atomic by itself, so no
+        BEGIN and COMMIT round trips); database faults become StoreError (the
+        dispatcher retries a finished attempt's record until it lands), an error of the
         operation itself OpFailed."""
         if self._pool is None:
             raise StoreError("the store is not open")
         started = time.perf_counter()
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                yield conn
+            async with self._pool.acquire() as conn:
+                if single:
+                    yield conn
+                else:
+                    async with conn.transaction():
+                        yield conn
         except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
             raise OpFailed(str(exc)) from None
         except DB_ERRORS as exc:
@@ -380,7 +385,7 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         now. A node whose heartbeat is overdue claims nothing: it may be presumed dead."""
         if self.name_lost or time.monotonic() - self._heartbeat_ok > self.config.lease_s * 2 / 3:
             return []
-        async with self._tx() as conn:
+        async with self._tx(single=True) as conn:
             jobs = await pg_jobs.claim(conn, self.node, limit, skip_analyzers)
         self._move("queued", "running", len(jobs))
         jobs.sort(key=lambda j: (-j.priority, j.id))
@@ -391,11 +396,8 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         attempt was taken over (presumed dead) records nothing; that is counted and
         logged. Returns the job's new state, or None."""
         new = next_state(job, end)
-        state: str | None = None
-        async with self._tx() as conn:
-            moved = await pg_jobs.record_end(conn, job, end, new)
-            if not moved:
-                state = await conn.fetchval("SELECT state FROM jobs WHERE id = $1", job.id)
+        async with self._tx(single=True) as conn:
+            moved, state = await pg_jobs.record_end(conn, job, end, new)
         if not moved:
             if state != "canceled":
                 self.refused_finishes += 1
