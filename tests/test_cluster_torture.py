@@ -11,7 +11,6 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,50 +20,17 @@ import pytest
 
 from tests.daemon_proc import DaemonProcess, daemon_config, wait_until
 from tests.pg_server import PgServer
-from tests.torture_helpers import SimApiProcess, analyzer, ledger_problems_in, openai_provider
+from tests.torture_helpers import (
+    SimApiProcess,
+    Submitter,
+    analyzer,
+    ledger_problems_in,
+    openai_provider,
+)
 
 MAX_ATTEMPTS = 5
 BATCH = 50
 LEASE_S = 3
-
-
-@dataclass
-class Submitter:
-    """Submits `total` keyed jobs in batches, each to a random node, until acknowledged."""
-
-    nodes: list[DaemonProcess]
-    total: int
-    deadline: float
-    rng: random.Random
-    acked: dict[str, str] = field(default_factory=dict)  # idempotency key -> job id
-    resent: int = 0
-    error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            for start in range(0, self.total, BATCH):
-                keys = [f"job-{i}" for i in range(start, min(start + BATCH, self.total))]
-                jobs = [
-                    {"analyzer": "summarize", "input": {"text": f"doc {k}"}, "idempotency_key": k}
-                    for k in keys
-                ]
-                self.acked.update(zip(keys, self._submit(jobs), strict=True))
-                time.sleep(0.2)
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-
-    def _submit(self, jobs: list[dict[str, Any]]) -> list[str]:
-        while True:
-            assert time.monotonic() < self.deadline, "submitter ran out of time"
-            try:
-                reply = self.rng.choice(self.nodes).request("submit", jobs=jobs)
-            except (OSError, msgspec.DecodeError):  # that node killed mid-request, or down
-                self.resent += 1
-                time.sleep(0.05)
-                continue
-            assert reply["ok"], reply
-            ids: list[str] = reply["data"]["ids"]
-            return ids
 
 
 def cluster_kill_loop(
@@ -87,7 +53,7 @@ def cluster_kill_loop(
             config = daemon_config(sections + store, max_concurrency=16)
             nodes.append(DaemonProcess.start(tmp_path / name, config))
         deadline = time.monotonic() + 90 + jobs * 0.05
-        submitter = Submitter(nodes, jobs, deadline, rng)
+        submitter = Submitter(nodes, jobs, deadline, 0.2, batch=BATCH, rng=rng)
         thread = threading.Thread(target=submitter.run, name="submitter")
         thread.start()
         running_at_kills = []

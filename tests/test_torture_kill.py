@@ -15,7 +15,6 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import pytest
 from tests.daemon_proc import DaemonProcess, daemon_config, db_rows
 from tests.torture_helpers import (
     SimApiProcess,
+    Submitter,
     analyzer,
     ledger_problems,
     openai_provider,
@@ -32,47 +32,6 @@ from tests.torture_helpers import (
 
 MAX_ATTEMPTS = 5
 BATCH = 100
-
-
-@dataclass
-class Submitter:
-    """Submits `total` keyed jobs in batches until each batch is acknowledged; a batch
-    whose reply a kill swallowed is sent again (its keys make that safe)."""
-
-    daemon: DaemonProcess
-    total: int
-    deadline: float
-    pause_s: float  # between batches: submissions go on while the kills come
-    acked: dict[str, str] = field(default_factory=dict)  # idempotency key -> job id
-    resent: int = 0
-    error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            for start in range(0, self.total, BATCH):
-                keys = [f"job-{i}" for i in range(start, min(start + BATCH, self.total))]
-                jobs = [
-                    {"analyzer": "summarize", "input": {"text": f"doc {k}"}, "idempotency_key": k}
-                    for k in keys
-                ]
-                ids = self._submit(jobs)
-                self.acked.update(zip(keys, ids, strict=True))
-                time.sleep(self.pause_s)
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-
-    def _submit(self, jobs: list[dict[str, Any]]) -> list[str]:
-        while True:
-            assert time.monotonic() < self.deadline, "submitter ran out of time"
-            try:
-                reply = self.daemon.request("submit", jobs=jobs)
-            except (OSError, msgspec.DecodeError):  # killed mid-request, or down
-                self.resent += 1
-                time.sleep(0.05)
-                continue
-            assert reply["ok"], reply
-            ids: list[str] = reply["data"]["ids"]
-            return ids
 
 
 def kill_loop(
@@ -95,7 +54,7 @@ def kill_loop(
         daemon = DaemonProcess.start(tmp_path / "d", config)
         try:
             deadline = time.monotonic() + 60 + jobs * 0.05 + jobs / BATCH * pause_s
-            submitter = Submitter(daemon, jobs, deadline, pause_s)
+            submitter = Submitter([daemon], jobs, deadline, pause_s, batch=BATCH)
             thread = threading.Thread(target=submitter.run, name="submitter")
             thread.start()
             running_at_kills = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import stat
 import subprocess
@@ -273,6 +274,52 @@ def threaded_api(settings: SimulateConfig | None = None) -> Iterator[ThreadedApi
         portal.wrap_async_context_manager(serve_api(api)) as url,
     ):
         yield ThreadedApi(api, url, portal)
+
+
+# -- a client that keeps submitting through kills ---------------------------------------
+
+
+@dataclass
+class Submitter:
+    """Submits `total` keyed jobs in batches, each to a node picked at random, until
+    each batch is acknowledged; a batch whose reply a kill swallowed is sent again
+    (its idempotency keys make that safe)."""
+
+    nodes: list[DaemonProcess]
+    total: int
+    deadline: float
+    pause_s: float  # between batches: submissions go on while the kills come
+    batch: int = 100
+    rng: random.Random = field(default_factory=random.Random)
+    acked: dict[str, str] = field(default_factory=dict)  # idempotency key -> job id
+    resent: int = 0
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for start in range(0, self.total, self.batch):
+                keys = [f"job-{i}" for i in range(start, min(start + self.batch, self.total))]
+                jobs = [
+                    {"analyzer": "summarize", "input": {"text": f"doc {k}"}, "idempotency_key": k}
+                    for k in keys
+                ]
+                self.acked.update(zip(keys, self._submit(jobs), strict=True))
+                time.sleep(self.pause_s)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    def _submit(self, jobs: list[dict[str, Any]]) -> list[str]:
+        while True:
+            assert time.monotonic() < self.deadline, "submitter ran out of time"
+            try:
+                reply = self.rng.choice(self.nodes).request("submit", jobs=jobs)
+            except (OSError, msgspec.DecodeError):  # killed mid-request, or down
+                self.resent += 1
+                time.sleep(0.05)
+                continue
+            assert reply["ok"], reply
+            ids: list[str] = reply["data"]["ids"]
+            return ids
 
 
 # -- the ledger ---------------------------------------------------------------------------

@@ -168,6 +168,28 @@ def next_state(job: Job, end: AttemptEnd) -> State:
     return "failed"
 
 
+ATTEMPT_COLUMNS = (
+    "n, started_at, finished_at, outcome, http_status, error_type, error_message, "
+    "latency_ms, prompt_tokens, completion_tokens, cost, answer"
+)
+
+
+def row_to_attempt(row: Sequence[Any]) -> Attempt:
+    """An attempt from its ATTEMPT_COLUMNS, as either backend returns them."""
+    n, started, finished, outcome, status, etype, emsg, latency, ptok, ctok, cost, answer = row
+    return Attempt(
+        n=n,
+        started_at=started,
+        finished_at=finished,
+        outcome=outcome,
+        http_status=status,
+        error=ErrorInfo(etype, emsg or "") if etype else None,
+        latency_ms=latency,
+        usage=usage_of(ptok, ctok, cost),
+        answer=answer,
+    )
+
+
 class TableStats(msgspec.Struct, frozen=True):
     bytes: int
     dead_tuples: int

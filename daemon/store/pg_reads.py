@@ -8,8 +8,8 @@ from typing import Any
 
 import asyncpg
 
-from daemon.jobs import Attempt, ErrorInfo, Job, State
-from daemon.store.base import JOB_COLUMNS, StoreError, row_to_job, usage_of
+from daemon.jobs import Attempt, Job, State
+from daemon.store.base import ATTEMPT_COLUMNS, JOB_COLUMNS, StoreError, row_to_attempt, row_to_job
 
 DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
@@ -36,25 +36,10 @@ class PgReads:
 
     async def attempts(self, job_id: str) -> list[Attempt]:
         rows = await self._fetch(
-            "SELECT n, started_at, finished_at, outcome, http_status, error_type, "
-            "error_message, latency_ms, prompt_tokens, completion_tokens, cost, answer "
-            "FROM attempts WHERE job_id = $1 ORDER BY id",
+            f"SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE job_id = $1 ORDER BY id",
             job_id,
         )
-        return [
-            Attempt(
-                n=n,
-                started_at=s,
-                finished_at=f,
-                outcome=o,
-                http_status=h,
-                error=ErrorInfo(et, em or "") if et else None,
-                latency_ms=lat,
-                usage=usage_of(ptok, ctok, cost),
-                answer=answer,
-            )
-            for n, s, f, o, h, et, em, lat, ptok, ctok, cost, answer in rows
-        ]
+        return [row_to_attempt(row) for row in rows]
 
     async def list_jobs(
         self,

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import aiosqlite
 
-from daemon.jobs import Attempt, ErrorInfo, Job, State
-from daemon.store.base import JOB_COLUMNS, StoreError, row_to_job, usage_of
+from daemon.jobs import Attempt, Job, State
+from daemon.store.base import ATTEMPT_COLUMNS, JOB_COLUMNS, StoreError, row_to_attempt, row_to_job
 
 
 class SqliteReads:
@@ -37,26 +37,11 @@ class SqliteReads:
 
     async def attempts(self, job_id: str) -> list[Attempt]:
         async with self._read.execute(
-            "SELECT n, started_at, finished_at, outcome, http_status, error_type, "
-            "error_message, latency_ms, prompt_tokens, completion_tokens, cost, answer "
-            "FROM attempts WHERE job_id = ? ORDER BY id",
+            f"SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE job_id = ? ORDER BY id",
             (job_id,),
         ) as cur:
             rows = await cur.fetchall()
-        return [
-            Attempt(
-                n=n,
-                started_at=s,
-                finished_at=f,
-                outcome=o,
-                http_status=h,
-                error=ErrorInfo(et, em or "") if et else None,
-                latency_ms=lat,
-                usage=usage_of(ptok, ctok, cost),
-                answer=answer,
-            )
-            for n, s, f, o, h, et, em, lat, ptok, ctok, cost, answer in rows
-        ]
+        return [row_to_attempt(row) for row in rows]
 
     async def list_jobs(
         self,
