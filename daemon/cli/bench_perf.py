@@ -74,7 +74,7 @@ def add_parsers(kinds: Any) -> None:
             parser.add_argument("--rounds", type=positive_int, default=7, help="on/off pairs")
         parser.set_defaults(func=run_perf, scenarios=[scenario.name])
     every = kinds.add_parser(
-        "all", help="every performance scenario, one after another", parents=[common]
+        "all", help="every performance scenario but cluster, one after another", parents=[common]
     )
     every.add_argument("--rounds", type=positive_int, default=7, help="watchdog: on/off pairs")
     # `all` is the SQLite suite: `cluster` needs PostgreSQL installed, and runs alone.
