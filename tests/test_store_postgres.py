@@ -18,8 +18,9 @@ from daemon.providers.openai import OpenAIProvider
 from daemon.providers.shared_state import ProviderSync
 from daemon.providers.simulated import SimulatedAPI
 from daemon.store.base import AttemptEnd, NewJob, StoreError, StoreRefused
+from daemon.store.pg_reads import safe_url
 from daemon.store.pg_schema import SCHEMA_VERSION
-from daemon.store.postgres import PostgresStore, safe_url
+from daemon.store.postgres import PostgresStore
 from daemon.store.sqlite import Store
 from tests.pg_server import PgServer
 from tests.test_provider import chat, config, serve_app

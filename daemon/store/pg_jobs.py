@@ -1,18 +1,24 @@
-"""The SQL of a job's way through a shared store: the claim (SKIP LOCKED, counting
-the attempt) and the fenced record of an attempt's end."""
+"""The SQL of a job's way through a shared store: submit (one statement for jobs with
+no key), the claim (SKIP LOCKED, counting the attempt) and the fenced record of an
+attempt's end."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import msgspec
 
 from daemon.jobs import Job, State
-from daemon.store.base import JOB_COLUMNS, AttemptEnd, row_to_job
+from daemon.store.base import JOB_COLUMNS, AttemptEnd, NewJob, Submitted, row_to_job
 from daemon.store.pg_nodes import CHANNEL
 
+_INSERT_KEYED = (
+    "INSERT INTO jobs (id, analyzer, input, priority, idempotency_key, state, max_attempts, "
+    "created_at, source) VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8) "
+    "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+)
 _RETURNING = ", ".join(f"j.{column.strip()}" for column in JOB_COLUMNS.split(","))
 
 
@@ -84,3 +90,53 @@ async def record_end(conn: Any, job: Job, end: AttemptEnd, new: State) -> tuple[
         CHANNEL,
     )
     return bool(row["moved"]), row["state"]
+
+
+async def submit(conn: Any, jobs: Sequence[NewJob]) -> list[Submitted]:
+    """Insert jobs (in the caller's transaction); a repeated idempotency key, from any
+    node, returns the first job. NOTIFYs the nodes when any job was created."""
+    now = time.time()
+    out: list[Submitted] = []
+    created = 0
+    plain = [job for job in jobs if job.idempotency_key is None]
+    if plain:  # nothing to collide on: one statement for all of them
+        await conn.execute(
+            "INSERT INTO jobs (id, analyzer, input, priority, state, max_attempts, "
+            "created_at, source) SELECT i, a, inp, p, 'queued', m, $7, s FROM unnest("
+            "$1::text[], $2::text[], $3::text[], $4::int[], $5::int[], $6::text[]) "
+            "AS t(i, a, inp, p, m, s)",
+            [job.id for job in plain],
+            [job.analyzer for job in plain],
+            [msgspec.json.encode(job.input).decode() for job in plain],
+            [job.priority for job in plain],
+            [job.max_attempts for job in plain],
+            [job.source for job in plain],
+            now,
+        )
+        created += len(plain)
+    for job in jobs:
+        if job.idempotency_key is None:
+            out.append(Submitted(job.id, True))
+            continue
+        new_id = await conn.fetchval(
+            _INSERT_KEYED,
+            job.id,
+            job.analyzer,
+            msgspec.json.encode(job.input).decode(),
+            job.priority,
+            job.idempotency_key,
+            job.max_attempts,
+            now,
+            job.source,
+        )
+        if new_id is not None:
+            created += 1
+            out.append(Submitted(job.id, True))
+            continue
+        first = await conn.fetchval(
+            "SELECT id FROM jobs WHERE idempotency_key = $1", job.idempotency_key
+        )
+        out.append(Submitted(first, False))
+    if created:
+        await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+    return out

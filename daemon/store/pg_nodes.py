@@ -19,6 +19,11 @@ PRUNE_AFTER_S = 86_400.0  # a dead node's row stays this long (status shows it d
 COMMANDS_KEPT = "7 days"  # each node applies a command within seconds
 
 
+def lock_key(name: str) -> str:
+    """The advisory lock a node holds on its name (hashtext of this)."""
+    return f"vigil.node.{name}"
+
+
 async def register(conn: Any, node: str) -> None:
     await conn.execute(
         "INSERT INTO nodes (name, host, pid, version, started_at) "

@@ -23,11 +23,9 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal, Self
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import asyncpg
-import msgspec
 import structlog
 
 from daemon.config import StoreConfig
@@ -56,7 +54,7 @@ from daemon.store.base import (
 from daemon.store.pg_nodes import CHANNEL
 from daemon.store.pg_providers import PgProviderState
 from daemon.store.pg_rates import PgRates
-from daemon.store.pg_reads import DB_ERRORS, PgReads, reason
+from daemon.store.pg_reads import DB_ERRORS, PgReads, reason, safe_url
 from daemon.store.pg_schema import REAPER_LOCK, migrate
 from daemon.store.schema import SchemaTooNew
 from daemon.wakeup import Wakeup
@@ -66,30 +64,10 @@ POOL_SIZE = 3
 TABLES_EVERY_S = 30.0
 COUNTS_SHARE = 0.05  # of the time spent counting jobs by state, at most
 COUNTS_MAX_EVERY_S = 30.0
+ANALYZE_AFTER = 1000  # queued jobs beyond twice the last analyzed count
 CONNECT_TIMEOUT_S = 10.0
 STATEMENT_TIMEOUT_S = 30.0
 _LOGIN_REFUSED = (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)
-_INSERT_JOB = (
-    "INSERT INTO jobs (id, analyzer, input, priority, idempotency_key, state, max_attempts, "
-    "created_at, source) VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8) "
-    "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
-)
-
-
-def safe_url(url: str) -> str:
-    """The URL with any password taken out (config refuses one; libpq's are elsewhere)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}@{host}" if parts.username else host
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _node_key(name: str) -> str:
-    return f"vigil.node.{name}"
 
 
 class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
@@ -117,6 +95,7 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         self._tables: dict[str, TableStats] = {}
         self._tables_read = 0.0  # monotonic; table sizes are read every TABLES_EVERY_S
         self._counts_due = 0.0  # monotonic: when the counts are read again
+        self._analyzed_queued = 0  # the queue's size when this node last ran ANALYZE
         self._heartbeat_ok = time.monotonic()
         self._pool: asyncpg.Pool | None = None
         self._lock_conn: Any = None
@@ -183,7 +162,7 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         conn = await self._connect(self._password)
         try:
             held = await conn.fetchval(
-                "SELECT pg_try_advisory_lock(hashtext($1))", _node_key(self.node)
+                "SELECT pg_try_advisory_lock(hashtext($1))", pg_nodes.lock_key(self.node)
             )
             if held:
                 await self._listen(conn)
@@ -209,7 +188,7 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         try:
             await migrate(lock_conn)
             held = await lock_conn.fetchval(
-                "SELECT pg_try_advisory_lock(hashtext($1))", _node_key(self.node)
+                "SELECT pg_try_advisory_lock(hashtext($1))", pg_nodes.lock_key(self.node)
             )
         except SchemaTooNew as exc:
             raise StoreRefused(str(exc)) from None
@@ -228,6 +207,10 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
                 max_size=POOL_SIZE,
                 timeout=CONNECT_TIMEOUT_S,
                 command_timeout=STATEMENT_TIMEOUT_S,
+                # The pool's connections keep no session state (no SET, LISTEN or
+                # session lock: those live on the lock connection), so the reset
+                # query asyncpg runs on every release would be a wasted round trip.
+                reset=_keep_session,
             )
             self.rates = PgRates(self._pool)
             self.provider_state = PgProviderState(self._pool, self.node)
@@ -268,13 +251,15 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
             await pg_nodes.heartbeat(conn, self.node)
             self._heartbeat_ok = time.monotonic()
             self.last_error = None
+            dead: list[str] = []
+            taken = {"requeued": 0, "failed": 0}
             async with conn.transaction():
                 if await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", REAPER_LOCK):
                     dead, taken = await pg_nodes.reap(conn, self.node, self.config.lease_s)
-                    if any(taken.values()):
-                        self.reaped += sum(taken.values())
-                        log.warning("store.nodes_reaped", nodes=dead, **taken)
-                        self.wakeup.notify()
+            if any(taken.values()):  # committed now: the dispatcher finds the jobs ready
+                self.reaped += sum(taken.values())
+                log.warning("store.nodes_reaped", nodes=dead, **taken)
+                self.wakeup.notify()
             await self._refresh(conn)
             commands = await pg_nodes.new_commands(conn, self._last_command)
         for command_id, cmd, issued_by in commands:
@@ -292,6 +277,12 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
             self.counts = await pg_nodes.read_counts(conn)
             took = time.monotonic() - now
             self._counts_due = now + min(COUNTS_MAX_EVERY_S, took / COUNTS_SHARE)
+            queued = self.counts["queued"]
+            if queued > 2 * self._analyzed_queued + ANALYZE_AFTER:
+                # A queue that grew fast outruns autovacuum's statistics, and without
+                # them the claim's plan sorts the whole queue: refresh them now.
+                await conn.execute("ANALYZE jobs")
+                self._analyzed_queued = queued
         self._nodes = await pg_nodes.read_nodes(conn, self.config.lease_s)
         if time.monotonic() - self._tables_read >= TABLES_EVERY_S:
             self._tables_read = time.monotonic()
@@ -351,32 +342,9 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         queued = self.counts["queued"]
         if queued + len(jobs) > max_backlog:
             raise BacklogFull(queued, max_backlog)
-        now = time.time()
-        out: list[Submitted] = []
-        created = 0
         async with self._tx() as conn:
-            for job in jobs:
-                new_id = await conn.fetchval(
-                    _INSERT_JOB,
-                    job.id,
-                    job.analyzer,
-                    msgspec.json.encode(job.input).decode(),
-                    job.priority,
-                    job.idempotency_key,
-                    job.max_attempts,
-                    now,
-                    job.source,
-                )
-                if new_id is not None:
-                    created += 1
-                    out.append(Submitted(job.id, True))
-                    continue
-                first = await conn.fetchval(
-                    "SELECT id FROM jobs WHERE idempotency_key = $1", job.idempotency_key
-                )
-                out.append(Submitted(first, False))
-            if created:
-                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            out = await pg_jobs.submit(conn, jobs)
+        created = sum(1 for sub in out if sub.created)
         self._move(None, "queued", created)
         return out
 
@@ -522,3 +490,7 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         for state, n in Counter(r["state"] for r in rows).items():
             self._move(state, None, n)
         return len(rows)
+
+
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset: nothing to undo (see create_pool above)."""
