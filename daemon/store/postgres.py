@@ -1,18 +1,13 @@
 """The job store in PostgreSQL, shared by several daemons (README "Cluster").
 
-Each daemon is a node: a row in `nodes` with a heartbeat on the database's clock, and a
-session advisory lock on its name held by a connection of its own (released the moment
-the process dies; it also refuses a second daemon with the same name). A job that runs
-is marked with its node. A claim takes ready jobs with `FOR UPDATE SKIP LOCKED`, so
-nodes never wait on each other, and counts the attempt at once, as SQLite does. Every
-finish is fenced: it records only where the job is still `running` under the attempt
-number it was claimed with, so a node presumed dead that comes back cannot record a
-second result. The reaper (one node at a time, by advisory lock) marks a silent node's
-attempts `crashed` and requeues or dead-letters their jobs, as SQLite's start-up
-recovery does; a node restarted under its old name recovers its own at once.
-
-Connections: one for the node lock and LISTEN, and a pool of `POOL_SIZE` for writes
-and reads. No transaction is held open across an API call."""
+Each daemon is a node: a row with a heartbeat on the database's clock, and a session
+advisory lock on its name (released the moment the process dies; it refuses a second
+daemon of that name). Claims skip each other's rows and count the attempt at once;
+every finish is fenced on the attempt number it was claimed with, so a node presumed
+dead that comes back records nothing. The reaper (one node at a time) takes over a
+silent node's attempts as SQLite's start-up recovery would; a node restarted under its
+name recovers its own at once. Connections: one for the lock and LISTEN, a pool of
+`POOL_SIZE` for the rest; no transaction is held open across an API call."""
 
 from __future__ import annotations
 
@@ -277,16 +272,20 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
             self.counts = await pg_nodes.read_counts(conn)
             took = time.monotonic() - now
             self._counts_due = now + min(COUNTS_MAX_EVERY_S, took / COUNTS_SHARE)
-            queued = self.counts["queued"]
-            if queued > 2 * self._analyzed_queued + ANALYZE_AFTER:
-                # A queue that grew fast outruns autovacuum's statistics, and without
-                # them the claim's plan sorts the whole queue: refresh them now.
-                await conn.execute("ANALYZE jobs")
-                self._analyzed_queued = queued
+            await self._analyze_if_grown(conn)
         self._nodes = await pg_nodes.read_nodes(conn, self.config.lease_s)
         if time.monotonic() - self._tables_read >= TABLES_EVERY_S:
             self._tables_read = time.monotonic()
             self._tables = await pg_nodes.read_tables(conn)
+
+    async def _analyze_if_grown(self, conn: Any) -> None:
+        """A queue that has more than doubled outruns autovacuum's statistics, and
+        without them the claim's plan sorts the whole queue: refresh them now (a
+        handful of times as a backlog grows: 1 k, 3 k, 7 k, ...)."""
+        queued = self.counts["queued"]
+        if queued > 2 * self._analyzed_queued + ANALYZE_AFTER:
+            self._analyzed_queued = queued
+            await conn.execute("ANALYZE jobs")
 
     async def broadcast(self, cmd: ClusterCommand) -> None:
         async with self._tx() as conn:
@@ -346,6 +345,11 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
             out = await pg_jobs.submit(conn, jobs)
         created = sum(1 for sub in out if sub.created)
         self._move(None, "queued", created)
+        pool = self._pool
+        if pool is not None:
+            with contextlib.suppress(*DB_ERRORS):  # statistics can wait for the next beat
+                async with pool.acquire() as conn:
+                    await self._analyze_if_grown(conn)
         return out
 
     async def claim(self, limit: int, skip_analyzers: Collection[str] = ()) -> list[Job]:
