@@ -8,11 +8,15 @@ import signal
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import urlsplit
+
+import anyio
 
 from daemon.config import SimulateConfig
 from tests.daemon_proc import DaemonProcess, daemon_config, run_cli, wait_until
 from tests.pg_server import PgServer
+from tests.test_status_page import page_dom
 from tests.torture_helpers import analyzer, openai_provider, threaded_api
 
 StartDaemon = Callable[..., DaemonProcess]
@@ -52,6 +56,12 @@ def test_nodes_share_the_queue_and_a_killed_node_is_taken_over(
         requests = api.stats()["requests"]
     nodes = {n["name"]: n for n in status["nodes"]}
     assert nodes["a"]["alive"] is False and nodes["b"]["alive"] is True, nodes
+    # The people's views list them too: `vigil status` and `vigil top`.
+    for command in (["status"], ["top", "--once"]):
+        out = run_cli(*command, socket_path=b.socket_path)
+        assert out.returncode == 0, out.stderr
+        table = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line}
+        assert table["a"][4] == "NO" and table["b"][4] == "yes", out.stdout
     assert status["jobs"] == {
         "queued": 0,
         "running": 0,
@@ -208,9 +218,11 @@ def test_a_node_stopped_past_its_lease_comes_back_to_a_refused_finish(
     assert shown["job"]["attempts"] == 2 and shown["job"]["result"]
 
 
-def test_metrics_show_the_nodes_and_the_hot_tables(start_daemon: StartDaemon, pg_dsn: str) -> None:
+def test_metrics_and_the_page_show_the_nodes(
+    start_daemon: StartDaemon, pg_dsn: str, tmp_path: Path
+) -> None:
     """/metrics on a cluster node: nodes by liveness, the jobs and attempts tables' size
-    and dead rows, refused finishes."""
+    and dead rows, refused finishes; the status page lists the nodes (in Chromium)."""
     with threaded_api() as api:
         config = cluster_config(pg_dsn, "a", api.url).replace(
             'listen = ""', 'listen = "127.0.0.1:0"'
@@ -220,6 +232,11 @@ def test_metrics_show_the_nodes_and_the_hot_tables(start_daemon: StartDaemon, pg
         daemon.wait_all_terminal()
         with urllib.request.urlopen(f"{daemon.http_url()}/metrics", timeout=30) as response:
             text = response.read().decode()
+        dom = anyio.run(page_dom, daemon.http_url(), tmp_path)
+    assert re.search(r'<section id="nodes-section">', dom), dom[:2000]
+    assert re.search(
+        r"<td>a</td><td>[^<]+</td><td[^>]*>\d+</td><td>[^<]+</td><td[^>]*>yes</td>", dom
+    )
     assert 'vigil_cluster_nodes{alive="true"} 1.0' in text, text
     assert re.search(r'vigil_db_table_bytes\{table="jobs"\} [1-9]', text), text
     assert 'vigil_db_dead_tuples{table="attempts"}' in text

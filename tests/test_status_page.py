@@ -54,6 +54,31 @@ def test_a_page_without_script_allows_none() -> None:
     assert "script-src 'none';" in csp and "style-src 'none';" in csp
 
 
+async def page_dom(url: str, tmp_path: Path) -> str:
+    """The status page at `url` as headless Chromium renders it after its script ran
+    (fetches at 0, 2 and 4 s of virtual time: rates from the last two)."""
+    profile = tmp_path / "chromium-profile"
+    with anyio.fail_after(120):
+        done = await anyio.run_process(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+                f"{url}/",
+            ],
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    return done.stdout.decode()
+
+
 @pytest.mark.anyio
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
 async def test_page_shows_the_status_in_chromium(start_daemon: StartDaemon, tmp_path: Path) -> None:
@@ -70,26 +95,7 @@ async def test_page_shows_the_status_in_chromium(start_daemon: StartDaemon, tmp_
     assert counts == {"queued": 2, "running": 0, "succeeded": 0, "failed": 0, "canceled": 1}
     budgets = status["providers"]["sim"]["budgets"]
     assert (budgets["requests"]["per_minute"], budgets["tokens"]["per_minute"]) == (600, 90000)
-    profile = tmp_path / "chromium-profile"
-    with anyio.fail_after(120):
-        done = await anyio.run_process(
-            [
-                CHROMIUM,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--no-first-run",
-                f"--user-data-dir={profile}",
-                "--virtual-time-budget=5000",  # fetches at 0, 2 and 4 s: rates from the last two
-                "--dump-dom",
-                f"{url}/",
-            ],
-            check=False,
-        )
-    dom = done.stdout.decode()
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    dom = await page_dom(url, tmp_path)
     for state, n in counts.items():
         assert re.search(rf'id="count-{state}"[^>]*>{n}<', dom), (state, dom[:3000])
     assert re.search(r'id="state"[^>]*>paused<', dom)

@@ -201,8 +201,34 @@ def status_report(data: Mapping[str, Any], out: TextIO = sys.stdout) -> None:
         print(f"  - {problem}", file=out)
     print(file=out)
     table(list(jobs), [list(jobs.values())], out)
+    nodes_table(data, out)
     providers = data.get("providers") or {}
     if providers:
         print(file=out)
         providers_table(providers, out)
     sections(data, out)
+
+
+def nodes_table(data: Mapping[str, Any], out: TextIO) -> None:
+    """The daemons sharing the store (a cluster); nothing for a daemon alone."""
+    store = data.get("store") or {}
+    nodes = data.get("nodes") or []
+    if store.get("backend") != "postgresql" or not nodes:
+        return
+    print(file=out)
+    table(
+        ["node", "host", "pid", "version", "alive", "heartbeat", "running"],
+        [
+            [
+                n["name"],
+                n["host"],
+                n["pid"],
+                n["version"],
+                "yes" if n["alive"] else "NO",
+                f"{n['heartbeat_age_s']:.1f} s ago",
+                n["running"],
+            ]
+            for n in nodes
+        ],
+        out,
+    )

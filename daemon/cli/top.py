@@ -49,6 +49,7 @@ def frame(status: dict[str, Any], before: dict[str, Any] | None, dt_s: float) ->
         file=out,
     )
     render.table(list(status["jobs"]), [list(status["jobs"].values())], out)
+    render.nodes_table(status, out)
     providers = status.get("providers") or {}
     if providers:
         print(file=out)
