@@ -10,10 +10,11 @@ from typing import Any
 
 import anyio
 import asyncpg
+import msgspec
 import pytest
 
 from daemon.config import SimulateConfig, StoreConfig
-from daemon.jobs import JobIds
+from daemon.jobs import Job, JobIds
 from daemon.providers.openai import OpenAIProvider
 from daemon.providers.shared_state import ProviderSync
 from daemon.providers.simulated import SimulatedAPI
@@ -308,3 +309,42 @@ async def test_nodes_share_one_breaker_and_one_pause_per_provider(open_store: Op
             assert on_a.resume() is None
             await until(lambda: on_b.paused_reason is None)
             tg.cancel_scope.cancel()
+
+
+async def test_attempt_ends_that_come_together_are_written_together(
+    open_store: OpenStore,
+) -> None:
+    """Ends that come at once share a few statements (group commit); each is still
+    fenced on its own: a stale end among them records nothing, and one PostgreSQL
+    refuses (a lone surrogate) fails alone while the others are recorded."""
+    ok = AttemptEnd(outcome="succeeded", result="done", latency_ms=1)
+    bad = AttemptEnd(outcome="succeeded", result="\ud800", latency_ms=1)
+    results: dict[str, object] = {}
+
+    async def end(store: PostgresStore, key: str, job: Job, attempt_end: AttemptEnd) -> None:
+        try:
+            results[key] = await store.finish(job, attempt_end)
+        except StoreError as exc:
+            results[key] = type(exc).__name__
+
+    with anyio.fail_after(TIMEOUT_S):
+        async with open_store("a") as a:
+            await a.submit([new_job() for _ in range(30)], max_backlog=100)
+            jobs = await a.claim(30)
+            before = a.commits
+            async with anyio.create_task_group() as tg:
+                for job in jobs[:20]:
+                    tg.start_soon(end, a, job.id, job, ok)
+            assert set(results.values()) == {"succeeded"} and len(results) == 20
+            assert a.commits - before < 10, a.commits - before
+            results.clear()
+            stale = msgspec.structs.replace(jobs[20], attempts=jobs[20].attempts + 1)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(end, a, "stale", stale, ok)
+                tg.start_soon(end, a, "bad", jobs[21], bad)
+                for job in jobs[22:]:
+                    tg.start_soon(end, a, job.id, job, ok)
+            assert results.pop("stale") is None
+            assert results.pop("bad") == "OpFailed"
+            assert set(results.values()) == {"succeeded"} and len(results) == 8
+            assert (await a.get(jobs[20].id)).state == "running"  # type: ignore[union-attr]

@@ -5,13 +5,24 @@ attempt's end."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Collection, Sequence
 from typing import Any
 
 import msgspec
 
 from daemon.jobs import Job, State
-from daemon.store.base import JOB_COLUMNS, AttemptEnd, NewJob, Submitted, row_to_job
+from daemon.store.base import (
+    JOB_COLUMNS,
+    AttemptEnd,
+    BacklogFull,
+    Canceled,
+    InvalidTransition,
+    JobNotFound,
+    NewJob,
+    Submitted,
+    row_to_job,
+)
 from daemon.store.pg_nodes import CHANNEL
 
 _INSERT_KEYED = (
@@ -140,3 +151,125 @@ async def submit(conn: Any, jobs: Sequence[NewJob]) -> list[Submitted]:
     if created:
         await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
     return out
+
+
+async def record_ends(
+    conn: Any, ends: Sequence[tuple[Job, AttemptEnd, State]]
+) -> list[tuple[bool, str | None]]:
+    """`record_end` for many attempts in one statement (group commit): each fenced on
+    its own attempt number. Returns, in order, whether each was recorded and its job's
+    state otherwise."""
+    now = time.time()
+    cols: list[list[Any]] = [[] for _ in range(18)]
+    for job, end, new in ends:
+        error, usage = end.error, end.usage
+        values = (
+            job.id,
+            job.attempts,
+            new,
+            end.retry_at or 0.0,
+            None if new == "queued" else now,
+            None if end.result is None else msgspec.json.encode(end.result).decode(),
+            error.type if error else None,
+            error.message if error else None,
+            1 if end.outcome == "rate_limited" else 0,
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+            usage.cost if usage else None,
+            end.outcome,
+            end.http_status,
+            end.latency_ms,
+            end.answer,
+            usage.prompt_tokens if usage else None,
+            usage.completion_tokens if usage else None,
+        )
+        for col, value in zip(cols, values, strict=True):
+            col.append(value)
+    rows = await conn.fetch(
+        "WITH u AS (SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::float8[], "
+        "$5::float8[], $6::text[], $7::text[], $8::text[], $9::int[], $10::int8[], "
+        "$11::int8[], $12::float8[], $13::text[], $14::int[], $15::float8[], $16::text[], "
+        "$17::int8[], $18::int8[]) WITH ORDINALITY AS u(id, n, to_state, not_before, finished, "
+        "result, etype, emsg, back, ptok, ctok, cost, outcome, http, latency, answer, "
+        "aptok, actok, i)), "
+        "m AS (UPDATE jobs j SET state = u.to_state, not_before = u.not_before, "
+        "finished_at = u.finished, result = u.result, error_type = u.etype, "
+        "error_message = u.emsg, attempts = j.attempts - u.back, "
+        "rate_limited = j.rate_limited + u.back, node = NULL, "
+        "prompt_tokens = coalesce(j.prompt_tokens, 0) + u.ptok, "
+        "completion_tokens = coalesce(j.completion_tokens, 0) + u.ctok, "
+        "cost = CASE WHEN u.cost IS NULL THEN j.cost ELSE coalesce(j.cost, 0) + u.cost END "
+        "FROM u WHERE j.id = u.id AND j.state = 'running' AND j.attempts = u.n "
+        "RETURNING j.id, u.n, u.to_state), "
+        "a AS (UPDATE attempts t SET finished_at = $19, outcome = u.outcome, "
+        "http_status = u.http, error_type = u.etype, error_message = u.emsg, "
+        "latency_ms = u.latency, prompt_tokens = u.aptok, completion_tokens = u.actok, "
+        "cost = u.cost, answer = u.answer FROM u JOIN m ON m.id = u.id AND m.n = u.n "
+        "WHERE t.job_id = u.id AND t.n = u.n AND t.outcome = 'running' RETURNING 1), "
+        "w AS (SELECT pg_notify($20, '') WHERE EXISTS (SELECT 1 FROM m WHERE to_state = 'queued')) "
+        "SELECT u.i, m.id IS NOT NULL AS moved, "
+        "(SELECT state FROM jobs s WHERE s.id = u.id) AS state, "
+        "(SELECT count(*) FROM a) AS recorded, (SELECT count(*) FROM w) AS woke "
+        "FROM u LEFT JOIN m ON m.id = u.id AND m.n = u.n ORDER BY u.i",
+        *cols,
+        now,
+        CHANNEL,
+    )
+    return [(bool(row["moved"]), row["state"]) for row in rows]
+
+
+async def cancel(conn: Any, job_id: str) -> Canceled:
+    """Cancel a queued or running job (in the caller's transaction); its running
+    attempt, on whichever node, is marked canceled (that node stops it)."""
+    now = time.time()
+    row = await conn.fetchrow("SELECT state, analyzer FROM jobs WHERE id = $1 FOR UPDATE", job_id)
+    if row is None:
+        raise JobNotFound(job_id)
+    state, analyzer = row["state"], row["analyzer"]
+    if state not in ("queued", "running"):
+        raise InvalidTransition(
+            f"job {job_id} is {state}; only queued or running jobs can be canceled"
+        )
+    await conn.execute(
+        "UPDATE jobs SET state = 'canceled', finished_at = $1, node = NULL WHERE id = $2",
+        now,
+        job_id,
+    )
+    await conn.execute(
+        "UPDATE attempts SET outcome = 'canceled', finished_at = $1 "
+        "WHERE job_id = $2 AND outcome = 'running'",
+        now,
+        job_id,
+    )
+    return Canceled(state, analyzer)
+
+
+async def retry(
+    conn: Any, job_ids: Sequence[str] | None, queued: int, max_backlog: int
+) -> Counter[str]:
+    """Failed (or named failed and canceled) jobs back in the queue with a fresh
+    budget of attempts and 429s, in the caller's transaction; how many from each state."""
+    if job_ids is None:
+        rows = await conn.fetch("SELECT id, state FROM jobs WHERE state = 'failed' FOR UPDATE")
+    else:
+        rows = await conn.fetch(
+            "SELECT id, state FROM jobs WHERE id = ANY($1) FOR UPDATE", list(job_ids)
+        )
+        found = {r["id"]: r["state"] for r in rows}
+        for job_id in job_ids:
+            if job_id not in found:
+                raise JobNotFound(job_id)
+            if found[job_id] not in ("failed", "canceled"):
+                raise InvalidTransition(
+                    f"job {job_id} is {found[job_id]}; only failed or canceled jobs retry"
+                )
+    if queued + len(rows) > max_backlog:
+        raise BacklogFull(queued, max_backlog)
+    await conn.execute(
+        "UPDATE jobs SET state = 'queued', max_attempts = attempts + max_attempts, "
+        "rate_limited = 0, not_before = 0, finished_at = NULL WHERE id = ANY($1)",
+        [r["id"] for r in rows],
+    )
+    if rows:
+        await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+    return Counter(r["state"] for r in rows)

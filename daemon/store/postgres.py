@@ -34,8 +34,6 @@ from daemon.store.base import (
     Canceled,
     Cluster,
     ClusterCommand,
-    InvalidTransition,
-    JobNotFound,
     NewJob,
     Node,
     OpFailed,
@@ -46,6 +44,7 @@ from daemon.store.base import (
     TableStats,
     next_state,
 )
+from daemon.store.pg_batch import Batcher
 from daemon.store.pg_nodes import CHANNEL
 from daemon.store.pg_providers import PgProviderState
 from daemon.store.pg_rates import PgRates
@@ -57,6 +56,7 @@ from daemon.wakeup import Wakeup
 log = structlog.get_logger("vigil.store")
 POOL_SIZE = 3
 TABLES_EVERY_S = 30.0
+End = tuple[Job, AttemptEnd, State]
 COUNTS_SHARE = 0.05  # of the time spent counting jobs by state, at most
 COUNTS_MAX_EVERY_S = 30.0
 ANALYZE_AFTER = 1000  # queued jobs beyond twice the last analyzed count
@@ -90,6 +90,8 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         self._tables: dict[str, TableStats] = {}
         self._tables_read = 0.0  # monotonic; table sizes are read every TABLES_EVERY_S
         self._counts_due = 0.0  # monotonic: when the counts are read again
+        # Attempt ends, written together when they come together (group commit).
+        self._ends: Batcher[End, tuple[bool, str | None]] = Batcher(self._write_ends)
         self._analyzed_queued = 0  # the queue's size when this node last ran ANALYZE
         self._heartbeat_ok = time.monotonic()
         self._pool: asyncpg.Pool | None = None
@@ -141,6 +143,7 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
             async with self._pool, anyio.create_task_group() as tg:
                 await self._listen(lock_conn)
                 tg.start_soon(self._maintain, name="store.heartbeat")
+                await tg.start(self._ends.run, name="store.ends")
                 try:
                     yield self
                 finally:
@@ -315,6 +318,8 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
                         yield conn
         except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
             raise OpFailed(str(exc)) from None
+        except (ValueError, OverflowError) as exc:  # a value the driver cannot send
+            raise OpFailed(f"{type(exc).__name__}: {exc}") from None
         except DB_ERRORS as exc:
             self._failed(exc)
             raise StoreError(f"database write failed: {reason(exc)}") from None
@@ -368,8 +373,7 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         attempt was taken over (presumed dead) records nothing; that is counted and
         logged. Returns the job's new state, or None."""
         new = next_state(job, end)
-        async with self._tx(single=True) as conn:
-            moved, state = await pg_jobs.record_end(conn, job, end, new)
+        moved, state = await self._ends.submit((job, end, new))
         if not moved:
             if state != "canceled":
                 self.refused_finishes += 1
@@ -384,6 +388,24 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
             return None
         self._move("running", new)
         return new
+
+    async def _write_ends(self, ends: Sequence[End]) -> list[tuple[bool, str | None] | Exception]:
+        """One statement for the batch; should one end be refused for itself (a value
+        PostgreSQL will not take), each is written alone so only that one fails."""
+        try:
+            async with self._tx(single=True) as conn:
+                return list(await pg_jobs.record_ends(conn, ends))
+        except OpFailed:
+            if len(ends) == 1:
+                raise
+        results: list[tuple[bool, str | None] | Exception] = []
+        for job, end, new in ends:
+            try:
+                async with self._tx(single=True) as conn:
+                    results.append(await pg_jobs.record_end(conn, job, end, new))
+            except StoreError as exc:
+                results.append(exc)
+        return results
 
     async def requeue(
         self,
@@ -425,64 +447,17 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         return moved
 
     async def cancel(self, job_id: str) -> Canceled:
-        now = time.time()
         async with self._tx() as conn:
-            row = await conn.fetchrow(
-                "SELECT state, analyzer FROM jobs WHERE id = $1 FOR UPDATE", job_id
-            )
-            if row is None:
-                raise JobNotFound(job_id)
-            state, analyzer = row["state"], row["analyzer"]
-            if state not in ("queued", "running"):
-                raise InvalidTransition(
-                    f"job {job_id} is {state}; only queued or running jobs can be canceled"
-                )
-            await conn.execute(
-                "UPDATE jobs SET state = 'canceled', finished_at = $1, node = NULL WHERE id = $2",
-                now,
-                job_id,
-            )
-            await conn.execute(
-                "UPDATE attempts SET outcome = 'canceled', finished_at = $1 "
-                "WHERE job_id = $2 AND outcome = 'running'",
-                now,
-                job_id,
-            )
-        self._move(state, "canceled")
-        return Canceled(state, analyzer)
+            canceled = await pg_jobs.cancel(conn, job_id)
+        self._move(canceled.was, "canceled")
+        return canceled
 
     async def retry(self, job_ids: Sequence[str] | None, *, max_backlog: int) -> int:
         async with self._tx() as conn:
-            if job_ids is None:
-                rows = await conn.fetch(
-                    "SELECT id, state FROM jobs WHERE state = 'failed' FOR UPDATE"
-                )
-            else:
-                rows = await conn.fetch(
-                    "SELECT id, state FROM jobs WHERE id = ANY($1) FOR UPDATE", list(job_ids)
-                )
-                found = {r["id"]: r["state"] for r in rows}
-                for job_id in job_ids:
-                    if job_id not in found:
-                        raise JobNotFound(job_id)
-                    if found[job_id] not in ("failed", "canceled"):
-                        raise InvalidTransition(
-                            f"job {job_id} is {found[job_id]}; only failed or canceled jobs retry"
-                        )
-            queued = self.counts["queued"]
-            if queued + len(rows) > max_backlog:
-                raise BacklogFull(queued, max_backlog)
-            await conn.execute(
-                "UPDATE jobs SET state = 'queued', max_attempts = attempts + max_attempts, "
-                "rate_limited = 0, "
-                "not_before = 0, finished_at = NULL WHERE id = ANY($1)",
-                [r["id"] for r in rows],
-            )
-            if rows:
-                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
-        for old, n in Counter(r["state"] for r in rows).items():
+            moved = await pg_jobs.retry(conn, job_ids, self.counts["queued"], max_backlog)
+        for old, n in moved.items():
             self._move(old, "queued", n)
-        return len(rows)
+        return sum(moved.values())
 
     async def purge(self, older_than_s: float) -> int:
         async with self._tx() as conn:
