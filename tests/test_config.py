@@ -354,3 +354,17 @@ def test_cli_check_config_good_file_exits_0(tmp_path: Path) -> None:
     proc = _check_config(REPO / "config" / "demo.toml", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "ok" in proc.stdout
+
+
+def test_store_section_is_checked_and_a_url_password_refused() -> None:
+    """[store]: a postgresql:// URL or nothing; a password in it is refused (it would
+    reach the config's log line), naming password_env; the lease is bounded."""
+    ok = parse_config(analyzer() + '[store]\nurl = "postgresql://vigil@db/vigil"\nlease_s = 10\n')
+    assert ok.store.lease_s == 10 and ok.store.node  # the host name by default
+    assert parse_config(analyzer()).store.url == ""  # SQLite, as before
+    message = error_of(analyzer() + '[store]\nurl = "postgresql://vigil:s3cret@db/vigil"\n')
+    assert "$.store.url" in message and "password_env" in message
+    assert "s3cret" not in message
+    assert "$.store.url" in error_of(analyzer() + '[store]\nurl = "mysql://db/vigil"\n')
+    assert "$.store.lease_s" in error_of(analyzer() + "[store]\nlease_s = 1\n")
+    assert "$.store.node_name" in error_of(analyzer() + '[store]\nnode_name = "a b"\n')
