@@ -104,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _secrets(config: Config) -> list[str]:
     names = [p.api_key_env for p in config.providers.values() if p.api_key_env]
-    names.append(config.http.token_env)
+    names += [config.http.token_env, config.store.password_env, "PGPASSWORD"]
     return [os.environ[n] for n in names if n and os.environ.get(n)]
 
 
