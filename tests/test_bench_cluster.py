@@ -1,6 +1,7 @@
 """`vigil bench cluster --smoke` end to end: it starts its own PostgreSQL server,
 runs the overhead on SQLite and on 1, 2 and 3 PostgreSQL nodes, intake, claim
-latency and a takeover after SIGKILL, and prints one JSON line. Only the output's
+latency, a takeover after SIGKILL and three nodes sharing one API's rate limit, and
+prints one JSON line. Only the output's
 shape and that every job finished are checked: no timing at this size."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from daemon.cli.bench_perf import SCENARIOS
 from daemon.cli.pg_launch import unavailable
 
-SMOKE_TIMEOUT_S = 120  # the run itself takes ~25 s; the margin is for a busy machine
+SMOKE_TIMEOUT_S = 120  # the run itself takes ~35 s; the margin is for a busy machine
 
 pytestmark = pytest.mark.skipif(
     unavailable() is not None, reason=f"no PostgreSQL for the benchmark: {unavailable()}"
@@ -86,6 +87,14 @@ def test_cluster_smoke() -> None:
     assert turn["jobs_with_two_results"] == 0
     assert turn["nodes_seen"] == {"node-1": True, "node-2": False}
     assert turn["taken_over_s"] > 0
+
+    shared = figures["shared_limit"]
+    assert shared["jobs_by_state"] == {"succeeded": shared["jobs"]}
+    assert sum(shared["attempts_by_node"].values()) == shared["api_requests"]
+    assert set(shared["attempts_by_node"]) <= {"node-1", "node-2", "node-3"}
+    assert shared["window"] is not None and shared["window"]["seconds"] > 0
+    assert shared["window"]["left_at_start"] == shared["api_limit_per_minute"] // 60
+    assert 0 <= shared["rate_limited_share"] <= 1
 
     # The server it started is stopped (others' servers, started before, may run on).
     assert _bench_processes() <= before

@@ -14,9 +14,8 @@ SQLite in the same run.
   each claim handed back (`requeue`) so the next sees the same backlog; the queue is
   filled through `PostgresStore.submit` in batches of 10,000 (the store's own path),
   growing from the smallest size to the largest.
-- takeover: two nodes with `lease_s = 3` and an API answering in ~2 s; both run
-  jobs, one is SIGKILLed, and the time until every job it was running is running on
-  the other (or finished) is measured on the database.
+- takeover and shared limit: the nodes cooperating, each with its own simulated
+  API (bench_cluster_nodes.py, which also starts the nodes).
 
 Every wait is bounded; all traffic goes to 127.0.0.1 and Unix sockets."""
 
@@ -24,33 +23,41 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import asyncpg
-import psutil  # type: ignore[import-untyped]  # no stubs; types-psutil is not a dependency
 
 from daemon.cli.bench_backlog import PICKS, SIZES
+from daemon.cli.bench_cluster_nodes import (
+    SHARED_JOBS,
+    SHARED_SMOKE_JOBS,
+    TAKEOVER_JOBS_PER_NODE,
+    TARGET_SHARED_429_SHARE,
+    TARGET_SHARED_UTILISATION,
+    WAIT_S,
+    nodes,
+    query,
+    shared_limit,
+    takeover,
+)
 from daemon.cli.bench_common import (
     ANALYZER,
     Env,
     Setup,
     api_only,
     cpu_s,
-    daemon_config,
     job_input,
     percentiles,
-    run_daemon,
     running,
     write_jsonl,
 )
 from daemon.cli.bench_intake import TARGET_SOCKET_PER_S, submit_jsonl
 from daemon.cli.bench_overhead import dispatch
 from daemon.cli.bench_report import Check, Result, at_least, at_most, info
-from daemon.cli.bench_run import BenchError, beside, poll_until, simulated_api
+from daemon.cli.bench_run import BenchError, beside
 from daemon.cli.pg_launch import Postgres, postgres
 from daemon.config import StoreConfig
 from daemon.jobs import JobIds
@@ -64,54 +71,13 @@ NODE_COUNTS = (1, 2, 3)
 INTAKE_FACTOR = 10  # intake: 10 x the overhead's jobs (100,000 at full size)
 CLAIM_FACTOR = 100  # claim: up to 100 x (1 M at full size)
 FILL_BATCH = 10_000
-TAKEOVER_LEASE_S = 3
-TAKEOVER_LATENCY_MS = 2000
-TAKEOVER_JOBS_PER_NODE = 8
 SAMPLE_S = 0.1
-POLL_S = 0.02
-WAIT_S = 60.0
-FINAL = ("succeeded", "failed", "canceled")
-
-
-def node_config(api_url: str, setup: Setup, dsn: str, node: str, lease_s: float = 30) -> str:
-    """The overhead's daemon config with a `[store]` on PostgreSQL."""
-    store = f'\n[store]\nurl = "{dsn}"\nnode_name = "{node}"\nlease_s = {lease_s}\n'
-    return daemon_config(api_url, setup) + store
-
-
-@asynccontextmanager
-async def nodes(
-    root: Path, api_url: str, setup: Setup, dsn: str, n: int, lease_s: float = 30
-) -> AsyncIterator[list[Env]]:
-    """`n` daemons on one database, each with its own directory (state, socket, log);
-    all stopped on exit."""
-    async with AsyncExitStack() as stack:
-        envs = []
-        for i in range(1, n + 1):
-            home = root / f"node-{i}"
-            await anyio.Path(home).mkdir(parents=True, exist_ok=True)
-            config = home / "vigil.toml"
-            text = node_config(api_url, setup, dsn, f"node-{i}", lease_s)
-            await anyio.Path(config).write_text(text)
-            envs.append(
-                await stack.enter_async_context(run_daemon(home, config, api_url, http=setup.http))
-            )
-        yield envs
-
-
-async def _query(dsn: str, sql: str, *args: Any) -> list[Any]:
-    conn = await asyncpg.connect(dsn, timeout=WAIT_S)
-    try:
-        rows: list[Any] = await conn.fetch(sql, *args, timeout=WAIT_S)
-        return rows
-    finally:
-        await conn.close()
 
 
 async def pg_window(dsn: str) -> tuple[float, float, int]:
     """bench_common.db_window on PostgreSQL: (first attempt started, last job finished,
     jobs finished)."""
-    rows = await _query(
+    rows = await query(
         dsn,
         "SELECT (SELECT min(started_at) FROM attempts), max(finished_at), count(finished_at) "
         "FROM jobs",
@@ -165,7 +131,7 @@ async def _pg_overhead(
             watcher.watch,
         )
         pg_cpu = pg.cpu_s() - pg_cpu
-    by_node = await _query(dsn, "SELECT node, count(*) FROM attempts GROUP BY node ORDER BY node")
+    by_node = await query(dsn, "SELECT node, count(*) FROM attempts GROUP BY node ORDER BY node")
     peak = max(watcher.samples, default=0)
     return {
         **measured,
@@ -236,7 +202,7 @@ async def intake(root: Path, pg: Postgres, api_url: str, jobs: int) -> dict[str,
     sql = "SELECT count(*) FROM jobs WHERE state = 'queued'"
 
     async def pg_queued() -> int:
-        return int((await _query(dsn, sql))[0][0])
+        return int((await query(dsn, sql))[0][0])
 
     async with nodes(root / "postgres", api_url, setup, dsn, 1) as envs:
         server_cpu = pg.cpu_s()
@@ -310,7 +276,7 @@ async def claim(pg: Postgres, largest: int) -> dict[str, Any]:
                 await store.submit(_new_jobs(ids, filled, batch), max_backlog=10 * largest)
                 filled += batch
             fill_s += time.perf_counter() - started
-            table = dict((await _query(dsn, _TABLE_STATS))[0])
+            table = dict((await query(dsn, _TABLE_STATS))[0])
             out[str(size)] = {
                 "queued": filled,
                 "auto_analyzed": table["auto_analyzed"],
@@ -319,7 +285,7 @@ async def claim(pg: Postgres, largest: int) -> dict[str, Any]:
             }
         await pg.execute("ANALYZE jobs", dbname="claim")
         analyzed = {"queued": filled, **await _picks(store, filled)}
-    table = dict((await _query(dsn, _TABLE_STATS))[0])
+    table = dict((await query(dsn, _TABLE_STATS))[0])
     table["mb"] = round(table.pop("bytes") / 2**20, 1)
     return {
         "pick": out,
@@ -328,121 +294,6 @@ async def claim(pg: Postgres, largest: int) -> dict[str, Any]:
         "fill_per_s": round(filled / fill_s, 1),
         "jobs_table": table,
     }
-
-
-async def _until(
-    check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = WAIT_S
-) -> float:
-    """Poll `check()` every POLL_S until true; the seconds it took."""
-    started = time.perf_counter()
-
-    async def done() -> bool | None:
-        return True if await check() else None
-
-    await poll_until(done, every_s=POLL_S, timeout_s=timeout_s, what=what)
-    return time.perf_counter() - started
-
-
-async def takeover(root: Path, pg: Postgres, per_node: int) -> dict[str, Any]:
-    """Node 2 runs `per_node` jobs, node 1 as many of its own (with room for more:
-    what is measured is the takeover, not node 1's capacity); node 2 is SIGKILLed;
-    how long until node 1 has taken its jobs over."""
-    dsn = await pg.create_database("takeover")
-    await anyio.Path(root).mkdir(parents=True, exist_ok=True)
-    api_args = ["--latency-ms", str(TAKEOVER_LATENCY_MS), "--latency-sigma", "0.05"]
-    conn = await asyncpg.connect(dsn, timeout=WAIT_S)
-    try:
-        async with (
-            simulated_api([*api_args, "--seed", "1"], root / "simulate-api.log") as url,
-            nodes(root, url, Setup(http=False), dsn, 2, TAKEOVER_LEASE_S) as (one, two),
-        ):
-
-            async def running_on(node: str) -> int:
-                n: int = await conn.fetchval(
-                    "SELECT count(*) FROM jobs WHERE state = 'running' AND node = $1", node
-                )
-                return n
-
-            await one.client.call("pause")
-            await two.submit(0, per_node)
-            await _until(lambda: _is(running_on("node-2"), per_node), "node 2 running its jobs")
-            await two.client.call("pause")  # its attempts run on; node 1 gets the next jobs
-            await one.submit(per_node, per_node)
-            await one.client.call("resume")
-            await _until(lambda: _is(running_on("node-1"), per_node), "node 1 running its jobs")
-            two.daemon.kill()
-            killed = time.perf_counter()
-            await _until(lambda: _gone(two), "node 2 dying")  # never reaped here: see _gone
-            victims = [
-                r["id"]
-                for r in await conn.fetch(
-                    "SELECT id FROM jobs WHERE state = 'running' AND node = 'node-2'"
-                )
-            ]
-
-            async def moved(*, requeued_only: bool) -> bool:
-                row = await conn.fetchrow(
-                    "SELECT count(*) FILTER (WHERE state = 'running' AND node = 'node-2') AS old, "
-                    "count(*) FILTER (WHERE state = 'running' AND node = 'node-1' "
-                    "OR state = ANY($2)) AS taken FROM jobs WHERE id = ANY($1)",
-                    victims,
-                    list(FINAL),
-                )
-                assert row is not None
-                return bool(row["old"] == 0 if requeued_only else row["taken"] == len(victims))
-
-            await _until(lambda: moved(requeued_only=True), "node 2's jobs requeued")
-            reaped_s = time.perf_counter() - killed
-            await _until(lambda: moved(requeued_only=False), "node 2's jobs taken over")
-            taken_s = time.perf_counter() - killed
-            await _until(lambda: _is(_all_final(conn), 2 * per_node), "every job final")
-            done_s = time.perf_counter() - killed
-            seen = await one.status()
-        outcomes = {
-            r["outcome"]: r["count"]
-            for r in await conn.fetch("SELECT outcome, count(*) FROM attempts GROUP BY outcome")
-        }
-        doubles = await conn.fetchval(
-            "SELECT count(*) FROM (SELECT job_id FROM attempts WHERE outcome = 'succeeded' "
-            "GROUP BY job_id HAVING count(*) > 1) t"
-        )
-        jobs = {
-            r["state"]: r["count"]
-            for r in await conn.fetch("SELECT state, count(*) FROM jobs GROUP BY state")
-        }
-    finally:
-        await conn.close()
-    return {
-        "lease_s": TAKEOVER_LEASE_S,
-        "api_latency_ms": TAKEOVER_LATENCY_MS,
-        "jobs": 2 * per_node,
-        "killed_node_running": len(victims),
-        "requeued_s": round(reaped_s, 3),
-        "taken_over_s": round(taken_s, 3),
-        "all_finished_s": round(done_s, 3),
-        "jobs_by_state": jobs,
-        "attempts_by_outcome": outcomes,
-        "jobs_with_two_results": doubles,
-        "nodes_seen": {n["name"]: n["alive"] for n in seen.get("nodes", [])},
-    }
-
-
-async def _gone(env: Env) -> bool:
-    """Dead (a zombie until its runner reaps it). Not psutil's wait(): that would reap
-    the child behind the back of the runner, whose own wait would then never end."""
-    try:
-        return bool(env.daemon.status() == psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return True
-
-
-async def _is(value: Awaitable[int], expected: int) -> bool:
-    return bool(await value == expected)
-
-
-async def _all_final(conn: Any) -> int:
-    n: int = await conn.fetchval("SELECT count(*) FROM jobs WHERE state = ANY($1)", list(FINAL))
-    return n
 
 
 def _checks(figures: dict[str, Any], judge: bool) -> list[Check]:
@@ -458,7 +309,7 @@ def _checks(figures: dict[str, Any], judge: bool) -> list[Check]:
     small_ms = small["claim_64_ms"]["p50"] or 0.0
     large_ms = large["claim_64_ms"]["p50"] or 0.0
     analyzed = figures["claim"]["pick_after_analyze"]
-    turn = figures["takeover"]
+    turn, shared = figures["takeover"], figures["shared_limit"]
     peak = max(over[f"postgres_{n}"]["connections"]["peak_per_node"] for n in NODE_COUNTS)
     checks = [info("overhead: SQLite", over["sqlite"]["per_s"], "jobs/s")]
     checks += [
@@ -480,6 +331,10 @@ def _checks(figures: dict[str, Any], judge: bool) -> list[Check]:
         at_most("takeover after SIGKILL", turn["taken_over_s"], "s",
                 turn["lease_s"] + TARGET_TAKEOVER_SLACK_S, judge),
         at_most("connections per node (peak)", peak, "", CONNECTIONS_PER_NODE, judge),
+        at_least("shared limit: utilisation, 3 nodes", (shared["window"] or {}).get("utilisation"),
+                 "", TARGET_SHARED_UTILISATION, judge),
+        at_most("shared limit: 429 share", shared["rate_limited_share"], "",
+                TARGET_SHARED_429_SHARE, judge),
     ]  # fmt: skip
 
 
@@ -493,6 +348,9 @@ async def run(root: Path, jobs: int, judge: bool) -> Result:
             intake_ = await intake(root / "intake", pg, url, INTAKE_FACTOR * jobs)
         picks = await claim(pg, CLAIM_FACTOR * jobs)
         turn = await takeover(root / "takeover", pg, per_node)
+        shared = await shared_limit(
+            root / "shared-limit", pg, SHARED_JOBS if judge else SHARED_SMOKE_JOBS
+        )
         settings = pg.settings
     sqlite_rate = over["sqlite"]["per_s"]
     figures: dict[str, Any] = {
@@ -503,6 +361,7 @@ async def run(root: Path, jobs: int, judge: bool) -> Result:
         "intake": intake_,
         "claim": picks,
         "takeover": turn,
+        "shared_limit": shared,
     }
     durability = ", ".join(
         f"{k}={settings[k]}" for k in ("fsync", "synchronous_commit", "full_page_writes")
@@ -510,7 +369,8 @@ async def run(root: Path, jobs: int, judge: bool) -> Result:
     return Result(
         "cluster",
         f"PostgreSQL {settings['server_version'].split()[0]} beside SQLite: {jobs:,} jobs on "
-        f"1-3 nodes, intake, claim at {CLAIM_FACTOR * jobs:,} queued, takeover, connections",
+        f"1-3 nodes, intake, claim at {CLAIM_FACTOR * jobs:,} queued, takeover, connections, "
+        "3 nodes sharing one rate limit",
         figures,
         _checks(figures, judge),
         [
