@@ -255,7 +255,7 @@ class SharedRates(Protocol):
 
     async def book(self, key: str, increment_s: float, slice_s: float) -> float:
         """Take `increment_s` of the budget `key` (one slice of burst); returns the
-        seconds to wait before sending."""
+        seconds to wait before sending, below zero when there is room to spare."""
         ...
 
     async def hold(self, key: str, seconds: float, slice_s: float) -> None:
@@ -393,6 +393,8 @@ class ProviderLimits:
                 if bucket.per_minute:
                     increment_s = bucket.cost(units) * 60 / bucket.per_minute
                     key = f"{self.shared_key}.{name}"
+                    # The margin holds back refill, as locally: it delays a request only
+                    # where the slice has less room than that to spare.
                     booked = await self.shared.book(key, increment_s, bucket.slice_s)
                     wait = max(wait, booked + bucket.margin_s)
         except Exception as exc:

@@ -15,7 +15,8 @@ class PgRates:
 
     async def book(self, key: str, increment_s: float, slice_s: float) -> float:
         """The budget's theoretical arrival time moves on by `increment_s`; a request
-        may go once that is within one slice of now. Returns the seconds to wait."""
+        may go once that is within one slice of now. Returns the seconds to wait, below
+        zero when the slice has room to spare (the caller's margin comes off that)."""
         wait: float = await self._pool.fetchval(
             _NOW + "INSERT INTO rate_budgets AS b (key, tat) SELECT $1, c.now + $2 FROM c "
             "ON CONFLICT (key) DO UPDATE SET tat = greatest(b.tat, (SELECT now FROM c)) + $2 "
@@ -24,7 +25,7 @@ class PgRates:
             increment_s,
             slice_s,
         )
-        return max(0.0, wait)
+        return wait
 
     async def hold(self, key: str, seconds: float, slice_s: float) -> None:
         """A 429 on any node: the next request on `key` goes `seconds` from now."""
