@@ -186,6 +186,24 @@ class PgServer:
         host = quote(str(self.socket_dir), safe="/")
         return f"postgresql://{PG_USER}@/{quote(dbname, safe='')}?host={host}&port={self.port}"
 
+    def password_role(self, role: str, password: str) -> str:
+        """A login role that must give `password` (scram, over the socket; every other
+        role stays on trust), created once; returns the DSN prefix with it as user."""
+        if not self.psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'").strip():
+            self.psql(f"CREATE ROLE {_ident(role)} LOGIN SUPERUSER PASSWORD '{password}'")
+            hba = self.data_dir / "pg_hba.conf"
+            rule = f"local all {role} scram-sha-256\n"
+            self._run_as_server(
+                [
+                    "sh",
+                    "-c",
+                    f"printf '%s' '{rule}' | cat - {hba} > {hba}.new && mv {hba}.new {hba}",
+                ],
+                timeout_s=PSQL_TIMEOUT_S,
+            )
+            self._pg_ctl("reload")
+        return self.dsn().replace(f"{PG_USER}@", f"{role}@", 1)
+
     def new_database_name(self) -> str:
         """A database name not used before on this server: test_1, test_2, ..."""
         return f"test_{next(self._names)}"

@@ -263,3 +263,35 @@ def test_a_node_cut_off_from_the_database_past_its_lease_gives_its_attempts_up(
     assert "queue.cut_off" in events, events
     assert [a["outcome"] for a in shown["attempts"]] == ["interrupted", "succeeded"], shown
     assert shown["job"]["attempts"] == 1
+
+
+def test_a_refused_login_and_an_unreachable_database_are_one_clear_line(
+    start_daemon: StartDaemon, pg_server: PgServer, pg_dsn: str, tmp_path: Path
+) -> None:
+    """At start: a wrong password exits 78 (a human must fix it), a database nobody
+    answers at exits 1 (a restart may help); one line each naming the database, never a
+    traceback, never the password. The right password starts the daemon."""
+    dbname = urlsplit(pg_dsn).path.lstrip("/")
+    url = pg_server.password_role("vigil_pw", "right-horse").replace("/postgres?", f"/{dbname}?")
+    with threaded_api() as api:
+
+        def config(store_url: str, node: str) -> str:
+            return cluster_config(store_url, node, api.url).replace(
+                "lease_s = 3", 'lease_s = 3\npassword_env = "VIGIL_TEST_DB_PW"'
+            )
+
+        wrong = start_daemon(
+            config(url, "w"), name="w", env={"VIGIL_TEST_DB_PW": "wrong-battery"}, ready=False
+        )
+        assert wrong.proc.wait(30) == 78
+        nowhere = f"postgresql://vigil@/vigil?host={tmp_path}&port=1"
+        gone = start_daemon(
+            config(nowhere, "g"), name="g", env={"VIGIL_TEST_DB_PW": "x"}, ready=False
+        )
+        assert gone.proc.wait(30) == 1
+        right = start_daemon(config(url, "r"), name="r", env={"VIGIL_TEST_DB_PW": "right-horse"})
+        assert right.call("status")["store"]["backend"] == "postgresql"
+    for daemon, says in ((wrong, "refused the login"), (gone, "cannot connect to the database")):
+        log = daemon.log()
+        assert (says in log and "vigil_pw" in log) or "vigil@" in log, log
+        assert "Traceback" not in log and "wrong-battery" not in log, log

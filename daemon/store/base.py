@@ -5,12 +5,15 @@ PostgreSQL (postgres.py) lets several daemons share one queue."""
 
 from __future__ import annotations
 
+import os
+import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import Any, Literal, Protocol
 
 import msgspec
 
+from daemon import __version__
 from daemon.errors import StartupError
 from daemon.jobs import Attempt, ErrorInfo, Job, State, Usage
 from daemon.providers.limits import SharedRates
@@ -205,6 +208,20 @@ class Node(msgspec.Struct, frozen=True, kw_only=True):
     alive: bool
     heartbeat_age_s: float
     running: int
+
+    @classmethod
+    def this_daemon(cls, running: int) -> Node:
+        """This process, alive (what a store nobody shares reports)."""
+        host = socket.gethostname()
+        return cls(
+            name=host,
+            host=host,
+            pid=os.getpid(),
+            version=__version__,
+            alive=True,
+            heartbeat_age_s=0.0,
+            running=running,
+        )
 
 
 ClusterCommand = Literal["pause", "resume", "drain"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sqlite3
 import time
 from collections import Counter
@@ -23,7 +22,6 @@ import anyio
 import msgspec
 import structlog
 
-from daemon import __version__
 from daemon.jobs import Job, State
 from daemon.providers.limits import SharedRates
 from daemon.providers.shared_state import SharedProviderState
@@ -97,17 +95,7 @@ class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
 
     def nodes(self) -> list[Node]:
         """One daemon: this one (a SQLite store is never shared)."""
-        return [
-            Node(
-                name=socket.gethostname(),
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                version=__version__,
-                alive=True,
-                heartbeat_age_s=0.0,
-                running=self.counts["running"],
-            )
-        ]
+        return [Node.this_daemon(self.counts["running"])]
 
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
