@@ -9,7 +9,7 @@ import os
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import msgspec
 
@@ -157,6 +157,35 @@ def usage_of(ptok: int | None, ctok: int | None, cost: float | None) -> Usage | 
     if ptok is None and ctok is None:
         return None
     return Usage(prompt_tokens=ptok or 0, completion_tokens=ctok or 0, cost=cost)
+
+
+class EndValues(NamedTuple):
+    """What both stores write for an attempt's end, worked out once."""
+
+    result_json: str | None  # encoded before any write: unencodable fails the op cleanly
+    error_type: str | None
+    error_message: str | None
+    given_back: int  # 1 for a 429: the request was not processed, the attempt returns
+    prompt_tokens: int  # added to the job's totals
+    completion_tokens: int
+    cost: float | None
+    attempt_prompt_tokens: int | None  # the attempt's own, None without an answer
+    attempt_completion_tokens: int | None
+
+    @classmethod
+    def of(cls, end: AttemptEnd) -> EndValues:
+        error, usage = end.error, end.usage
+        return cls(
+            None if end.result is None else msgspec.json.encode(end.result).decode(),
+            error.type if error else None,
+            error.message if error else None,
+            1 if end.outcome == "rate_limited" else 0,
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+            usage.cost if usage else None,
+            usage.prompt_tokens if usage else None,
+            usage.completion_tokens if usage else None,
+        )
 
 
 def next_state(job: Job, end: AttemptEnd) -> State:

@@ -1,6 +1,6 @@
 """The SQL of a job's way through a shared store: submit (one statement for jobs with
-no key), the claim (SKIP LOCKED, counting the attempt) and the fenced record of an
-attempt's end."""
+no key), the claim (SKIP LOCKED, counting the attempt), the fenced record of attempts'
+ends (many in one statement), cancel and retry."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from daemon.store.base import (
     AttemptEnd,
     BacklogFull,
     Canceled,
+    EndValues,
     InvalidTransition,
     JobNotFound,
     NewJob,
@@ -54,53 +55,6 @@ async def claim(conn: Any, node: str, limit: int, skip_analyzers: Collection[str
         node,
     )
     return [row_to_job(row) for row in rows]
-
-
-async def record_end(conn: Any, job: Job, end: AttemptEnd, new: State) -> tuple[bool, str | None]:
-    """Move the job to `new` and record its attempt's end, in one statement, only where
-    the job is still `running` under this attempt's number (the fence). Returns whether
-    it was, and the job's state as it is otherwise."""
-    now = time.time()
-    result_json = None if end.result is None else msgspec.json.encode(end.result).decode()
-    given_back = 1 if end.outcome == "rate_limited" else 0  # a 429 spends no attempt
-    error, usage = end.error, end.usage
-    row = await conn.fetchrow(
-        "WITH m AS (UPDATE jobs SET state = $1, not_before = $2, finished_at = $3, "
-        "result = $4, error_type = $5, error_message = $6, attempts = attempts - $7, "
-        "rate_limited = rate_limited + $7, node = NULL, "
-        "prompt_tokens = coalesce(prompt_tokens, 0) + $8, "
-        "completion_tokens = coalesce(completion_tokens, 0) + $9, "
-        "cost = CASE WHEN $10::float8 IS NULL THEN cost ELSE coalesce(cost, 0) + $10 END "
-        "WHERE id = $11 AND state = 'running' AND attempts = $12 RETURNING id), "
-        "a AS (UPDATE attempts SET finished_at = $13, outcome = $14, http_status = $15, "
-        "error_type = $5, error_message = $6, latency_ms = $16, prompt_tokens = $17, "
-        "completion_tokens = $18, cost = $10, answer = $19 "
-        "WHERE job_id IN (SELECT id FROM m) AND n = $12 AND outcome = 'running' RETURNING 1), "
-        "w AS (SELECT pg_notify($20, '') FROM m WHERE $1 = 'queued') "
-        "SELECT (SELECT count(*) FROM m) AS moved, (SELECT count(*) FROM a) AS recorded, "
-        "(SELECT count(*) FROM w) AS woke, (SELECT state FROM jobs WHERE id = $11) AS state",
-        new,
-        end.retry_at or 0.0,
-        None if new == "queued" else now,
-        result_json,
-        error.type if error else None,
-        error.message if error else None,
-        given_back,
-        usage.prompt_tokens if usage else 0,
-        usage.completion_tokens if usage else 0,
-        usage.cost if usage else None,
-        job.id,
-        job.attempts,
-        now,
-        end.outcome,
-        end.http_status,
-        end.latency_ms,
-        usage.prompt_tokens if usage else None,
-        usage.completion_tokens if usage else None,
-        end.answer,
-        CHANNEL,
-    )
-    return bool(row["moved"]), row["state"]
 
 
 async def submit(conn: Any, jobs: Sequence[NewJob]) -> list[Submitted]:
@@ -156,32 +110,33 @@ async def submit(conn: Any, jobs: Sequence[NewJob]) -> list[Submitted]:
 async def record_ends(
     conn: Any, ends: Sequence[tuple[Job, AttemptEnd, State]]
 ) -> list[tuple[bool, str | None]]:
-    """`record_end` for many attempts in one statement (group commit): each fenced on
-    its own attempt number. Returns, in order, whether each was recorded and its job's
-    state otherwise."""
+    """Move each job to its new state and record its attempt's end, many in one
+    statement (group commit), each only where its job is still `running` under that
+    attempt's number (the fence). Returns, in order, whether each was recorded and its
+    job's state otherwise."""
     now = time.time()
     cols: list[list[Any]] = [[] for _ in range(18)]
     for job, end, new in ends:
-        error, usage = end.error, end.usage
+        v = EndValues.of(end)
         values = (
             job.id,
             job.attempts,
             new,
             end.retry_at or 0.0,
             None if new == "queued" else now,
-            None if end.result is None else msgspec.json.encode(end.result).decode(),
-            error.type if error else None,
-            error.message if error else None,
-            1 if end.outcome == "rate_limited" else 0,
-            usage.prompt_tokens if usage else 0,
-            usage.completion_tokens if usage else 0,
-            usage.cost if usage else None,
+            v.result_json,
+            v.error_type,
+            v.error_message,
+            v.given_back,
+            v.prompt_tokens,
+            v.completion_tokens,
+            v.cost,
             end.outcome,
             end.http_status,
             end.latency_ms,
             end.answer,
-            usage.prompt_tokens if usage else None,
-            usage.completion_tokens if usage else None,
+            v.attempt_prompt_tokens,
+            v.attempt_completion_tokens,
         )
         for col, value in zip(cols, values, strict=True):
             col.append(value)

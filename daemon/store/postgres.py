@@ -402,7 +402,8 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         for job, end, new in ends:
             try:
                 async with self._tx(single=True) as conn:
-                    results.append(await pg_jobs.record_end(conn, job, end, new))
+                    [result] = await pg_jobs.record_ends(conn, [(job, end, new)])
+                    results.append(result)
             except StoreError as exc:
                 results.append(exc)
         return results

@@ -32,6 +32,7 @@ from daemon.store.base import (
     BacklogFull,
     Canceled,
     Cluster,
+    EndValues,
     InvalidTransition,
     JobNotFound,
     NewJob,
@@ -297,15 +298,10 @@ class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
         result is recorded exactly once. Returns the job's new state (None: the job
         had already moved on, e.g. canceled)."""
 
-        # Encoded before any write, so an unencodable result fails the op cleanly.
-        result_json = None if end.result is None else msgspec.json.encode(end.result).decode()
-
-        rate_limited = end.outcome == "rate_limited"
+        v = EndValues.of(end)
 
         def op(db: sqlite3.Connection, tx: Tx) -> State | None:
             now = time.time()
-            error = end.error
-            usage = end.usage
             db.execute(
                 "UPDATE attempts SET finished_at = ?, outcome = ?, http_status = ?, "
                 "error_type = ?, error_message = ?, latency_ms = ?, prompt_tokens = ?, "
@@ -315,20 +311,18 @@ class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
                     now,
                     end.outcome,
                     end.http_status,
-                    error.type if error else None,
-                    error.message if error else None,
+                    v.error_type,
+                    v.error_message,
                     end.latency_ms,
-                    usage.prompt_tokens if usage else None,
-                    usage.completion_tokens if usage else None,
-                    usage.cost if usage else None,
+                    v.attempt_prompt_tokens,
+                    v.attempt_completion_tokens,
+                    v.cost,
                     end.answer,
                     job.id,
                     job.attempts,
                 ),
             )
             new = next_state(job, end)
-            # A 429 gives its attempt back: the request was not processed.
-            given_back = 1 if rate_limited else 0
             cur = db.execute(
                 "UPDATE jobs SET state = ?, not_before = ?, finished_at = ?, result = ?, "
                 "error_type = ?, error_message = ?, attempts = attempts - ?, "
@@ -341,15 +335,15 @@ class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
                     new,
                     end.retry_at or 0.0,
                     None if new == "queued" else now,
-                    result_json,
-                    error.type if error else None,
-                    error.message if error else None,
-                    given_back,
-                    given_back,
-                    usage.prompt_tokens if usage else 0,
-                    usage.completion_tokens if usage else 0,
-                    usage.cost if usage else None,
-                    usage.cost if usage else None,
+                    v.result_json,
+                    v.error_type,
+                    v.error_message,
+                    v.given_back,
+                    v.given_back,
+                    v.prompt_tokens,
+                    v.completion_tokens,
+                    v.cost,
+                    v.cost,
                     job.id,
                     job.attempts,
                 ),
