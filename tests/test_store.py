@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
 import sqlite3
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -875,3 +877,20 @@ async def test_an_error_text_sqlite3_cannot_bind_still_ends_the_job(store: Store
     assert job.error.type == "RecordFailed", job.error
     assert "could not be stored" in job.error.message and "surrogate" in job.error.message
     assert store.last_error is None
+
+
+async def test_a_new_database_and_its_wal_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """Every input and result lives in the database: it, its WAL and its shared-memory
+    file are 0600 even under a permissive umask."""
+    old = os.umask(0o002)
+    try:
+        with anyio.fail_after(TIMEOUT_S):
+            async with Store(tmp_path / "vigil.db") as store:
+                await submit_one(store)
+                modes = {
+                    name: stat.S_IMODE((tmp_path / name).stat().st_mode)
+                    for name in ("vigil.db", "vigil.db-wal", "vigil.db-shm")
+                }
+    finally:
+        os.umask(old)
+    assert modes == dict.fromkeys(modes, 0o600), {k: oct(v) for k, v in modes.items()}

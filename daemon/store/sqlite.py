@@ -101,6 +101,7 @@ class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
         await anyio.Path(self.path.parent).mkdir(parents=True, exist_ok=True)
+        await anyio.to_thread.run_sync(_create_private, self.path)
         async with (
             self._send,
             self._receive,
@@ -483,3 +484,11 @@ def _state_of(db: sqlite3.Connection, job_id: str) -> tuple[State, str]:
     if row is None:
         raise JobNotFound(job_id)
     return row[0], row[1]
+
+
+def _create_private(path: Path) -> None:
+    """The database holds every input and result: a new one is created readable by its
+    owner alone, whatever the umask (SQLite gives its -wal and -shm files the database
+    file's mode)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
