@@ -36,11 +36,11 @@ from daemon.observe.ring import LogRing
 from daemon.observe.sdstatus import extend_while_draining, report_status
 from daemon.providers.openai import OpenAIProvider
 from daemon.providers.shared_state import ProviderSync
-from daemon.providers.simulated import SimulatedAPI, serve_simulated
 from daemon.queue import Dispatcher
 from daemon.reload import ReloadError, reload
 from daemon.retention import Retention
 from daemon.runtime import Runtime
+from daemon.simulated.server import SimulatedAPI, serve_simulated
 from daemon.store.base import JobStore
 from daemon.store.open import open_store
 from daemon.watchdog.introspect import log_stacks

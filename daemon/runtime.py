@@ -20,8 +20,8 @@ from daemon.observe.health import Check, Health
 from daemon.observe.logs import LineWriter
 from daemon.observe.ring import LogRing
 from daemon.providers.openai import OpenAIProvider
-from daemon.providers.simulated import SimulatedAPI
 from daemon.queue import Dispatcher
+from daemon.simulated.server import SimulatedAPI
 from daemon.store.base import JobStore
 from daemon.wakeup import Wakeup
 

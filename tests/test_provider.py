@@ -20,7 +20,7 @@ from daemon.config import ProviderConfig, SimulateConfig
 from daemon.providers.base import ChatRequest, Message, ProviderError
 from daemon.providers.limits import ProviderLimits, TokenBucket
 from daemon.providers.openai import OpenAIProvider
-from daemon.providers.simulated import SimulatedAPI, serve_simulated
+from daemon.simulated.server import SimulatedAPI, serve_simulated
 
 KEY_ENV = "VIGIL_TEST_PROVIDER_KEY"
 SECRET = "sk-test-vigil-0123456789abcdef-SECRET"

@@ -14,13 +14,13 @@ import pytest
 from multidict import CIMultiDictProxy
 
 from daemon.config import SimulateConfig
-from daemon.providers.simulated import (
+from daemon.simulated.limits import openai_duration
+from daemon.simulated.server import (
     SimulatedAPI,
     run_standalone,
     serve_api,
     serve_simulated,
 )
-from daemon.providers.simulated_limits import openai_duration
 
 pytestmark = pytest.mark.anyio
 

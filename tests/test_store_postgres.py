@@ -17,7 +17,7 @@ from daemon.config import SimulateConfig, StoreConfig
 from daemon.jobs import Job, JobIds
 from daemon.providers.openai import OpenAIProvider
 from daemon.providers.shared_state import ProviderSync
-from daemon.providers.simulated import SimulatedAPI
+from daemon.simulated.server import SimulatedAPI
 from daemon.store.base import AttemptEnd, NewJob, StoreError, StoreRefused
 from daemon.store.pg_reads import safe_url
 from daemon.store.pg_schema import SCHEMA_VERSION

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from daemon.config import SimulateConfig
 from daemon.providers.base import ChatRequest, Message, ProviderError
 from daemon.providers.openai import OpenAIProvider
-from daemon.providers.simulated import SimulatedAPI
+from daemon.simulated.server import SimulatedAPI
 from tests.test_provider import (
     BOUND_S,
     FAST,

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from daemon.providers.simulated_faults import FAULT_HEADER, FAULT_RETRY_AFTER_MS, FAULTS
+from daemon.simulated.faults import FAULT_HEADER, FAULT_RETRY_AFTER_MS, FAULTS
 from tests.daemon_proc import DaemonProcess, daemon_config, wait_until
 from tests.torture_helpers import (
     ThreadedApi,

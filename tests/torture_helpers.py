@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 
 from daemon.config import SimulateConfig
-from daemon.providers.simulated import SimulatedAPI, serve_api
+from daemon.simulated.server import SimulatedAPI, serve_api
 from tests.daemon_proc import START_TIMEOUT_S, DaemonProcess, db_rows
 
 

@@ -132,7 +132,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate_api(args: argparse.Namespace) -> int:
-    from daemon.providers.simulated import run_standalone
+    from daemon.simulated.server import run_standalone
 
     settings = SimulateConfig(
         latency_ms=args.latency_ms,

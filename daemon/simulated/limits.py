@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable
 
 from daemon.config import SimulateConfig
-from daemon.providers.simulated_wire import ApiError
+from daemon.simulated.wire import ApiError
 
 
 def openai_duration(seconds: float) -> str:

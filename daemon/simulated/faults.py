@@ -16,9 +16,9 @@ from collections.abc import Awaitable, Callable
 import anyio
 from aiohttp import web
 
-from daemon.providers.simulated_limits import openai_duration
-from daemon.providers.simulated_model import answer, text_of
-from daemon.providers.simulated_wire import (
+from daemon.simulated.limits import openai_duration
+from daemon.simulated.model import answer, text_of
+from daemon.simulated.wire import (
     DEFAULT_MAX_TOKENS,
     ENCODER,
     ApiError,

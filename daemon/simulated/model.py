@@ -10,7 +10,7 @@ from typing import Literal
 
 import msgspec
 
-from daemon.providers.simulated_wire import ENCODER, InMessage
+from daemon.simulated.wire import ENCODER, InMessage
 
 _ANALYSED_CHARS = 4096  # the fake "model" reads only this much, so CPU per request is bounded
 _SUMMARY_WORDS = 24

@@ -5,9 +5,8 @@ retries, circuit breaker) runs in demos, tests and benchmarks with no key and no
 against misbehaviour that can be dialled in: latency, rate limits, server errors, hangs.
 `GET /stats` tells a test what the API really saw, independently of the daemon's own count.
 
-This module is the API and its server; what it speaks (`simulated_wire`), its fake model
-(`simulated_model`), its rate limits (`simulated_limits`) and its named faults
-(`simulated_faults`) live beside it.
+This module is the API and its server; what it speaks (`wire`), its fake model
+(`model`), its rate limits (`limits`) and its named faults (`faults`) live beside it.
 """
 
 from __future__ import annotations
@@ -25,10 +24,10 @@ import msgspec
 from aiohttp import web
 
 from daemon.config import SimulateConfig
-from daemon.providers.simulated_faults import FAULT_HEADER, FAULTS, fault_response
-from daemon.providers.simulated_limits import Limits
-from daemon.providers.simulated_model import answer, text_of
-from daemon.providers.simulated_wire import (
+from daemon.simulated.faults import FAULT_HEADER, FAULTS, fault_response
+from daemon.simulated.limits import Limits
+from daemon.simulated.model import answer, text_of
+from daemon.simulated.wire import (
     DEFAULT_MAX_TOKENS,
     ENCODER,
     ApiError,
