@@ -64,6 +64,25 @@ def parse_json_output(content: str, required_keys: list[str]) -> dict[str, Any]:
     return value
 
 
+def cost_usd(completion: Completion, price: PriceConfig) -> float:
+    """What an answer cost: cached input and cache writes at their own prices where
+    set (else as other input), the rest of the input and the output at theirs."""
+    cached, written = completion.cached_tokens, completion.cache_write_tokens
+    plain = max(0, completion.prompt_tokens - cached - written)
+    cached_price = price.prompt_per_mtok
+    if price.cached_prompt_per_mtok is not None:
+        cached_price = price.cached_prompt_per_mtok
+    write_price = price.prompt_per_mtok
+    if price.cache_write_per_mtok is not None:
+        write_price = price.cache_write_per_mtok
+    return (
+        plain * price.prompt_per_mtok
+        + cached * cached_price
+        + written * write_price
+        + completion.completion_tokens * price.completion_per_mtok
+    ) / 1e6
+
+
 class Calls:
     """The LLM calls of one attempt: sends them, and adds up their usage and cost."""
 
@@ -73,6 +92,7 @@ class Calls:
         self.usage = Usage()
         self.http_status: int | None = None
         self.answer: str | None = None  # the last answer's text, kept if the attempt fails
+        self.stop_reason: str | None = None  # why the last answer ended
 
     async def complete(self, provider: str, request: ChatRequest) -> str:
         target = self._providers.get(provider)
@@ -82,19 +102,16 @@ class Calls:
             )
         completion = await target.complete(request)
         price = self._prices.get(provider)
-        cost = None
-        if price is not None:
-            cost = (
-                completion.prompt_tokens * price.prompt_per_mtok
-                + completion.completion_tokens * price.completion_per_mtok
-            ) / 1e6
         self.usage = self.usage + Usage(
             prompt_tokens=completion.prompt_tokens,
             completion_tokens=completion.completion_tokens,
-            cost=cost,
+            cached_tokens=completion.cached_tokens,
+            cache_write_tokens=completion.cache_write_tokens,
+            cost=None if price is None else cost_usd(completion, price),
         )
         self.http_status = completion.http_status
         self.answer = completion.content
+        self.stop_reason = completion.stop_reason
         return completion.content
 
 
@@ -129,6 +146,7 @@ class HandlerContext:
             max_tokens=max_tokens or cfg.max_tokens,
             temperature=cfg.temperature if temperature is None else temperature,
             json_mode=json_mode,
+            cache_system=cfg.cache_system,
         )
         return await self._calls.complete(provider or cfg.provider, request)
 
@@ -168,8 +186,14 @@ class Analyzer:
                     max_tokens=cfg.max_tokens,
                     temperature=cfg.temperature,
                     json_mode=cfg.output == "json",
+                    cache_system=cfg.cache_system,
                 ),
             )
+            if cfg.output == "json" and calls.stop_reason == "max_tokens":
+                raise OutputInvalid(
+                    f"the answer was cut at max_tokens ({cfg.max_tokens}) before its JSON "
+                    f"ended: raise analyzers.{self.name}.max_tokens"
+                )
             result = (
                 parse_json_output(content, cfg.required_keys) if cfg.output == "json" else content
             )

@@ -34,7 +34,7 @@ from daemon.live import Live
 from daemon.observe.logs import LineWriter
 from daemon.observe.ring import LogRing
 from daemon.observe.sdstatus import extend_while_draining, report_status
-from daemon.providers.openai import OpenAIProvider
+from daemon.providers.client import ApiProvider
 from daemon.providers.shared_state import ProviderSync
 from daemon.queue import Dispatcher
 from daemon.reload import ReloadError, reload
@@ -78,8 +78,8 @@ async def _state_lock(state_dir: Path) -> AsyncIterator[None]:
 
 async def _open_providers(
     config: Config, stack: AsyncExitStack
-) -> tuple[dict[str, OpenAIProvider], dict[str, SimulatedAPI]]:
-    providers: dict[str, OpenAIProvider] = {}
+) -> tuple[dict[str, ApiProvider], dict[str, SimulatedAPI]]:
+    providers: dict[str, ApiProvider] = {}
     simulated: dict[str, SimulatedAPI] = {}
     for name, cfg in config.providers.items():
         base_url = None
@@ -87,7 +87,7 @@ async def _open_providers(
             simulated[name], base_url = await stack.enter_async_context(
                 serve_simulated(cfg.simulate)
             )
-        providers[name] = await stack.enter_async_context(OpenAIProvider(name, cfg, base_url))
+        providers[name] = await stack.enter_async_context(ApiProvider(name, cfg, base_url))
     return providers, simulated
 
 
@@ -228,9 +228,7 @@ async def run_daemon(
     return code
 
 
-def _build_runtime(
-    config: Config, store: JobStore, providers: dict[str, OpenAIProvider]
-) -> Runtime:
+def _build_runtime(config: Config, store: JobStore, providers: dict[str, ApiProvider]) -> Runtime:
     live = Live(config, build_analyzers(config))
     for name, provider in providers.items():
         # A circuit that closes frees its held jobs: claim them now, not at the next poll.

@@ -92,34 +92,54 @@ class WatchdogConfig(Base, frozen=True):
 
 
 class SimulateConfig(Base, frozen=True):
-    """How the built-in simulated OpenAI-compatible API behaves (kind = "simulated")."""
+    """How the built-in simulated API behaves (kind = "simulated"): which dialect it
+    speaks, and the limits and faults dialled in."""
 
+    dialect: Literal["openai", "anthropic"] = "openai"
     latency_ms: NonNegFloat = 200.0
     latency_sigma: NonNegFloat = 0.5
     requests_per_minute: NonNegInt = 0
-    tokens_per_minute: NonNegInt = 0
+    tokens_per_minute: NonNegInt = 0  # openai: prompt + max_tokens, as OpenAI counts
+    input_tokens_per_minute: NonNegInt = 0  # anthropic: its ITPM
+    output_tokens_per_minute: NonNegInt = 0  # anthropic: its OTPM, charged from the answer
     # Limits are enforced in slices of this length, as real APIs do (60 a minute is
     # one a second); 60 gives the whole minute's burst at once.
     slice_s: SliceSeconds = 1.0
     error_rate: Rate = 0.0
     hang_rate: Rate = 0.0
+    # An overloaded API (anthropic: 529 overloaded_error; openai: 503), nobody's limit.
+    overload_rate: Rate = 0.0
     seed: int | None = None
 
 
 class PriceConfig(Base, frozen=True):
-    """USD per million tokens, so usage can carry a cost."""
+    """USD per million tokens, so usage can carry a cost. Cached input (OpenAI's
+    cached_tokens, Anthropic's cache reads) and Anthropic's cache writes have prices of
+    their own; unset, they cost what other input costs."""
 
     prompt_per_mtok: NonNegFloat = 0.0
     completion_per_mtok: NonNegFloat = 0.0
+    cached_prompt_per_mtok: NonNegFloat | None = None
+    cache_write_per_mtok: NonNegFloat | None = None
+
+
+Dialect = Literal["auto", "openai", "azure", "groq"]
 
 
 class ProviderConfig(Base, frozen=True):
-    kind: Literal["openai", "simulated"]
+    kind: Literal["openai", "anthropic", "simulated"]
     base_url: str = ""
     api_key_env: str = ""
+    # kind = "openai": Azure OpenAI and Groq deviate where others do not (README
+    # "Providers"); "auto" tells them from the base URL's host.
+    dialect: Dialect = "auto"
+    # Azure OpenAI's `api-version` query; Anthropic's `anthropic-version` header.
+    api_version: str = ""
     max_concurrency: PositiveInt = 16
     requests_per_minute: NonNegInt = 0
-    tokens_per_minute: NonNegInt = 0
+    tokens_per_minute: NonNegInt = 0  # input + max_tokens per request, as OpenAI counts
+    input_tokens_per_minute: NonNegInt = 0  # Anthropic's ITPM
+    output_tokens_per_minute: NonNegInt = 0  # Anthropic's OTPM
     timeout_s: PositiveFloat = 60.0
     max_connections: PositiveInt = 100
     # Throttling (README "Throttling"): budget refill held back against network jitter;
@@ -153,6 +173,8 @@ class AnalyzerConfig(Base, frozen=True):
     max_rate_limited: Annotated[int, Meta(ge=1, le=100_000)] = 100
     timeout_s: PositiveFloat = 120.0
     handler: str = ""
+    # Anthropic: mark the system prompt as a cacheable prefix (cache_control).
+    cache_system: bool = False
 
 
 class SpoolConfig(Base, frozen=True):
@@ -242,6 +264,15 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return match.group(1).strip("[]"), int(match.group(2))
 
 
+def speaks_anthropic(provider: ProviderConfig | None) -> bool:
+    """Whether calls to `provider` go out in Anthropic's Messages dialect."""
+    if provider is None:
+        return False
+    return provider.kind == "anthropic" or (
+        provider.kind == "simulated" and provider.simulate.dialect == "anthropic"
+    )
+
+
 def config_problems(config: Config) -> list[str]:
     """Cross-field rules a Struct cannot express; each problem names its key path."""
     problems: list[str] = []
@@ -252,8 +283,25 @@ def config_problems(config: Config) -> list[str]:
             problems.append(f"$.http.listen: {exc}")
     for name, provider in config.providers.items():
         path = f"$.providers.{name}"
-        if provider.kind == "openai" and not provider.base_url:
-            problems.append(f'{path}.base_url: required for kind = "openai"')
+        if provider.kind in ("openai", "anthropic") and not provider.base_url:
+            problems.append(f'{path}.base_url: required for kind = "{provider.kind}"')
+        if provider.dialect != "auto" and provider.kind != "openai":
+            problems.append(f'{path}.dialect: only for kind = "openai"')
+        if provider.dialect == "azure" and not provider.api_version:
+            problems.append(f'{path}.api_version: required for dialect = "azure"')
+        sim = provider.simulate
+        if sim.dialect == "anthropic" and sim.tokens_per_minute:
+            problems.append(
+                f"{path}.simulate.tokens_per_minute: the anthropic dialect limits "
+                "input_tokens_per_minute and output_tokens_per_minute"
+            )
+        if sim.dialect == "openai" and (
+            sim.input_tokens_per_minute or sim.output_tokens_per_minute
+        ):
+            problems.append(
+                f"{path}.simulate: input/output_tokens_per_minute are the anthropic "
+                "dialect's; the openai dialect limits tokens_per_minute"
+            )
         if provider.base_url and not provider.base_url.startswith(("http://", "https://")):
             problems.append(f"{path}.base_url: must start with http:// or https://")
     for name, analyzer in config.analyzers.items():
@@ -272,6 +320,11 @@ def config_problems(config: Config) -> list[str]:
             problems.append(f"{path}.model: required for a prompt analyzer")
         if analyzer.provider not in config.providers:
             problems.append(f"{path}.provider: no provider named {analyzer.provider!r}")
+        anthropic = speaks_anthropic(config.providers.get(analyzer.provider))
+        if analyzer.cache_system and not anthropic:
+            problems.append(f"{path}.cache_system: only for an Anthropic provider")
+        if anthropic and analyzer.temperature > 1:
+            problems.append(f"{path}.temperature: at most 1 for an Anthropic provider")
         if analyzer.required_keys and analyzer.output != "json":
             problems.append(f'{path}.required_keys: only valid with output = "json"')
         try:

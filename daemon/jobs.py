@@ -29,8 +29,14 @@ class ErrorInfo(msgspec.Struct, frozen=True):
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """Tokens billed and their cost. `prompt_tokens` counts every input token; of
+    them, `cached_tokens` were read from a prompt cache and `cache_write_tokens`
+    written to one (Anthropic), each priced apart when prices say so."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
     cost: float | None = None
 
     def __add__(self, other: Usage) -> Usage:
@@ -42,6 +48,8 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
         return Usage(
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
+            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
             cost=cost,
         )
 
@@ -56,6 +64,7 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     latency_ms: float | None = None
     usage: Usage | None = None  # what the attempt's answers were billed, failed ones too
     answer: str | None = None  # a failed attempt's last model answer, cut to ANSWER_MAX_CHARS
+    stop_reason: str | None = None  # why the last answer ended ("max_tokens": cut there)
 
 
 ANSWER_MAX_CHARS = 4096

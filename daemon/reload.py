@@ -49,7 +49,10 @@ RESTART_ONLY = ("kind", "api_key_env", "max_connections")
 
 
 def _restart_only_changes(before: ProviderConfig, after: ProviderConfig) -> list[str]:
-    return [key for key in RESTART_ONLY if getattr(before, key) != getattr(after, key)]
+    keys = [key for key in RESTART_ONLY if getattr(before, key) != getattr(after, key)]
+    if before.simulate.dialect != after.simulate.dialect and "kind" not in keys:
+        keys.append("simulate.dialect")  # the built-in API serves one dialect from start
+    return keys
 
 
 def _plan_spool(
@@ -97,7 +100,13 @@ def _plan(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
             providers[name] = (
                 before
                 if "kind" in keys
-                else msgspec.structs.replace(after, **{key: getattr(before, key) for key in keys})
+                else msgspec.structs.replace(
+                    after,
+                    simulate=msgspec.structs.replace(
+                        after.simulate, dialect=before.simulate.dialect
+                    ),
+                    **{key: getattr(before, key) for key in keys if key in RESTART_ONLY},
+                )
             )
     planned = msgspec.structs.replace(
         new,

@@ -19,7 +19,7 @@ from daemon.live import Live
 from daemon.observe.health import Check, Health
 from daemon.observe.logs import LineWriter
 from daemon.observe.ring import LogRing
-from daemon.providers.openai import OpenAIProvider
+from daemon.providers.client import ApiProvider
 from daemon.queue import Dispatcher
 from daemon.simulated.server import SimulatedAPI
 from daemon.store.base import JobStore
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 class Runtime:
     live: Live
     store: JobStore
-    providers: dict[str, OpenAIProvider]
+    providers: dict[str, ApiProvider]
     intake: Intake
     dispatcher: Dispatcher
     started_at: float = field(default_factory=time.time)
@@ -130,7 +130,7 @@ class Runtime:
         }
 
 
-def provider_status(provider: OpenAIProvider) -> dict[str, Any]:
+def provider_status(provider: ApiProvider) -> dict[str, Any]:
     """Requests by status, 429s, latency (avg, p50/p99), tokens, in-flight, budgets
     (levels and learned limits), cool-down, circuit state, concurrency limit."""
     return provider.status()

@@ -22,6 +22,9 @@ log = structlog.get_logger("vigil.worker")
 # Refusals made before any request: they cost the job no attempt.
 NOT_ATTEMPTED = frozenset({"CircuitOpen", "ProviderPaused"})
 DEFER_S = 5.0
+# Answers that say the request was not processed (a 429, an overloaded API's 529 or
+# 503): no attempt spent; the job retries with backoff, bounded by max_rate_limited.
+TURNED_AWAY = frozenset({"RateLimited", "Overloaded"})
 
 
 class Worker:
@@ -74,7 +77,7 @@ class Worker:
             except ProviderError as exc:
                 if exc.kind in NOT_ATTEMPTED:
                     return self._deferred(analyzer, exc)
-                if exc.kind == "RateLimited":
+                if exc.kind in TURNED_AWAY:
                     return self._rate_limited(job, analyzer, started, calls, exc)
                 return self._failed(
                     job,
@@ -122,6 +125,7 @@ class Worker:
                 usage=out.usage,
                 http_status=out.http_status,
                 latency_ms=latency_ms,
+                stop_reason=calls.stop_reason,
             )
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "analyzer", "attempt")
@@ -159,14 +163,15 @@ class Worker:
     def _rate_limited(
         self, job: Job, analyzer: Analyzer, started: float, calls: Calls, exc: ProviderError
     ) -> AttemptEnd:
-        """A 429: the request was not processed, so no attempt is spent; the job's own
-        count of them is bounded by `max_rate_limited` instead, after which it fails."""
+        """A 429 or an overloaded API: the request was not processed, so no attempt is
+        spent; the job's own count of them is bounded by `max_rate_limited` instead,
+        after which it fails."""
         limit = analyzer.config.max_rate_limited
         count = job.rate_limited + 1
         if count >= limit:
             error = ErrorInfo(
-                "RateLimited",
-                f"{exc} (rate limited {count} times: analyzers.{job.analyzer}.max_rate_limited"
+                exc.kind,
+                f"{exc} (turned away {count} times: analyzers.{job.analyzer}.max_rate_limited"
                 f" is {limit})",
             )
             return self._failed(job, started, calls, error, retryable=False, status=exc.status)
@@ -248,4 +253,4 @@ def _spent(calls: Calls) -> dict[str, Any]:
     usage = calls.usage
     billed = usage if usage.prompt_tokens or usage.completion_tokens else None
     answer = None if calls.answer is None else calls.answer[:ANSWER_MAX_CHARS]
-    return {"usage": billed, "answer": answer}
+    return {"usage": billed, "answer": answer, "stop_reason": calls.stop_reason}

@@ -1,4 +1,4 @@
-"""OpenAIProvider and its limits, against real HTTP servers on loopback."""
+"""ApiProvider and its limits, against real HTTP servers on loopback."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from structlog.testing import capture_logs
 
 from daemon.config import ProviderConfig, SimulateConfig
 from daemon.providers.base import ChatRequest, Message, ProviderError
-from daemon.providers.limits import ProviderLimits, TokenBucket
-from daemon.providers.openai import OpenAIProvider
+from daemon.providers.bucket import TokenBucket
+from daemon.providers.client import ApiProvider
+from daemon.providers.limits import Cost, ProviderLimits
 from daemon.simulated.server import SimulatedAPI, serve_simulated
 
 KEY_ENV = "VIGIL_TEST_PROVIDER_KEY"
@@ -119,11 +120,11 @@ async def serve_chat(handler: Handler) -> AsyncIterator[tuple[Seen, str]]:
 @asynccontextmanager
 async def chat_provider(
     handler: Handler, **overrides: Any
-) -> AsyncIterator[tuple[Seen, OpenAIProvider]]:
+) -> AsyncIterator[tuple[Seen, ApiProvider]]:
     """A provider talking to a server that answers every chat request with `handler`."""
     async with (
         serve_chat(handler) as (seen, url),
-        OpenAIProvider("main", config(url, **overrides)) as provider,
+        ApiProvider("main", config(url, **overrides)) as provider,
     ):
         yield seen, provider
 
@@ -131,11 +132,11 @@ async def chat_provider(
 @asynccontextmanager
 async def simulated_provider(
     settings: SimulateConfig, **overrides: Any
-) -> AsyncIterator[tuple[SimulatedAPI, OpenAIProvider]]:
+) -> AsyncIterator[tuple[SimulatedAPI, ApiProvider]]:
     """A provider talking to the simulated API."""
     async with (
         serve_simulated(settings) as (api, url),
-        OpenAIProvider("main", config(url, **overrides)) as provider,
+        ApiProvider("main", config(url, **overrides)) as provider,
     ):
         yield api, provider
 
@@ -232,12 +233,12 @@ async def test_slot_rejects_request_larger_than_token_budget() -> None:
     )
     with anyio.fail_after(BOUND_S):
         with pytest.raises(ProviderError) as info:
-            async with limits.slot(1001):
+            async with limits.slot(Cost(1001)):
                 pytest.fail("slot granted")
         assert info.value.kind == "TooLarge"
         assert info.value.retryable is False
         assert limits.concurrency.borrowed_tokens == 0
-        async with limits.slot(1000):  # exactly the budget fits
+        async with limits.slot(Cost(1000)):  # exactly the budget fits
             pass
 
 
@@ -259,7 +260,7 @@ async def test_cool_down_holds_requests_until_it_ends() -> None:
         until = limits.cooldown_until
         with anyio.fail_after(BOUND_S):
             async with (
-                limits.slot(10),
+                limits.slot(Cost(10)),
                 session.post(f"{url}/chat/completions", json={}) as response,
             ):
                 assert response.status == 200
@@ -276,7 +277,7 @@ async def test_cool_down_extended_while_waiting_is_honoured() -> None:
     released: list[float] = []
 
     async def caller() -> None:
-        async with limits.slot(1):
+        async with limits.slot(Cost(1)):
             released.append(time.monotonic())
 
     with anyio.fail_after(BOUND_S):
@@ -291,7 +292,7 @@ async def test_cool_down_extended_while_waiting_is_honoured() -> None:
     assert released and released[0] >= until
 
 
-# --- OpenAIProvider against the simulated API ---------------------------------------------
+# --- ApiProvider against the simulated API ---------------------------------------------
 
 
 @pytest.mark.anyio
@@ -340,7 +341,7 @@ async def test_rate_limited_cools_down_for_retry_after_ms() -> None:
     async with (
         serve_app(api.app()) as (seen, url),
         # Header sync off: it would learn the budget and wait locally instead of a 429.
-        OpenAIProvider(
+        ApiProvider(
             "main", config(url, sync_rate_limit_headers=False, budget_slice_s=60)
         ) as provider,
     ):
@@ -365,7 +366,7 @@ async def test_rate_limited_cools_down_for_retry_after_ms() -> None:
     assert seen.times[2] - seen.times[1] >= 0.15
 
 
-# --- OpenAIProvider against hand-made answers ---------------------------------------------
+# --- ApiProvider against hand-made answers ---------------------------------------------
 
 
 @pytest.mark.anyio
@@ -423,10 +424,18 @@ async def test_refused_key_pauses_until_resume(api_key: str, status: int) -> Non
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("status", "retryable"), [(400, False), (404, False), (422, False), (503, True)]
+    ("status", "retryable", "kind"),
+    [
+        (400, False, "HTTPError"),
+        (404, False, "HTTPError"),
+        (413, False, "HTTPError"),
+        (422, False, "HTTPError"),
+        (500, True, "HTTPError"),
+        (503, True, "Overloaded"),  # the API's own JSON "not now": not processed
+    ],
 )
-async def test_http_errors_retryable_by_status(status: int, retryable: bool) -> None:
-    """400/404/422 fail fast; 503 is retried; the server's message is kept; no pause."""
+async def test_http_errors_retryable_by_status(status: int, retryable: bool, kind: str) -> None:
+    """400/404/413/422 fail fast; 500 and 503 are retried; the message is kept; no pause."""
 
     async def handler(request: web.Request) -> web.Response:
         return error_reply(status, f"Invalid value for 'temperature' ({status}).", "bad")
@@ -436,7 +445,7 @@ async def test_http_errors_retryable_by_status(status: int, retryable: bool) -> 
             await provider.complete(chat())
     assert info.value.status == status
     assert info.value.retryable is retryable
-    assert info.value.kind == "HTTPError"
+    assert info.value.kind == kind
     assert f"Invalid value for 'temperature' ({status})." in str(info.value)
     assert provider.paused_reason is None
     assert provider.stats.by_status == {str(status): 1}
@@ -465,7 +474,7 @@ async def test_connection_refused() -> None:
     with socket.socket() as bound:  # bound, never listening: connects are refused
         bound.bind(("127.0.0.1", 0))
         port = bound.getsockname()[1]
-        async with OpenAIProvider("main", config(f"http://127.0.0.1:{port}/v1")) as provider:
+        async with ApiProvider("main", config(f"http://127.0.0.1:{port}/v1")) as provider:
             with anyio.fail_after(BOUND_S), pytest.raises(ProviderError) as info:
                 await provider.complete(chat())
     assert info.value.kind == "ConnectionError"

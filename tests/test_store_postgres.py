@@ -15,7 +15,7 @@ import pytest
 
 from daemon.config import SimulateConfig, StoreConfig
 from daemon.jobs import Job, JobIds
-from daemon.providers.openai import OpenAIProvider
+from daemon.providers.client import ApiProvider
 from daemon.providers.shared_state import ProviderSync
 from daemon.simulated.server import SimulatedAPI
 from daemon.store.base import AttemptEnd, NewJob, StoreError, StoreRefused
@@ -252,8 +252,8 @@ async def test_nodes_share_one_rate_budget_and_one_429_hold(open_store: OpenStor
             serve_app(api.app()) as (seen, url),
             open_store("a") as a,
             open_store("b") as b,
-            OpenAIProvider("main", config(url, requests_per_minute=1200)) as on_a,
-            OpenAIProvider("main", config(url, requests_per_minute=1200)) as on_b,
+            ApiProvider("main", config(url, requests_per_minute=1200)) as on_a,
+            ApiProvider("main", config(url, requests_per_minute=1200)) as on_b,
         ):
             for store, provider in ((a, on_a), (b, on_b)):
                 provider.limits.shared, provider.limits.shared_key = store.rates, "main"
@@ -279,8 +279,8 @@ async def test_nodes_share_one_breaker_and_one_pause_per_provider(open_store: Op
             serve_app(api.app()) as (_, url),
             open_store("a") as a,
             open_store("b") as b,
-            OpenAIProvider("main", config(url, breaker_failures=2)) as on_a,
-            OpenAIProvider("main", config(url, breaker_failures=2)) as on_b,
+            ApiProvider("main", config(url, breaker_failures=2)) as on_a,
+            ApiProvider("main", config(url, breaker_failures=2)) as on_b,
             anyio.create_task_group() as tg,
         ):
             for store, provider in ((a, on_a), (b, on_b)):

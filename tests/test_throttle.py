@@ -13,12 +13,8 @@ from structlog.testing import capture_logs
 from daemon.providers.adaptive import AdaptiveConcurrency
 from daemon.providers.base import ProviderError
 from daemon.providers.breaker import CircuitBreaker
-from daemon.providers.limits import (
-    ProviderLimits,
-    Reservation,
-    Ticket,
-    TokenBucket,
-)
+from daemon.providers.bucket import Ticket, TokenBucket
+from daemon.providers.limits import Cost, ProviderLimits, Reservation
 from daemon.providers.ratelimit_headers import (
     Budget,
     RateLimitHeaders,
@@ -278,15 +274,17 @@ def test_observe_maps_headers_to_buckets() -> None:
         clock=clock,
         slice_s=60,
     )
-    requests, tokens = limits.requests.book(1), limits.tokens.book(100)
-    limits.requests.mark_sent(requests)
-    limits.tokens.mark_sent(tokens)
+    tickets = tuple(
+        bucket.book(units) for bucket, units in zip(limits.buckets, (1, 100, 0, 0), strict=True)
+    )
+    for bucket, ticket in zip(limits.buckets, tickets, strict=True):
+        bucket.mark_sent(ticket)
     changes = limits.observe(
         RateLimitHeaders(
             requests=Budget(limit=500, remaining=400),
             tokens=Budget(limit=20_000, remaining=5_000),
         ),
-        Reservation(requests, tokens, 0),
+        Reservation(tickets, Cost(100), 0),
     )
     assert [(c.budget, c.old_per_minute, c.per_minute) for c in changes] == [("requests", 600, 500)]
     assert limits.requests.level == pytest.approx(401)
@@ -498,7 +496,7 @@ async def test_a_429_while_the_head_waits_sends_it_back_to_book_after_the_cool_d
     sent: list[float] = []
 
     async def call() -> None:
-        async with limits.slot(10):
+        async with limits.slot(Cost(10)):
             sent.append(anyio.current_time())
 
     with anyio.fail_after(10):
@@ -521,6 +519,6 @@ async def test_a_429_empties_a_full_budget() -> None:
     with anyio.fail_after(10):
         limits.rate_limited(0.2)
         held_at = anyio.current_time()
-        async with limits.slot(10):
+        async with limits.slot(Cost(10)):
             waited = anyio.current_time() - held_at
     assert waited >= 0.9, waited

@@ -109,7 +109,13 @@ def test_429s_spend_no_attempt_and_a_failed_answer_is_kept(
     [attempt] = bad["attempts"]
     assert attempt["error"]["type"] == "OutputInvalid"
     assert attempt["answer"] == "I would rather not answer in JSON."
-    assert attempt["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "cost": 1.7e-05}
+    assert attempt["usage"] == {
+        "prompt_tokens": 7,
+        "completion_tokens": 5,
+        "cached_tokens": 0,
+        "cache_write_tokens": 0,
+        "cost": 1.7e-05,
+    }
     assert bad["job"]["usage"] == attempt["usage"]
     text = run_cli("show", bad_id, socket_path=daemon.socket_path)
     assert text.returncode == 0, text.stderr

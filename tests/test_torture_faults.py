@@ -31,6 +31,10 @@ JOBS_PER_FAULT = 3
 MAX_ATTEMPTS = 2
 MAX_RATE_LIMITED = 3  # 429s spend no attempt: a job fails at its third
 RATE_LIMIT_FAULTS = {"429", "429-no-retry-after"}
+# The API's own "overloaded" (JSON 503, 529): not processed, so turned away like a 429
+# (no attempt spent, bounded by max_rate_limited), but holding nobody else back.
+OVERLOAD_FAULTS = {"503", "529"}
+TURNED_AWAY_FAULTS = RATE_LIMIT_FAULTS | OVERLOAD_FAULTS
 BREAKER_FAILURES = 3
 BREAKER_OPEN_S = 1.0
 PROVIDER_TIMEOUT_S = 1.0
@@ -52,9 +56,9 @@ SIGNATURE = {
     "no-choices": "choices",
     "bad-json-content": "OutputInvalid",
 }
-# Faults the breaker counts (no answer, timeout, 5xx): after BREAKER_FAILURES in a row
-# the provider fails fast instead of calling.
-BREAKER_FAULTS = {"500", "502", "503", "529", "reset", "hang", "slow-body"}
+# Faults the breaker counts (no answer, timeout, 5xx but overloaded): after
+# BREAKER_FAILURES in a row the provider fails fast instead of calling.
+BREAKER_FAULTS = {"500", "502", "reset", "hang", "slow-body"}
 # The least time between two requests of one job, on the API's clock.
 MIN_GAP_S = {"429": FAULT_RETRY_AFTER_MS / 1000, "429-no-retry-after": DEFAULT_429_PAUSE_S}
 
@@ -132,9 +136,9 @@ def test_fault_matrix(start_daemon: StartDaemon) -> None:
         assert len(mine) == JOBS_PER_FAULT
         # A 429 spends no attempt: the job fails at its MAX_RATE_LIMITED-th, its first
         # counted attempt.
-        single = fault == "bad-json-content" or fault in RATE_LIMIT_FAULTS
+        single = fault == "bad-json-content" or fault in TURNED_AWAY_FAULTS
         expected_attempts = 1 if single else MAX_ATTEMPTS
-        expected_requests = MAX_RATE_LIMITED if fault in RATE_LIMIT_FAULTS else expected_attempts
+        expected_requests = MAX_RATE_LIMITED if fault in TURNED_AWAY_FAULTS else expected_attempts
         for entry in mine:
             job = entry["job"]
             # Attempts given back unmade (the circuit was open) or refused by a 429 are
@@ -143,15 +147,18 @@ def test_fault_matrix(start_daemon: StartDaemon) -> None:
                 a for a in entry["attempts"] if a["outcome"] not in ("deferred", "rate_limited")
             ]
             limited = [a for a in entry["attempts"] if a["outcome"] == "rate_limited"]
-            if fault in RATE_LIMIT_FAULTS:
+            if fault in TURNED_AWAY_FAULTS:
                 assert job["rate_limited"] == len(limited) == MAX_RATE_LIMITED - 1, (fault, job)
-                assert {a["http_status"] for a in limited} == {429}, (fault, limited)
+                status_code = 429 if fault in RATE_LIMIT_FAULTS else int(fault)
+                assert {a["http_status"] for a in limited} == {status_code}, (fault, limited)
                 assert "max_rate_limited" in _error_text(job["error"]), (fault, job["error"])
             else:
                 assert limited == [], (fault, limited)
             assert job["state"] == "failed", (fault, job)
             assert job["attempts"] == expected_attempts == len(attempts), (fault, attempts)
             assert SIGNATURE[fault] in _error_text(job["error"]), (fault, job["error"])
+            if fault in OVERLOAD_FAULTS:
+                assert job["error"]["type"] == "Overloaded", (fault, job["error"])
             for attempt in attempts:
                 assert attempt["outcome"] in ("error", "timeout"), (fault, attempt)
                 assert attempt["finished_at"] >= attempt["started_at"]
@@ -181,6 +188,10 @@ def test_fault_matrix(start_daemon: StartDaemon) -> None:
                 fault,
                 [round(r.at - requests[0].at, 2) for r in requests],
             )
+        if fault in OVERLOAD_FAULTS:
+            # ... an overloaded API holds nobody back: no cool-down, no open circuit.
+            assert provider["cooldowns"] == 0 and provider["circuit"]["opened"] == 0, provider
+            assert provider["overloaded"] == len(requests), fault
         if fault in MIN_GAP_S:
             # ... and a job's next request waits out the server's hint (or the
             # default cool-down): measured by the API, a lower bound only.

@@ -257,7 +257,9 @@ async def show(client: ControlClient, args: argparse.Namespace) -> int:
             "analyzer": job["analyzer"],
             "state": job["state"],
             "attempts": f"{job['attempts']} of {job['max_attempts']}",
-            "rate limited": f"{job.get('rate_limited', 0)} time(s) (429s spend no attempt)",
+            "rate limited": (
+                f"{job.get('rate_limited', 0)} time(s) (429s and 529s spend no attempt)"
+            ),
             "priority": job["priority"],
             "source": job["source"],
             "created": render.when(job["created_at"]),
@@ -269,7 +271,7 @@ async def show(client: ControlClient, args: argparse.Namespace) -> int:
     )
     print("\nattempts:")
     render.table(
-        ["n", "started", "outcome", "http", "ms", "tokens", "error"],
+        ["n", "started", "outcome", "http", "ms", "tokens", "stop", "error"],
         [
             [
                 a["n"],
@@ -278,6 +280,7 @@ async def show(client: ControlClient, args: argparse.Namespace) -> int:
                 a["http_status"] or "-",
                 f"{a['latency_ms']:.0f}" if a["latency_ms"] is not None else "-",
                 _tokens(a.get("usage")) if a.get("usage") else "-",
+                a.get("stop_reason") or "-",
                 render.short(a["error"]["message"] if a["error"] else "", 60),
             ]
             for a in data["attempts"]
@@ -303,6 +306,9 @@ def _tokens(usage: dict[str, Any] | None) -> str:
     usage = usage or {}
     cost = usage.get("cost")
     text = f"{usage.get('prompt_tokens', 0)} in, {usage.get('completion_tokens', 0)} out"
+    cached, written = usage.get("cached_tokens", 0), usage.get("cache_write_tokens", 0)
+    if cached or written:
+        text += f" ({cached} cached, {written} cache-written)"
     return text if cost is None else f"{text}, ${cost:.6f}"
 
 

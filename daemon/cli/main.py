@@ -134,14 +134,27 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_simulate_api(args: argparse.Namespace) -> int:
     from daemon.simulated.server import run_standalone
 
+    # The token budgets are each dialect's own (as the config file's checks say).
+    if args.dialect == "anthropic" and args.tpm:
+        raise client_commands.UsageError(
+            "--tpm is the openai dialect's; the anthropic dialect limits --itpm and --otpm"
+        )
+    if args.dialect == "openai" and (args.itpm or args.otpm):
+        raise client_commands.UsageError(
+            "--itpm and --otpm are the anthropic dialect's; the openai dialect limits --tpm"
+        )
     settings = SimulateConfig(
+        dialect=args.dialect,
         latency_ms=args.latency_ms,
         latency_sigma=args.latency_sigma,
         requests_per_minute=args.rpm,
         tokens_per_minute=args.tpm,
+        input_tokens_per_minute=args.itpm,
+        output_tokens_per_minute=args.otpm,
         slice_s=args.slice_s,
         error_rate=args.error_rate,
         hang_rate=args.hang_rate,
+        overload_rate=args.overload_rate,
         seed=args.seed,
     )
 
@@ -187,9 +200,18 @@ def add_simulate_parser(sub: Any) -> None:
         name: constrained(kind)
         for name, kind in get_type_hints(SimulateConfig, include_extras=True).items()
     }
-    sim = sub.add_parser("simulate-api", help="serve the simulated OpenAI-compatible API")
+    sim = sub.add_parser(
+        "simulate-api", help="serve the simulated AI API (OpenAI's or Anthropic's dialect)"
+    )
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=constrained(Port), default=8471)
+    sim.add_argument(
+        "--dialect",
+        type=field["dialect"],
+        default="openai",
+        metavar="{openai,anthropic}",
+        help="the API spoken: openai (/v1/chat/completions) or anthropic (/v1/messages)",
+    )
     sim.add_argument("--latency-ms", type=field["latency_ms"], default=200.0)
     sim.add_argument("--latency-sigma", type=field["latency_sigma"], default=0.5)
     sim.add_argument(
@@ -202,7 +224,19 @@ def add_simulate_parser(sub: Any) -> None:
         "--tpm",
         type=field["tokens_per_minute"],
         default=0,
-        help="tokens per minute (0: no limit)",
+        help="openai: tokens per minute, prompt + max_tokens (0: no limit)",
+    )
+    sim.add_argument(
+        "--itpm",
+        type=field["input_tokens_per_minute"],
+        default=0,
+        help="anthropic: input tokens per minute, cache reads free (0: no limit)",
+    )
+    sim.add_argument(
+        "--otpm",
+        type=field["output_tokens_per_minute"],
+        default=0,
+        help="anthropic: output tokens per minute (0: no limit)",
     )
     sim.add_argument(
         "--slice-s",
@@ -212,6 +246,12 @@ def add_simulate_parser(sub: Any) -> None:
     )
     sim.add_argument("--error-rate", type=field["error_rate"], default=0.0)
     sim.add_argument("--hang-rate", type=field["hang_rate"], default=0.0)
+    sim.add_argument(
+        "--overload-rate",
+        type=field["overload_rate"],
+        default=0.0,
+        help="share of requests turned away overloaded (anthropic 529, openai 503)",
+    )
     sim.add_argument("--seed", type=field["seed"])
     sim.set_defaults(func=cmd_simulate_api)
 

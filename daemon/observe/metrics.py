@@ -34,6 +34,7 @@ from prometheus_client.metrics_core import (
 
 from daemon import __version__
 from daemon.jobs import STATES, TERMINAL, Job, State
+from daemon.providers.limits import BUDGETS
 from daemon.runtime import Runtime, provider_status
 from daemon.store.base import AttemptEnd, Canceled
 
@@ -277,6 +278,8 @@ class RuntimeCollector:
             rate_limited.add_metric([name], stats.rate_limited)
             tokens.add_metric([name, "prompt"], stats.prompt_tokens)
             tokens.add_metric([name, "completion"], stats.completion_tokens)
+            tokens.add_metric([name, "cached"], stats.cached_tokens)
+            tokens.add_metric([name, "cache_write"], stats.cache_write_tokens)
             in_flight.add_metric([name], stats.in_flight)
             max_concurrency.add_metric([name], provider.config.max_concurrency)
         yield from (requests, latency, rate_limited, tokens, in_flight, max_concurrency)
@@ -340,7 +343,7 @@ class RuntimeCollector:
                 for known in sorted({*CIRCUIT_STATES, state}):
                     circuit.add_metric([name, known], known == state)
                 circuit_open.add_metric([name], state == "open")
-            for kind in ("requests", "tokens"):
+            for kind in BUDGETS:
                 for family, key in ((budget, "per_minute"), (level, "level")):
                     value = _lookup(status, ("budgets", kind, key))
                     if value:  # 0 or None: no budget of that kind

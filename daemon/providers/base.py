@@ -7,7 +7,7 @@ from typing import Any, Literal
 import msgspec
 
 # Statuses that will fail the same way again: retrying only burns budget.
-NON_RETRYABLE_STATUSES = frozenset({400, 401, 403, 404, 422})
+NON_RETRYABLE_STATUSES = frozenset({400, 401, 403, 404, 413, 422})
 
 
 class Message(msgspec.Struct, frozen=True):
@@ -21,18 +21,27 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
     max_tokens: int
     temperature: float = 0.0
     json_mode: bool = False
+    cache_system: bool = False  # Anthropic: the system prompt is a cacheable prefix
 
-    def estimated_tokens(self) -> int:
-        """A pre-flight cost for the token budget: ~4 characters a token, plus the
-        most the answer may take; corrected from the answer's `usage` afterwards."""
+    def estimated_input_tokens(self) -> int:
+        """A pre-flight cost for the input budgets: ~4 characters a token; corrected
+        from the answer's `usage` afterwards."""
         chars = sum(len(m.content) for m in self.messages)
-        return chars // 4 + 8 * len(self.messages) + self.max_tokens
+        return chars // 4 + 8 * len(self.messages)
 
 
 class Completion(msgspec.Struct, frozen=True, kw_only=True):
+    """One answer. `prompt_tokens` counts every input token, the cached ones
+    (`cached_tokens`: OpenAI's cached_tokens, Anthropic's cache reads) and Anthropic's
+    cache writes (`cache_write_tokens`) included, so all dialects add up alike.
+    `stop_reason` is "max_tokens" when the answer was cut there (OpenAI's "length")."""
+
     content: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    stop_reason: str | None = None
     http_status: int = 200
     latency_ms: float = 0.0
 

@@ -1,252 +1,37 @@
 """Per-provider throttling: a concurrency limiter (optionally adaptive, see
-`adaptive`), request and token budgets, and a cool-down every caller shares after a
-429, so one rate-limit answer pauses the provider instead of starting a retry storm.
+`adaptive`), the per-minute budgets (see `bucket`), and a cool-down every caller
+shares after a 429, so one rate-limit answer pauses the provider instead of starting
+a retry storm.
 
-The budgets are our model of the server's own buckets. Real APIs enforce a
-per-minute limit in short slices (60,000 a minute as 1,000 a second), so a budget
-holds at most one slice (`slice_s`) of its limit: a full minute's burst would be
-refused by the server however much of the minute is left. The server's rate-limit
-headers correct that model: a lower limit than configured is adopted, and a server
-that has less left than we think lowers our level (see `TokenBucket.sync`).
+A provider has up to four budgets: requests, tokens (input plus the most the answer
+may take, as OpenAI counts), and Anthropic's input and output tokens (the output
+booked at `max_tokens` and settled from the answer, as Anthropic does). A budget
+whose limit is 0 and that the server never reported is unlimited and costs nothing.
 
-Callers take their place in time one at a time, in arrival order (`ProviderLimits`'s
-pacing lock): the caller at the head books its cost and sleeps until it is paid for,
-and a 429 or a lowered limit met on waking sends it back to book again, so a cool-down
-or a new limit spaces out every caller still in line instead of releasing them together."""
+Callers take their place in time one at a time, in arrival order (the pacing lock):
+the caller at the head books its cost and sleeps until it is paid for, and a 429 or a
+lowered limit met on waking sends it back to book again, so a cool-down or a new
+limit spaces out every caller still in line instead of releasing them together."""
 
 from __future__ import annotations
 
-import bisect
-import math
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import anyio
 import structlog
 
 from daemon.providers.adaptive import AdaptiveConcurrency
 from daemon.providers.base import ProviderError
-from daemon.providers.ratelimit_headers import Budget, RateLimitHeaders
+from daemon.providers.bucket import Ticket, TokenBucket
+from daemon.providers.ratelimit_headers import RateLimitHeaders
 
 log = structlog.get_logger("vigil.provider")
-SEND_HISTORY = 4096
-"""Sends remembered per bucket for `sync` (bounded; older ones fall back to a safe guess)."""
-
-
-@dataclass(slots=True)
-class Ticket:
-    """What one request took from a bucket, and what the server should have left
-    after admitting it (`expected`; None when the bucket was unlimited)."""
-
-    units: float
-    wait_s: float
-    expected: float | None
-    lowered_mark: float
-    generation: int = 0
-    sent_at: float | None = None
-    sent_mark: float = 0.0
-
-
-class TokenBucket:
-    """A continuously refilled budget of `per_minute` units (0 = unlimited) that holds
-    at most `slice_s` worth of refill (the server's own slice).
-
-    `book` takes units at once, letting the level go negative, and says how long the
-    caller must wait, so waiters leave at exactly the budget's rate. `margin_s` of
-    refill is held back: a request arriving at the server slightly earlier than
-    planned (network jitter) still finds room. Where the slice leaves more room than
-    one request and the margin, that is a fixed offset costing no throughput; where it
-    does not (60 a minute in one-second slices: room for exactly one), a request
-    arriving a hair early would be refused, so such requests are spaced `margin_s`
-    further apart instead (`cost`).
-
-    The limit in force is the configured one, or the server's own when that is lower
-    (`learn`); with no configured limit, a limit the server reports still applies.
-    `generation` counts changes of the limit in force: a caller that booked under an
-    older one books again."""
-
-    def __init__(
-        self,
-        per_minute: int,
-        clock: Callable[[], float] = time.monotonic,
-        *,
-        margin_s: float = 0.0,
-        slice_s: float = 1.0,
-    ) -> None:
-        self._clock = clock
-        self.configured = per_minute
-        self.server_limit: int | None = None
-        self.per_minute = per_minute
-        self.slice_s = slice_s
-        self.level = self.capacity
-        self.margin_s = margin_s
-        self.generation = 0
-        self._stamp = clock()
-        self.lowered = 0.0  # units taken off on the server's word (limits, remaining)
-        self.corrections = 0
-        self._sent = 0.0
-        self._sends: deque[tuple[float, float]] = deque(maxlen=SEND_HISTORY)
-
-    @property
-    def margin(self) -> float:
-        """The units held back (margin_s worth of refill)."""
-        return self.margin_s * self.per_minute / 60
-
-    @property
-    def capacity(self) -> float:
-        """The most the bucket holds: one slice of the limit in force."""
-        return self.per_minute * self.slice_s / 60
-
-    def cost(self, units: float) -> float:
-        """What a request of `units` books: its units, plus the part of the margin the
-        server's slice has no spare room for (see the class docstring). A slice
-        smaller than the request still admits it when full, as servers do."""
-        spare = max(self.capacity - units, 0.0)
-        return units + max(0.0, self.margin - spare)
-
-    def configure(
-        self, per_minute: int, *, margin_s: float | None = None, slice_s: float | None = None
-    ) -> None:
-        if margin_s is not None:
-            self.margin_s = margin_s
-        if slice_s is not None and slice_s != self.slice_s:
-            self._refill()
-            self.slice_s = slice_s
-            self.level = min(self.level, self.capacity)
-            self.generation += 1
-        self.configured = per_minute
-        self._apply()
-
-    def _apply(self) -> None:
-        """Put the limit in force: the configured one, capped by the server's."""
-        server = self.server_limit
-        if server is None:
-            new = self.configured
-        else:
-            new = min(self.configured, server) if self.configured else server
-        if new == self.per_minute:
-            return
-        self._refill()
-        was_unlimited = not self.per_minute
-        self.per_minute = new
-        self.generation += 1
-        if was_unlimited:
-            # Switched on from unlimited: nothing was spent from it, so it starts full.
-            self.level = self.capacity
-        elif new and self.level > self.capacity:
-            self._lower(self.level - self.capacity)
-
-    def _refill(self) -> None:
-        now = self._clock()
-        if self.per_minute:
-            self.level = min(self.capacity, self.level + (now - self._stamp) * self.per_minute / 60)
-        self._stamp = now
-
-    def _lower(self, units: float) -> None:
-        self.level -= units
-        self.lowered += units
-        self.corrections += 1
-
-    def book(self, units: float) -> Ticket:
-        """Take a request of `units`; the ticket says how long to wait before sending."""
-        self._refill()
-        if not self.per_minute:
-            return Ticket(units, 0.0, None, self.lowered, self.generation)
-        cost = self.cost(units)
-        self.level -= cost
-        margin = self.margin
-        wait_s = max(0.0, margin - self.level) * 60 / self.per_minute
-        return Ticket(cost, wait_s, max(self.level, margin), self.lowered, self.generation)
-
-    def reserve(self, units: float) -> float:
-        """Take `units`; returns the seconds to wait before using them."""
-        return self.book(units).wait_s
-
-    def refund(self, units: float, *, ceiling: float | None = None) -> None:
-        """Give back (or, negative, take more) once the real cost is known; never past
-        `ceiling` (after a 429: the server had nothing left)."""
-        if self.per_minute:
-            self._refill()
-            top = self.capacity if ceiling is None else min(self.capacity, ceiling)
-            self.level = min(top, self.level + units) if units > 0 else self.level + units
-
-    def empty(self) -> None:
-        """The server refused a request for this budget (a 429): it has nothing left
-        now, whatever we thought, so the level starts again from zero."""
-        if self.per_minute:
-            self._refill()
-            if self.level > 0:
-                self._lower(self.level)
-
-    def mark_sent(self, ticket: Ticket) -> None:
-        """The request holding `ticket` leaves now (for `sync`'s reordering allowance)."""
-        now = self._clock()
-        self._sent += ticket.units
-        ticket.sent_at, ticket.sent_mark = now, self._sent
-        self._sends.append((now, self._sent))
-
-    def _sent_soon_after(self, ticket: Ticket) -> float:
-        """Units sent within `margin_s` after `ticket`'s request: they may have reached
-        the server first, so its `remaining` may already count them."""
-        assert ticket.sent_at is not None
-        sends = self._sends
-        if not sends or sends[0][0] > ticket.sent_at:
-            return self._sent - ticket.sent_mark  # history gone: assume all of them
-        index = bisect.bisect_right(sends, ticket.sent_at + self.margin_s, key=lambda s: s[0])
-        return max(0.0, sends[index - 1][1] - ticket.sent_mark)
-
-    def sync(self, ticket: Ticket, remaining: float, rounding: float = 1.0) -> float:
-        """The server said `remaining` right after admitting `ticket`'s request: if that
-        is less than we expected, lower our level by the difference (what someone else
-        spent, or a bucket that started lower); returns the units taken off.
-
-        Corrections made since the ticket was booked are deducted, so the responses of
-        many requests in flight do not correct the same gap many times over. Only
-        lowered, never raised: an answer is always a little stale."""
-        if not self.per_minute or ticket.expected is None or ticket.sent_at is None:
-            return 0.0
-        already = self.lowered - ticket.lowered_mark
-        shortfall = ticket.expected - remaining - self._sent_soon_after(ticket) - already - rounding
-        if shortfall <= 0:
-            return 0.0
-        self._refill()
-        self._lower(shortfall)
-        return shortfall
-
-    def learn(self, limit: int, remaining: float | None, ticket: Ticket) -> bool:
-        """The server reported its limit; adopt it when lower than ours. True when the
-        limit in force changed (the caller logs it)."""
-        if limit == self.server_limit:
-            return False
-        was_unlimited = not self.per_minute
-        old = self.per_minute
-        self.server_limit = limit
-        self._apply()
-        if was_unlimited and self.per_minute and remaining is not None:
-            # Nothing was counted while unlimited: start from what the server has left.
-            in_flight = self._sent - ticket.sent_mark if ticket.sent_at is not None else 0.0
-            self.level = min(self.level, remaining - in_flight)
-        return self.per_minute != old
-
-    def status(self) -> dict[str, Any]:
-        self._refill()
-        return {
-            "per_minute": self.per_minute,
-            "configured": self.configured,
-            "server_limit": self.server_limit,
-            "slice_s": self.slice_s,
-            "capacity": round(self.capacity, 1) if self.per_minute else None,
-            "level": round(self.level, 1) if self.per_minute else None,
-            # What a request could take now: the level net of requests booked ahead
-            # and of the margin held back; never below zero.
-            "left": max(0, math.floor(self.level - self.margin)) if self.per_minute else None,
-            "lowered": round(self.lowered, 1),
-            "corrections": self.corrections,
-        }
+BUDGETS = ("requests", "tokens", "input_tokens", "output_tokens")
+"""The budgets a provider may have, in the order tickets and units are kept."""
 
 
 class SharedRates(Protocol):
@@ -264,12 +49,35 @@ class SharedRates(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Reservation:
-    """What one request holds: its budget tickets and the AIMD epoch it started in."""
+class Cost:
+    """What one request may take: its input tokens (estimated before sending) and the
+    most its answer may take (`max_tokens`)."""
 
-    requests: Ticket
-    tokens: Ticket
+    input_tokens: int
+    output_tokens: int = 0
+
+    def units(self) -> tuple[float, ...]:
+        """Its units in each budget of BUDGETS."""
+        tokens = self.input_tokens + self.output_tokens
+        return (1.0, float(tokens), float(self.input_tokens), float(self.output_tokens))
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What one request holds: a ticket per budget (BUDGETS order), its cost and the
+    AIMD epoch it started in."""
+
+    tickets: tuple[Ticket, ...]
+    cost: Cost
     epoch: int
+
+    @property
+    def requests(self) -> Ticket:
+        return self.tickets[0]
+
+    @property
+    def tokens(self) -> Ticket:
+        return self.tickets[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +95,8 @@ class ProviderLimits:
         max_concurrency: int,
         requests_per_minute: int,
         tokens_per_minute: int,
+        input_tokens_per_minute: int = 0,
+        output_tokens_per_minute: int = 0,
         clock: Callable[[], float] = time.monotonic,
         margin_s: float = 0.0,
         slice_s: float = 1.0,
@@ -301,8 +111,16 @@ class ProviderLimits:
             successes_per_step=successes_per_step,
             enabled=adaptive,
         )
-        self.requests = TokenBucket(requests_per_minute, clock, margin_s=margin_s, slice_s=slice_s)
-        self.tokens = TokenBucket(tokens_per_minute, clock, margin_s=margin_s, slice_s=slice_s)
+        per_minute = (
+            requests_per_minute,
+            tokens_per_minute,
+            input_tokens_per_minute,
+            output_tokens_per_minute,
+        )
+        self.buckets = tuple(
+            TokenBucket(limit, clock, margin_s=margin_s, slice_s=slice_s) for limit in per_minute
+        )
+        self.requests, self.tokens, self.input_tokens, self.output_tokens = self.buckets
         self.cooldown_until = 0.0
         self.cooldowns = 0
         self._pace = anyio.Lock()  # FIFO: callers take their place in time one at a time
@@ -318,6 +136,8 @@ class ProviderLimits:
         max_concurrency: int,
         requests_per_minute: int,
         tokens_per_minute: int,
+        input_tokens_per_minute: int = 0,
+        output_tokens_per_minute: int = 0,
         margin_s: float | None = None,
         slice_s: float | None = None,
         adaptive: bool | None = None,
@@ -328,8 +148,14 @@ class ProviderLimits:
             successes_per_step=successes_per_step or self.adaptive.successes_per_step,
             enabled=self.adaptive.enabled if adaptive is None else adaptive,
         )
-        self.requests.configure(requests_per_minute, margin_s=margin_s, slice_s=slice_s)
-        self.tokens.configure(tokens_per_minute, margin_s=margin_s, slice_s=slice_s)
+        per_minute = (
+            requests_per_minute,
+            tokens_per_minute,
+            input_tokens_per_minute,
+            output_tokens_per_minute,
+        )
+        for bucket, limit in zip(self.buckets, per_minute, strict=True):
+            bucket.configure(limit, margin_s=margin_s, slice_s=slice_s)
 
     def cool_down(self, seconds: float) -> None:
         """Pause every caller of this provider for `seconds` (a 429 said so)."""
@@ -341,8 +167,8 @@ class ProviderLimits:
     def rate_limited(self, seconds: float) -> None:
         """A 429: the server's buckets are empty now. Ours start again from zero and
         every caller waits `seconds`; those already in line book again after it."""
-        self.requests.empty()
-        self.tokens.empty()
+        for bucket in self.buckets:
+            bucket.empty()
         self.cool_down(seconds)
 
     def cooldown_left(self) -> float:
@@ -356,40 +182,42 @@ class ProviderLimits:
                 return
             await anyio.sleep(left)
 
+    def _check_size(self, cost: Cost) -> None:
+        """A request bigger than a whole minute's budget would wait forever: refused."""
+        for name, bucket, units in zip(BUDGETS, self.buckets, cost.units(), strict=True):
+            if bucket.per_minute and units > bucket.per_minute:
+                kind = name.replace("_", " ")
+                raise ProviderError(
+                    f"request needs ~{units:.0f} {kind}, more than the whole budget of "
+                    f"{bucket.per_minute} {kind} per minute",
+                    kind="TooLarge",
+                    retryable=False,
+                )
+
     @asynccontextmanager
-    async def slot(self, estimated_tokens: int) -> AsyncIterator[Reservation]:
+    async def slot(self, cost: Cost) -> AsyncIterator[Reservation]:
         """Hold a concurrency slot and budget for one request."""
-        per_minute = self.tokens.per_minute
-        if per_minute and estimated_tokens > per_minute:
-            raise ProviderError(
-                f"request needs ~{estimated_tokens} tokens, more than the whole budget of "
-                f"{per_minute} tokens per minute",
-                kind="TooLarge",
-                retryable=False,
-            )
+        self._check_size(cost)
         async with self.concurrency:
             self.waiting += 1
             try:
-                if self.requests.per_minute or self.tokens.per_minute:
+                if any(bucket.per_minute for bucket in self.buckets):
                     async with self._pace:
-                        requests, tokens = await self._take_place(estimated_tokens)
+                        tickets = await self._take_place(cost)
                 else:  # no budget to take places in: only a cool-down to wait out
-                    requests, tokens = await self._take_place(estimated_tokens)
+                    tickets = await self._take_place(cost)
             finally:
                 self.waiting -= 1
-            yield Reservation(requests, tokens, self.adaptive.epoch)
+            yield Reservation(tickets, cost, self.adaptive.epoch)
 
-    async def _book_shared(self, estimated_tokens: int) -> float:
+    async def _book_shared(self, cost: Cost) -> float:
         """The cluster's place in time for this request (0 with no shared budgets). A
         database that cannot answer leaves the local budgets alone in charge."""
         if self.shared is None:
             return 0.0
         wait = 0.0
         try:
-            for name, bucket, units in (
-                ("requests", self.requests, 1),
-                ("tokens", self.tokens, estimated_tokens),
-            ):
+            for name, bucket, units in zip(BUDGETS, self.buckets, cost.units(), strict=True):
                 if bucket.per_minute:
                     increment_s = bucket.cost(units) * 60 / bucket.per_minute
                     key = f"{self.shared_key}.{name}"
@@ -408,62 +236,83 @@ class ProviderLimits:
         if self.shared is None:
             return
         try:
-            for name, bucket in (("requests", self.requests), ("tokens", self.tokens)):
+            for name, bucket in zip(BUDGETS, self.buckets, strict=True):
                 if bucket.per_minute:
                     await self.shared.hold(f"{self.shared_key}.{name}", seconds, bucket.slice_s)
         except Exception as exc:
             self.shared_errors += 1
             log.warning("provider.shared_budget_failed", error=f"{type(exc).__name__}")
 
+    def _refund(self, tickets: tuple[Ticket, ...], ceiling: float | None = None) -> None:
+        for bucket, ticket in zip(self.buckets, tickets, strict=True):
+            bucket.refund(ticket.units, ceiling=ceiling)
+
     def give_back(self, reservation: Reservation) -> None:
         """A reservation whose request was never sent returns to the callers behind."""
-        self.requests.refund(reservation.requests.units)
-        self.tokens.refund(reservation.tokens.units)
+        self._refund(reservation.tickets)
 
-    async def _take_place(self, estimated_tokens: int) -> tuple[Ticket, Ticket]:
+    async def _take_place(self, cost: Cost) -> tuple[Ticket, ...]:
         """Book the budgets and sleep until they are paid for (the caller at the head
         of the line). A cool-down or a new limit that came while it slept means the
         booking was planned on a wrong picture: it is given back and made again."""
         while True:
             await self._wait_cooldown()
             cooldowns = self.cooldowns
-            requests = self.requests.book(1)
-            tokens = self.tokens.book(estimated_tokens)
+            tickets = tuple(
+                bucket.book(units) for bucket, units in zip(self.buckets, cost.units(), strict=True)
+            )
             try:
-                shared = await self._book_shared(estimated_tokens)
-                wait = max(requests.wait_s, tokens.wait_s, shared)
+                shared = await self._book_shared(cost)
+                wait = max(shared, *(ticket.wait_s for ticket in tickets))
                 if wait > 0:
                     await anyio.sleep(wait)
             except anyio.get_cancelled_exc_class():
                 # Never sent: give the reservation back to the callers behind us (after
                 # a 429 meanwhile, only up to the nothing the server had left).
-                ceiling = None if cooldowns == self.cooldowns else 0.0
-                self.requests.refund(requests.units, ceiling=ceiling)
-                self.tokens.refund(tokens.units, ceiling=ceiling)
+                self._refund(tickets, None if cooldowns == self.cooldowns else 0.0)
                 raise
-            if (
-                cooldowns == self.cooldowns
-                and requests.generation == self.requests.generation
-                and tokens.generation == self.tokens.generation
+            if cooldowns == self.cooldowns and all(
+                ticket.generation == bucket.generation
+                for bucket, ticket in zip(self.buckets, tickets, strict=True)
             ):
-                self.requests.mark_sent(requests)
-                self.tokens.mark_sent(tokens)
-                return requests, tokens
+                for bucket, ticket in zip(self.buckets, tickets, strict=True):
+                    bucket.mark_sent(ticket)
+                return tickets
             # After a 429 the server had nothing left: what we give back stops at zero.
-            ceiling = None if cooldowns == self.cooldowns else 0.0
-            self.requests.refund(requests.units, ceiling=ceiling)
-            self.tokens.refund(tokens.units, ceiling=ceiling)
+            self._refund(tickets, None if cooldowns == self.cooldowns else 0.0)
+
+    def settle(
+        self, reservation: Reservation, headers: RateLimitHeaders, input_used: int, output_used: int
+    ) -> None:
+        """Correct the token budgets from what an answered request really took. A
+        server that reports what it has left keeps its own count of the combined and
+        input budgets (OpenAI charges max_tokens up front, never refunded): those are
+        corrected only when it does not say, or when we booked too little. The output
+        budget is always settled from the answer, as Anthropic settles its own."""
+        cost = reservation.cost
+        if input_used or output_used:
+            for bucket, budget, booked, used in (
+                (
+                    self.tokens,
+                    headers.tokens,
+                    cost.input_tokens + cost.output_tokens,
+                    input_used + output_used,
+                ),
+                (self.input_tokens, headers.input_tokens, cost.input_tokens, input_used),
+            ):
+                server_counts = budget is not None and budget.remaining is not None
+                if used > booked or not server_counts:
+                    bucket.refund(booked - used)
+        self.output_tokens.refund(cost.output_tokens - output_used)
 
     def observe(self, headers: RateLimitHeaders, reservation: Reservation) -> list[LimitChange]:
-        """Correct the budgets from an answer's rate-limit headers; returns the limits
-        that changed. Anthropic's `tokens` (else `input-tokens`) stands for our tokens."""
+        """Correct the budgets from an answer's rate-limit headers (each family to its
+        own budget); returns the limits that changed."""
         changes: list[LimitChange] = []
-        token_budget = headers.tokens or headers.input_tokens
-        pairs: tuple[tuple[str, TokenBucket, Budget | None, Ticket], ...] = (
-            ("requests", self.requests, headers.requests, reservation.requests),
-            ("tokens", self.tokens, token_budget, reservation.tokens),
-        )
-        for name, bucket, budget, ticket in pairs:
+        reported = (headers.requests, headers.tokens, headers.input_tokens, headers.output_tokens)
+        for name, bucket, budget, ticket in zip(
+            BUDGETS, self.buckets, reported, reservation.tickets, strict=True
+        ):
             if budget is None:
                 continue
             if budget.limit is not None:
@@ -473,3 +322,7 @@ class ProviderLimits:
             if budget.remaining is not None:
                 bucket.sync(ticket, budget.remaining, budget.rounding)
         return changes
+
+    def status(self) -> dict[str, dict[str, object]]:
+        """Each budget's state, for `vigil status`."""
+        return {name: bucket.status() for name, bucket in zip(BUDGETS, self.buckets, strict=True)}

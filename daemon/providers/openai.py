@@ -1,266 +1,97 @@
-"""An OpenAI-compatible chat-completions client (OpenAI, vLLM, llama.cpp, Ollama,
-LiteLLM...), one long-lived aiohttp session per provider behind its limits, its
-circuit breaker and its counters."""
+"""The OpenAI chat-completions dialect, and the servers that speak it with their own
+accents (README "Providers"):
+
+- Azure OpenAI: the key in an `api-key` header, deployment URLs with an `api-version`
+  query, answers withheld by its content filter (fail, no retry), `-1` limit headers.
+- Groq: its `x-ratelimit-*-requests` headers count per day: never a per-minute budget.
+- vLLM, llama.cpp, Ollama, Gemini, OpenRouter: error bodies of other shapes (integer
+  codes, a flat object, a string, a JSON array; see `dialect.read_error`), llama.cpp's
+  503 while the model loads (retried), OpenRouter's 402 when out of credits (pauses).
+  `max_tokens` is sent, not `max_completion_tokens`, which Ollama ignores.
+"""
 
 from __future__ import annotations
 
-import io
-import os
-import time
-from collections.abc import AsyncGenerator
-from contextlib import asynccontextmanager
-from typing import Any, Self
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, urlsplit
 
-import aiohttp
-import anyio
 import msgspec
-import structlog
 
-from daemon.config import ProviderConfig
-from daemon.providers.base import (
-    NON_RETRYABLE_STATUSES,
-    ChatRequest,
-    Completion,
-    ProviderError,
-)
-from daemon.providers.breaker import CircuitBreaker
-from daemon.providers.limits import ProviderLimits, Reservation
-from daemon.providers.ratelimit_headers import (
-    RateLimitHeaders,
-    parse_rate_limit_headers,
-    retry_after_s,
-)
-from daemon.providers.stats import LatencyWindow, ProviderStats, StatusCounter
+from daemon.providers.base import NON_RETRYABLE_STATUSES, ChatRequest, Completion, ProviderError
+from daemon.providers.dialect import ErrorText, Fault, read_error
+from daemon.providers.limits import Cost
+from daemon.providers.ratelimit_headers import RateLimitHeaders, parse_openai_headers
 
-log = structlog.get_logger("vigil.provider")
-MAX_RESPONSE_BYTES = 8 * 1024 * 1024
-DEFAULT_429_PAUSE_S = 1.0
-PAUSED_RETRY_S = 30.0
-NO_HEADERS = RateLimitHeaders()
-SMALL_BODY_BYTES = 512 * 1024  # aiohttp warns about bytes bodies over 1 MiB
+AZURE_HOSTS = (".openai.azure.com", ".cognitiveservices.azure.com")
+GROQ_HOSTS = ("api.groq.com",)
+OVERLOADED_STATUSES = frozenset({503, 529})
 
 
 class _Choice(msgspec.Struct):
     message: dict[str, Any]
+    finish_reason: str | None = None
+
+
+class _PromptDetails(msgspec.Struct, frozen=True):
+    cached_tokens: int | None = None
 
 
 class _Usage(msgspec.Struct, frozen=True):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    prompt_tokens_details: _PromptDetails | None = None
 
 
 class _Answer(msgspec.Struct):
     choices: list[_Choice]
-    usage: _Usage = _Usage()
+    usage: _Usage | None = None
 
 
 _answer_decoder = msgspec.json.Decoder(_Answer)
 
 
-def _body(encoded: bytes) -> bytes | io.BytesIO:
-    """Bytes take aiohttp's cheap path; past its large-body warning, a stream."""
-    return encoded if len(encoded) <= SMALL_BODY_BYTES else io.BytesIO(encoded)
+def server_of(dialect: str, base_url: str) -> str:
+    """The server a provider names, or, for "auto", the one its host tells."""
+    if dialect != "auto":
+        return dialect
+    host = (urlsplit(base_url).hostname or "").lower()
+    if host.endswith(AZURE_HOSTS):
+        return "azure"
+    if host in GROQ_HOSTS:
+        return "groq"
+    return "openai"
 
 
-class _Reply(msgspec.Struct, frozen=True):
-    status: int
-    headers: Any  # aiohttp's CIMultiDictProxy
-    raw: bytes
-    latency_ms: float
-
-
-class OpenAIProvider(anyio.AsyncContextManagerMixin):
-    """Owns the HTTP session, the limits and the breaker of one configured provider.
-    `configure` applies a reloaded config without a restart."""
-
-    def __init__(self, name: str, config: ProviderConfig, base_url: str | None = None) -> None:
+class OpenAIDialect:
+    def __init__(self, name: str, api_version: str = "", key_env: str = "") -> None:
         self.name = name
-        self.config = config
-        self._fixed_base_url = base_url  # the built-in simulated API's address, if any
-        self.base_url = (base_url or config.base_url).rstrip("/")
-        self.limits = ProviderLimits(
-            max_concurrency=config.max_concurrency,
-            requests_per_minute=config.requests_per_minute,
-            tokens_per_minute=config.tokens_per_minute,
-            margin_s=config.budget_margin_ms / 1000,
-            slice_s=config.budget_slice_s,
-            adaptive=config.adaptive_concurrency,
-            successes_per_step=config.adaptive_successes_per_step,
-        )
-        self.breaker = CircuitBreaker(
-            name,
-            failures=config.breaker_failures,
-            open_s=config.breaker_open_s,
-            probe_wait_s=min(config.breaker_open_s, config.timeout_s),
-        )
-        self.stats = ProviderStats()
-        self.latency = LatencyWindow()
-        self._statuses = StatusCounter(self.stats)
-        self.paused_reason: str | None = None
-        self.pause_changes = 0  # pauses and lifts this node made (to share in a cluster)
-        self._session: aiohttp.ClientSession | None = None
-        self._key()  # a key missing from the start pauses the provider at once, loudly
+        self._api_version = api_version
+        self._key_env = key_env or "(none)"
 
-    @asynccontextmanager
-    async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
-        connector = aiohttp.TCPConnector(limit=self.config.max_connections)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            self._session = session
-            try:
-                yield self
-            finally:
-                self._session = None
+    @classmethod
+    def for_server(
+        cls, dialect: str, base_url: str, api_version: str = "", key_env: str = ""
+    ) -> OpenAIDialect:
+        return cls(server_of(dialect, base_url), api_version, key_env)
 
-    def configure(self, config: ProviderConfig) -> None:
-        """Apply a reloaded config to the next requests: limits, concurrency, timeout,
-        breaker, base URL. What it cannot change (kind, pool size, key variable) the
-        reload keeps as it was (daemon/reload.py RESTART_ONLY)."""
-        self.config = config
-        self.limits.configure(
-            max_concurrency=config.max_concurrency,
-            requests_per_minute=config.requests_per_minute,
-            tokens_per_minute=config.tokens_per_minute,
-            margin_s=config.budget_margin_ms / 1000,
-            slice_s=config.budget_slice_s,
-            adaptive=config.adaptive_concurrency,
-            successes_per_step=config.adaptive_successes_per_step,
-        )
-        self.breaker.configure(
-            failures=config.breaker_failures,
-            open_s=config.breaker_open_s,
-            probe_wait_s=min(config.breaker_open_s, config.timeout_s),
-        )
-        if self._fixed_base_url is None:
-            self.base_url = config.base_url.rstrip("/")
-        log.info("provider.configured", provider=self.name)
+    def url(self, base_url: str, request: ChatRequest) -> str:
+        if self.name == "azure":
+            deployment = quote(request.model, safe="")
+            version = quote(self._api_version, safe="")
+            return (
+                f"{base_url}/openai/deployments/{deployment}/chat/completions?api-version={version}"
+            )
+        return f"{base_url}/chat/completions"
 
-    def _key(self) -> str | None:
-        """The API key, read at use. A missing one pauses the provider, as a refused
-        one does: its jobs wait for a restart with the key set (the environment is read
-        at start) instead of the whole backlog failing."""
-        env = self.config.api_key_env
-        if not env:
-            return None
-        key = os.environ.get(env)
+    def auth_headers(self, key: str) -> dict[str, str]:
         if not key:
-            self.paused_reason = self._missing_key()
-            log.error("provider.paused", provider=self.name, reason=self.paused_reason)
-        return key
+            return {}
+        if self.name == "azure":
+            return {"api-key": key}
+        return {"Authorization": f"Bearer {key}"}
 
-    def _missing_key(self) -> str:
-        return (
-            f"${self.config.api_key_env} (the API key) is not set in the daemon's "
-            "environment: restart the daemon with it set"
-        )
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        if self.config.api_key_env:
-            key = self._key()
-            if not key:
-                raise self._paused()
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
-
-    def _paused(self) -> ProviderError:
-        return ProviderError(
-            f"provider {self.name!r} is paused: {self.paused_reason}",
-            kind="ProviderPaused",
-            retryable=True,
-            retry_after_s=PAUSED_RETRY_S,
-        )
-
-    def available(self) -> bool:
-        """Whether a call would be attempted now: not paused, and the circuit closed
-        or half-open with no probe under way (the next call probes)."""
-        return self.paused_reason is None and self.breaker.accepting()
-
-    def pause(self, reason: str) -> None:
-        """A pause the account's state causes (a refused key, no quota): in a cluster
-        every node takes it (daemon/providers/shared_state.py). A missing key variable
-        is this daemon's alone and does not come here."""
-        self.paused_reason = reason
-        self.pause_changes += 1
-        log.error("provider.paused", provider=self.name, reason=reason)
-
-    def adopt_pause(self, reason: str | None) -> None:
-        """Another node paused this provider (or lifted its pause): follow, unless our
-        own environment lacks the key, which only a restart here can fix."""
-        if self.paused_reason is not None and self.paused_reason == self._missing_key():
-            return
-        if reason is None:
-            if self.paused_reason is not None:
-                log.info("provider.resumed", provider=self.name, by="another node")
-            self.paused_reason = None
-            return
-        self.paused_reason = reason
-        log.error("provider.paused", provider=self.name, reason=reason, by="another node")
-
-    def held_reason(self) -> str | None:
-        """Why calls are held back now (paused, circuit open or probing), or None."""
-        if self.paused_reason:
-            return f"paused: {self.paused_reason}"
-        return self.breaker.reason()
-
-    def resume(self) -> str | None:
-        """Lift a pause (the operator says the key or quota is fixed). Returns why the
-        provider stays paused, or None: a key variable that is not set cannot be
-        fixed without a restart (the daemon's environment is read at start)."""
-        env = self.config.api_key_env
-        if env and not os.environ.get(env):
-            self.paused_reason = self._missing_key()
-            return self.paused_reason
-        if self.paused_reason is not None:
-            self.paused_reason = None
-            self.pause_changes += 1  # lifted for every node
-        return None
-
-    async def complete(self, request: ChatRequest) -> Completion:
-        """One throttled call; raises ProviderError on every kind of failure."""
-        if self.paused_reason:
-            raise self._paused()
-        headers = self._headers()  # a missing key pauses before taking budget
-        estimate = request.estimated_tokens()
-        probe = await self.breaker.admit()  # an open circuit fails here, before any budget
-        failure: str | None = None
-        answered = False
-        try:
-            async with self.limits.slot(estimate) as reservation:
-                try:
-                    self.breaker.recheck(probe)
-                except ProviderError:
-                    self.limits.give_back(reservation)  # never sent
-                    raise
-                self.stats.in_flight += 1
-                try:
-                    reply = await self._send(request, headers)
-                except ProviderError as exc:
-                    failure = exc.kind
-                    if exc.kind == "Timeout":
-                        self._congested(reservation, "timeout")
-                    raise
-                finally:
-                    self.stats.in_flight -= 1
-            answered = reply.status < 500
-            if not answered:
-                failure = f"HTTP {reply.status}"
-            try:
-                return self._settle(reply, reservation, estimate)
-            except ProviderError as exc:
-                if exc.kind == "RateLimited":  # the other nodes hold back too
-                    hint = exc.retry_after_s
-                    await self.limits.hold_shared(DEFAULT_429_PAUSE_S if hint is None else hint)
-                raise
-        finally:
-            if failure is not None:
-                self.breaker.failed(failure, probe)
-            elif answered:
-                self.breaker.succeeded(probe)
-            else:
-                self.breaker.released(probe)
-
-    async def _send(self, request: ChatRequest, headers: dict[str, str]) -> _Reply:
-        assert self._session is not None, "provider used outside its context"
+    def body(self, request: ChatRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": request.model,
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
@@ -269,196 +100,89 @@ class OpenAIProvider(anyio.AsyncContextManagerMixin):
         }
         if request.json_mode:
             body["response_format"] = {"type": "json_object"}
-        timeout_s = self.config.timeout_s
-        started = time.monotonic()
-        self.stats.requests += 1
-        try:
-            # aiohttp's own total timeout: it keeps a timer per request anyway, and a
-            # cancel scope more would cost as much again as the rest of this method.
-            async with self._session.post(
-                f"{self.base_url}/chat/completions",
-                data=_body(msgspec.json.encode(body)),
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
-            ) as response:
-                raw = await _read_bounded(response, MAX_RESPONSE_BYTES + 1)
-                status = response.status
-                answer_headers = response.headers
-        except TimeoutError:
-            self._statuses.add("timeout")
-            raise ProviderError(f"no answer within {timeout_s:g} s", kind="Timeout") from None
-        except aiohttp.ClientError as exc:
-            self._statuses.add("connection_error")
-            raise ProviderError(
-                f"cannot reach {self.base_url}: {type(exc).__name__}", kind="ConnectionError"
-            ) from None
-        latency_ms = (time.monotonic() - started) * 1000
-        self.stats.answered += 1
-        self.stats.latency_ms_total += latency_ms
-        self.latency.add(latency_ms)
-        self._statuses.add(str(status))
-        return _Reply(status, answer_headers, raw, latency_ms)
+        return body
 
-    def _settle(self, reply: _Reply, reservation: Reservation, estimate: int) -> Completion:
-        """Correct the budgets from the answer, then turn it into a Completion or an error."""
-        rate_limits = self._observe(reply.headers, reservation)
-        if reply.status != 200:
-            raise self._http_error(reply, reservation, estimate)
-        completion = self._decode(reply)
-        self.limits.adaptive.succeeded()
-        used = completion.prompt_tokens + completion.completion_tokens
-        token_budget = rate_limits.tokens or rate_limits.input_tokens
-        server_counts_tokens = token_budget is not None and token_budget.remaining is not None
-        if used and (used > estimate or not server_counts_tokens):
-            # A server reporting its remaining tokens keeps its own count (OpenAI charges
-            # max_tokens up front, never refunded): give back only when it does not say.
-            self.limits.tokens.refund(estimate - used)
-        return completion
+    def cost(self, request: ChatRequest) -> Cost:
+        return Cost(request.estimated_input_tokens(), request.max_tokens)
 
-    def _observe(self, headers: Any, reservation: Reservation) -> RateLimitHeaders:
-        if not self.config.sync_rate_limit_headers:
-            return NO_HEADERS
-        rate_limits = parse_rate_limit_headers(headers)
-        if rate_limits.empty:
-            return rate_limits
-        for change in self.limits.observe(rate_limits, reservation):
-            log.warning(
-                "provider.limit_learned",
-                provider=self.name,
-                budget=change.budget,
-                server_limit=change.server_limit,
-                per_minute=change.per_minute,
-                was=change.old_per_minute,
-                configured=getattr(self.config, f"{change.budget}_per_minute"),
-            )
-        return rate_limits
-
-    def _decode(self, reply: _Reply) -> Completion:
-        status, raw = reply.status, reply.raw
-        if len(raw) > MAX_RESPONSE_BYTES:
-            raise ProviderError("answer larger than 8 MiB", kind="BadResponse", status=status)
+    def decode(self, raw: bytes, status: int) -> Completion:
         try:
             answer = _answer_decoder.decode(raw)
-            content = answer.choices[0].message.get("content")
+            choice = answer.choices[0]
         except (msgspec.DecodeError, IndexError) as exc:
             raise ProviderError(
                 f"malformed answer: {exc}", kind="BadResponse", status=status
             ) from None
+        if choice.finish_reason == "content_filter":
+            raise ProviderError(
+                "the API's content filter withheld the answer (finish_reason content_filter)",
+                kind="ContentFiltered",
+                status=status,
+                retryable=False,
+            )
+        content = choice.message.get("content")
         if not isinstance(content, str):
             raise ProviderError("answer has no text content", kind="BadResponse", status=status)
-        self.stats.prompt_tokens += answer.usage.prompt_tokens
-        self.stats.completion_tokens += answer.usage.completion_tokens
+        usage = answer.usage or _Usage()
+        details = usage.prompt_tokens_details
+        finish = choice.finish_reason
         return Completion(
             content=content,
-            prompt_tokens=answer.usage.prompt_tokens,
-            completion_tokens=answer.usage.completion_tokens,
+            prompt_tokens=usage.prompt_tokens or 0,
+            completion_tokens=usage.completion_tokens or 0,
+            cached_tokens=(details.cached_tokens or 0) if details else 0,
+            stop_reason="max_tokens" if finish == "length" else finish,
             http_status=status,
-            latency_ms=reply.latency_ms,
         )
 
-    def _congested(self, reservation: Reservation, why: str) -> None:
-        if self.limits.adaptive.congested(reservation.epoch):
-            log.info(
-                "provider.concurrency_lowered",
-                provider=self.name,
-                reason=why,
-                limit=self.limits.adaptive.limit,
-            )
+    def rate_limits(self, headers: Mapping[str, str]) -> RateLimitHeaders:
+        return parse_openai_headers(headers, requests=self.name != "groq")
 
-    def _http_error(self, reply: _Reply, reservation: Reservation, estimate: int) -> ProviderError:
-        status = reply.status
-        key = os.environ.get(self.config.api_key_env) if self.config.api_key_env else None
-        # Some APIs echo the key back: scrubbed before the message is cut to length,
-        # or a key straddling the cut would leave its first part behind.
-        raw = reply.raw.replace(key.encode(), b"[redacted]") if key else reply.raw
-        message, code = _error_text(raw)
-        hint = retry_after_s(reply.headers, tokens_needed=estimate)
+    def fault(self, status: int, raw: bytes) -> Fault:
+        error = read_error(raw)
+        message = error.message
         if status == 429:
-            self.stats.rate_limited += 1
-            if code == "insufficient_quota":
-                self.pause("quota exhausted (insufficient_quota)")
-                return ProviderError(
-                    f"HTTP 429 insufficient_quota: {message}",
-                    kind="QuotaExhausted",
-                    status=status,
-                    retryable=False,
-                )
-            if message.startswith("Request too large"):
-                # Bigger than the whole per-minute budget: waiting never helps.
-                return ProviderError(
-                    f"HTTP 429: {message}", kind="TooLarge", status=status, retryable=False
-                )
-            self.limits.rate_limited(hint if hint is not None else DEFAULT_429_PAUSE_S)
-            self._congested(reservation, "429")
-            return ProviderError(
-                f"HTTP 429 rate limited: {message}",
-                kind="RateLimited",
-                status=status,
-                retry_after_s=hint,
+            return _too_many(error)
+        if status == 402:  # OpenRouter: no credits left
+            return Fault(
+                kind="QuotaExhausted",
+                message=f"HTTP 402: {message}",
+                retryable=False,
+                pause=f"HTTP 402: no credits left ({message[:200]})",
             )
         if status in (401, 403):
-            env = self.config.api_key_env or "(none)"
-            self.pause(f"HTTP {status}: the API key in ${env} was refused")
-        return ProviderError(
-            f"HTTP {status}: {message}",
+            return Fault(
+                kind="HTTPError",
+                message=f"HTTP {status}: {message}",
+                retryable=False,
+                pause=f"HTTP {status}: the API key in ${self._key_env} was refused",
+            )
+        if error.code == "content_filter":  # Azure refusing the prompt
+            return Fault(
+                kind="ContentFiltered", message=f"HTTP {status}: {message}", retryable=False
+            )
+        if status in OVERLOADED_STATUSES and error.structured:
+            # The API's own "not now" (overloaded, llama.cpp loading its model), not a
+            # proxy's page: the request was not processed.
+            return Fault(kind="Overloaded", message=f"HTTP {status}: {message}", overloaded=True)
+        return Fault(
             kind="HTTPError",
-            status=status,
+            message=f"HTTP {status}: {message}",
             retryable=status not in NON_RETRYABLE_STATUSES,
-            retry_after_s=hint,
         )
 
-    def status(self) -> dict[str, Any]:
-        """This provider's part of `vigil status`."""
-        stats, limits = self.stats, self.limits
-        avg = stats.latency_ms_total / stats.answered if stats.answered else None
-        p50, p99 = self.latency.percentile(50), self.latency.percentile(99)
-        return {
-            "kind": self.config.kind,
-            "base_url": self.base_url,
-            "paused": self.paused_reason,
-            "held": self.held_reason(),
-            "in_flight": stats.in_flight,
-            "waiting_for_budget": limits.waiting,
-            "requests": stats.requests,
-            "by_status": stats.by_status,
-            "rate_limited": stats.rate_limited,
-            "cooldown_s": round(limits.cooldown_left(), 3),
-            "cooldowns": limits.cooldowns,
-            "tokens_in": stats.prompt_tokens,
-            "tokens_out": stats.completion_tokens,
-            "avg_latency_ms": None if avg is None else round(avg, 1),
-            "p50_latency_ms": None if p50 is None else round(p50, 1),
-            "p99_latency_ms": None if p99 is None else round(p99, 1),
-            "max_concurrency": self.config.max_concurrency,
-            "concurrency_limit": limits.adaptive.limit,
-            "adaptive_concurrency": limits.adaptive.enabled,
-            "concurrency_decreases": limits.adaptive.decreases,
-            "requests_per_minute": limits.requests.per_minute,
-            "tokens_per_minute": limits.tokens.per_minute,
-            "budgets": {"requests": limits.requests.status(), "tokens": limits.tokens.status()},
-            "circuit": self.breaker.status(),
-        }
 
-
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The body up to `limit` bytes: `read(n)` returns what has arrived so far, so a
-    body that comes in pieces needs a loop."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit and (chunk := await response.content.read(limit - size)):
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
-def _error_text(raw: bytes) -> tuple[str, str | None]:
-    """The OpenAI error body's message and code, bounded; falls back to raw text."""
-    try:
-        body = msgspec.json.decode(raw)
-        error = body.get("error") if isinstance(body, dict) else None
-        if isinstance(error, dict):
-            code = error.get("code") or error.get("type")
-            return str(error.get("message", ""))[:500], str(code) if code else None
-    except msgspec.DecodeError:
-        pass
-    return raw[:200].decode("utf-8", "replace"), None
+def _too_many(error: ErrorText) -> Fault:
+    """A 429: out of quota (pauses), bigger than the whole budget, or rate limited."""
+    message = error.message
+    if "insufficient_quota" in (error.code, error.type):
+        return Fault(
+            kind="QuotaExhausted",
+            message=f"HTTP 429 insufficient_quota: {message}",
+            retryable=False,
+            pause="quota exhausted (insufficient_quota)",
+        )
+    if message.startswith("Request too large"):
+        # Bigger than the whole per-minute budget: waiting never helps.
+        return Fault(kind="TooLarge", message=f"HTTP 429: {message}", retryable=False)
+    return Fault(kind="RateLimited", message=f"HTTP 429 rate limited: {message}", rate_limited=True)

@@ -117,11 +117,10 @@ def _budget(
     )
 
 
-def parse_rate_limit_headers(
+def parse_anthropic_headers(
     headers: Mapping[str, str], *, now: float | None = None
 ) -> RateLimitHeaders:
-    """Read both header families; where a server sends both, OpenAI's wins (exact
-    counts). `now` is the unix time Anthropic's resets are measured from."""
+    """Anthropic's family; `now` is the unix time its RFC 3339 resets count from."""
     found: dict[str, Budget] = {}
     for kind in _ANTHROPIC_KINDS:
         prefix = f"anthropic-ratelimit-{kind}"
@@ -134,7 +133,14 @@ def parse_rate_limit_headers(
         )
         if budget is not None:
             found[kind.replace("-", "_")] = budget
-    for kind in _OPENAI_KINDS:
+    return RateLimitHeaders(**found)
+
+
+def parse_openai_headers(headers: Mapping[str, str], *, requests: bool = True) -> RateLimitHeaders:
+    """OpenAI's family. `requests=False` leaves out the request budget (Groq's counts
+    per day, not per minute). Negative values (Azure's -1) are not budgets."""
+    found: dict[str, Budget] = {}
+    for kind in _OPENAI_KINDS if requests else ("tokens",):
         reset = headers.get(f"x-ratelimit-reset-{kind}")
         budget = _budget(
             headers.get(f"x-ratelimit-limit-{kind}"),
@@ -145,6 +151,20 @@ def parse_rate_limit_headers(
         if budget is not None:
             found[kind] = budget
     return RateLimitHeaders(**found)
+
+
+def parse_rate_limit_headers(
+    headers: Mapping[str, str], *, now: float | None = None
+) -> RateLimitHeaders:
+    """Both families; where a server sends both, OpenAI's wins (exact counts)."""
+    anthropic = parse_anthropic_headers(headers, now=now)
+    openai = parse_openai_headers(headers)
+    return RateLimitHeaders(
+        requests=openai.requests or anthropic.requests,
+        tokens=openai.tokens or anthropic.tokens,
+        input_tokens=anthropic.input_tokens,
+        output_tokens=anthropic.output_tokens,
+    )
 
 
 def _bounded(value: float) -> float | None:
@@ -167,11 +187,16 @@ def _retry_after_header(value: str, now: float) -> float | None:
 
 
 def retry_after_s(
-    headers: Mapping[str, str], *, tokens_needed: float = 1.0, now: float | None = None
+    headers: Mapping[str, str],
+    *,
+    tokens_needed: float = 1.0,
+    now: float | None = None,
+    snapshot: RateLimitHeaders | None = None,
 ) -> float | None:
     """The server's wait hint for a 429: `retry-after-ms`, then `retry-after`, then the
-    rate-limit headers (the time until one request and `tokens_needed` tokens fit, or,
-    when the headers do not say how much is left, the longest reset)."""
+    rate-limit headers (`snapshot`, else both families read from `headers`: the time
+    until one request and `tokens_needed` tokens fit, or, when the headers do not say
+    how much is left, the longest reset)."""
     now = time.time() if now is None else now
     ms = headers.get("retry-after-ms")
     if ms is not None and (value := _number(ms)) is not None:
@@ -179,7 +204,8 @@ def retry_after_s(
     after = headers.get("retry-after")
     if after is not None and (value := _retry_after_header(after, now)) is not None:
         return _bounded(value)
-    snapshot = parse_rate_limit_headers(headers, now=now)
+    if snapshot is None:
+        snapshot = parse_rate_limit_headers(headers, now=now)
     waits = [
         budget.seconds_until(need)
         for budget, need in (

@@ -13,7 +13,7 @@ import msgspec
 import structlog
 from anyio.abc import TaskStatus
 
-from daemon.providers.openai import OpenAIProvider
+from daemon.providers.client import ApiProvider
 
 log = structlog.get_logger("vigil.provider")
 SYNC_S = 1.0
@@ -42,7 +42,7 @@ class SharedProviderState(Protocol):
 
 class ProviderSync:
     def __init__(
-        self, providers: Mapping[str, OpenAIProvider], shared: SharedProviderState, node: str
+        self, providers: Mapping[str, ApiProvider], shared: SharedProviderState, node: str
     ) -> None:
         self._providers = providers
         self._shared = shared

@@ -16,9 +16,12 @@ class ProviderStats(msgspec.Struct, kw_only=True):
     requests: int = 0
     by_status: dict[str, int] = {}
     rate_limited: int = 0
+    overloaded: int = 0  # 529s and the like: the API busy, nobody's limit
     in_flight: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
     answered: int = 0  # requests that got an HTTP answer (those latency covers)
     latency_ms_total: float = 0.0
 

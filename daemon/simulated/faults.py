@@ -2,46 +2,38 @@
 fault-injection tests. Apart from the API itself, which only routes a request here.
 
 Ask for a fault with the `x-sim-fault` header, or point a client at `/fault/NAME/v1`
-instead of `/v1` (a provider's `base_url` carries no headers). Faults skip the rate
-limits and latency.
+instead of `/v1` (`/fault/NAME` instead of the root, for the anthropic dialect: a
+provider's `base_url` carries no headers). Faults skip the rate limits and latency.
+Each fault speaks the dialect being served: its errors are in that dialect's shape, and
+the damaged answers are that dialect's answers, damaged.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
-import time
 from collections.abc import Awaitable, Callable
 
 import anyio
 from aiohttp import web
 
-from daemon.simulated.limits import openai_duration
-from daemon.simulated.model import answer, text_of
-from daemon.simulated.wire import (
-    DEFAULT_MAX_TOKENS,
-    ENCODER,
-    ApiError,
-    ChatRequest,
-    Choice,
-    Completion,
-    OutMessage,
-    Usage,
-)
+from daemon.simulated.dialect import Dialect, Reply, Turn
+from daemon.simulated.model import answer
+from daemon.simulated.wire import ENCODER
 
 FAULT_HEADER = "x-sim-fault"
 FAULTS = (
-    "500",  # OpenAI's server_error body
+    "500",  # the dialect's server error (OpenAI's server_error, Anthropic's api_error)
     "502",  # a proxy's HTML page, not JSON
     "503",  # overloaded, with retry-after: 1
-    "529",  # Anthropic's overloaded_error
-    "429",  # rate limited, retry-after-ms: FAULT_RETRY_AFTER_MS
+    "529",  # Anthropic's overloaded_error (in either dialect)
+    "429",  # rate limited, retry-after: 1 (OpenAI's also retry-after-ms: FAULT_RETRY_AFTER_MS)
     "429-no-retry-after",  # rate limited, no hint at all
     "reset",  # a 200 whose body is cut off by a TCP reset
     "hang",  # no answer until the client gives up (or HANG_S)
     "slow-body",  # a valid answer trickled out, _SLOW_CHUNK_BYTES every _SLOW_CHUNK_S
     "malformed-json",  # a 200 whose JSON body is truncated
-    "no-choices",  # a 200 with valid JSON but no `choices`
+    "no-choices",  # a 200 with valid JSON but no answer: no `choices`, or empty `content`
     "bad-json-content",  # a valid completion whose content holds no JSON object
 )
 """The faults a request can ask for (see the module docstring)."""
@@ -52,43 +44,32 @@ _SLOW_CHUNK_S = 0.25
 
 async def fault_response(
     fault: str,
-    body: ChatRequest,
+    dialect: Dialect,
+    turn: Turn,
     request: web.Request,
     hang: Callable[[dict[str, str]], Awaitable[None]],
 ) -> web.StreamResponse:
-    """The answer for `fault`, one of FAULTS; `hang` is the API's own (it ends when the
-    client leaves or the server shuts down)."""
+    """The answer for `fault`, one of FAULTS, in `dialect`; `hang` is the API's own (it
+    ends when the client leaves or the server shuts down)."""
+    error = dialect.fault_error(fault)
+    if error is not None:
+        raise error
     match fault:
-        case "500":
-            message = "The server had an error while processing your request. Sorry!"
-            raise ApiError(500, message, "server_error")
         case "502":
             page = "<html><body><h1>502 Bad Gateway</h1></body></html>"
             return web.Response(status=502, text=page, content_type="text/html")
-        case "503":
-            message = "The engine is currently overloaded, please try again later."
-            raise ApiError(503, message, "server_error", headers={"retry-after": "1"})
         case "529":
             overloaded = {"type": "overloaded_error", "message": "Overloaded"}
             data = ENCODER.encode({"type": "error", "error": overloaded})
             return web.Response(status=529, body=data, content_type="application/json")
-        case "429" | "429-no-retry-after":
-            hint = fault == "429"
-            wait = openai_duration(FAULT_RETRY_AFTER_MS / 1000) if hint else "a while"
-            headers = (
-                {"retry-after": "1", "retry-after-ms": str(FAULT_RETRY_AFTER_MS)} if hint else {}
-            )
-            message = f"Rate limit reached for requests. Please try again in {wait}."
-            raise ApiError(429, message, "requests", code="rate_limit_exceeded", headers=headers)
         case "hang":
             await hang({})
-    raw = _fault_answer(body, prose=fault == "bad-json-content")
+    raw = _fault_answer(dialect, turn, prose=fault == "bad-json-content")
     match fault:
         case "malformed-json":
             return web.Response(body=raw[: len(raw) // 2], content_type="application/json")
         case "no-choices":
-            data = ENCODER.encode({"id": "chatcmpl-fault", "object": "chat.completion"})
-            return web.Response(body=data, content_type="application/json")
+            return web.Response(body=dialect.empty(turn), content_type="application/json")
         case "bad-json-content":
             return web.Response(body=raw, content_type="application/json")
         case "reset":
@@ -97,25 +78,15 @@ async def fault_response(
             return await _trickle(request, raw)
 
 
-def _fault_answer(body: ChatRequest, *, prose: bool) -> bytes:
-    """A well-formed completion for the faults that damage one (no counters, no RNG:
-    a fault never shifts a seeded run); `prose`: text where JSON was asked for."""
-    users = [message for message in body.messages if message.role == "user"]
-    json_object = body.response_format is not None and body.response_format.type == "json_object"
-    max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
-    content, finish = answer(text_of((users or body.messages)[-1]), json_object, max_tokens)
+def _fault_answer(dialect: Dialect, turn: Turn, *, prose: bool) -> bytes:
+    """A well-formed answer for the faults that damage one (no counters, no RNG, no
+    cache: a fault never shifts a seeded run); `prose`: text where JSON was asked for."""
+    content, finish = answer(turn.text, turn.json_object, turn.max_tokens)
     if prose:
         content, finish = "Sure! The sentiment is positive, and the topics are many.", "stop"
     tokens = max(1, len(content) // 4)
-    completion = Completion(
-        id="chatcmpl-fault",
-        object="chat.completion",
-        created=int(time.time()),
-        model=body.model,
-        choices=[Choice(0, OutMessage("assistant", content), finish)],
-        usage=Usage(tokens, tokens, 2 * tokens),
-    )
-    return ENCODER.encode(completion)
+    reply = Reply(content=content, finish=finish, input_tokens=tokens, output_tokens=tokens)
+    return dialect.render(turn, reply, "fault")
 
 
 async def _reset_midway(request: web.Request, body: bytes) -> web.StreamResponse:

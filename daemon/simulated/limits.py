@@ -1,15 +1,51 @@
-"""OpenAI's rate limits as the simulated API enforces them: per-minute request and
-token budgets, applied in slices, with OpenAI's headers and 429 bodies. Apart from the
-API itself, which only asks them about each request (`admit`) and for `/stats`.
+"""Rate limits as the simulated API enforces them: per-minute budgets applied in
+slices (`Bucket`), and OpenAI's two of them (`Limits`) with OpenAI's headers and 429
+bodies; Anthropic's three live in `anthropic_limits`. Apart from the API itself, which
+only asks them about each request (`admit`, `settle`) and for `/stats` (`levels`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import msgspec
 
 from daemon.config import SimulateConfig
 from daemon.simulated.wire import ApiError
+
+
+class Cost(msgspec.Struct, frozen=True):
+    """What one request asks of the budgets before it is answered: OpenAI's TPM charge
+    (prompt + max_tokens) or Anthropic's ITPM charge (uncached input + cache writes)."""
+
+    tokens: int = 0
+    input_tokens: int = 0
+
+
+class Levels(msgspec.Struct, frozen=True):
+    """What each budget's slice holds now, for `/stats` (None: no such limit)."""
+
+    requests: int | None = None
+    tokens: int | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+class RateLimits(Protocol):
+    """One dialect's budgets, as the API core uses them."""
+
+    def admit(self, cost: Cost) -> dict[str, str]:
+        """Consume what `cost` needs, returning the rate-limit headers; raise a 429
+        `ApiError` (consuming nothing) if a budget is short."""
+        ...
+
+    def settle(self, output_tokens: int, headers: dict[str, str]) -> dict[str, str]:
+        """Charge an answer's output tokens; the headers the answer carries."""
+        ...
+
+    def levels(self) -> Levels: ...
 
 
 def openai_duration(seconds: float) -> str:
@@ -30,12 +66,14 @@ def openai_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-class _Bucket:
-    """A per-minute limit enforced in slices, as OpenAI does ("60,000 a minute may be
-    enforced as 1,000 a second"): admission is decided by a bucket that holds one
+class Bucket:
+    """A per-minute limit enforced in slices, as the real APIs do ("60,000 a minute may
+    be enforced as 1,000 a second"): admission is decided by a bucket that holds one
     slice (`limit` x `slice_s` / 60) and refills `limit`/60 per second, while the
     headers speak of the minute (`remaining` out of `limit`), as the real ones do. A
-    request bigger than one slice is admitted when the slice is full."""
+    request bigger than one slice is admitted when the slice is full. `take` may drive
+    it below zero (an answer's output tokens, charged after the fact): a debt that
+    refills like the rest."""
 
     __slots__ = ("_level", "_minute", "_rate_per_s", "_stamp", "capacity", "limit")
 
@@ -71,13 +109,39 @@ class _Bucket:
         """What the headers report: the minute's budget left."""
         return max(0, math.floor(self._minute))
 
-    def headers(self, kind: str) -> dict[str, str]:
-        reset_s = (self.limit - self._minute) / self._rate_per_s
-        return {
-            f"x-ratelimit-limit-{kind}": str(self.limit),
-            f"x-ratelimit-remaining-{kind}": str(self.remaining),
-            f"x-ratelimit-reset-{kind}": openai_duration(reset_s),
-        }
+    @property
+    def reset_s(self) -> float:
+        """Seconds until the minute's budget is whole again."""
+        return (self.limit - self._minute) / self._rate_per_s
+
+
+Need = tuple[str, Bucket, int]
+"""A budget's name, its bucket, and what a request needs of it to be admitted."""
+
+
+def shortage(needs: Sequence[Need], now: float) -> Need | None:
+    """Refill every bucket, then the worst shortage among `needs`: one that can never
+    fit first, then the longest wait; None when all fit now."""
+    for _, bucket, _ in needs:
+        bucket.refill(now)
+    worst = max(needs, key=lambda n: (n[2] > n[1].limit, n[1].wait_s(n[2])), default=None)
+    return worst if worst is not None and worst[1].wait_s(worst[2]) > 0 else None
+
+
+def level(bucket: Bucket | None, now: float) -> int | None:
+    """A bucket's whole units now, for `/stats` (None: no bucket)."""
+    if bucket is None:
+        return None
+    bucket.refill(now)
+    return max(0, math.floor(bucket.level))
+
+
+def _openai_headers(kind: str, bucket: Bucket) -> dict[str, str]:
+    return {
+        f"x-ratelimit-limit-{kind}": str(bucket.limit),
+        f"x-ratelimit-remaining-{kind}": str(bucket.remaining),
+        f"x-ratelimit-reset-{kind}": openai_duration(bucket.reset_s),
+    }
 
 
 class Limits:
@@ -92,43 +156,38 @@ class Limits:
             settings.tokens_per_minute,
             settings.slice_s,
         )
-        self._requests = _Bucket(rpm, now, slice_s) if rpm else None
-        self._tokens = _Bucket(tpm, now, slice_s) if tpm else None
+        self._requests = Bucket(rpm, now, slice_s) if rpm else None
+        self._tokens = Bucket(tpm, now, slice_s) if tpm else None
 
-    def remaining(self) -> tuple[int | None, int | None]:
-        """The requests and tokens the slice holds now (None: that budget is unlimited)."""
+    def levels(self) -> Levels:
         now = self._clock()
-        levels: list[int | None] = []
-        for bucket in (self._requests, self._tokens):
-            if bucket is not None:
-                bucket.refill(now)
-            levels.append(None if bucket is None else max(0, math.floor(bucket.level)))
-        return levels[0], levels[1]
+        return Levels(requests=level(self._requests, now), tokens=level(self._tokens, now))
 
-    def admit(self, cost: int) -> dict[str, str]:
-        """Consume one request and `cost` tokens, returning the x-ratelimit-* headers;
+    def admit(self, cost: Cost) -> dict[str, str]:
+        """Consume one request and `cost.tokens`, returning the x-ratelimit-* headers;
         raise a 429 `ApiError` if either budget is short."""
-        now = self._clock()
-        budgets: list[tuple[str, _Bucket, int]] = []
+        budgets: list[Need] = []
         if self._requests is not None:
             budgets.append(("requests", self._requests, 1))
         if self._tokens is not None:
-            budgets.append(("tokens", self._tokens, cost))
+            budgets.append(("tokens", self._tokens, cost.tokens))
+        short = shortage(budgets, self._clock())
         headers: dict[str, str] = {}
         for kind, bucket, _ in budgets:
-            bucket.refill(now)
-            headers.update(bucket.headers(kind))
-        # The worst shortage is reported: one that can never fit first, then the longest wait.
-        worst = max(budgets, key=lambda b: (b[2] > b[1].limit, b[1].wait_s(b[2])), default=None)
-        if worst is not None and worst[1].wait_s(worst[2]) > 0:
-            raise self._rejection(worst, headers)
+            headers.update(_openai_headers(kind, bucket))
+        if short is not None:
+            raise self._rejection(short, headers)
         for kind, bucket, need in budgets:
             bucket.take(need)
-            headers.update(bucket.headers(kind))
+            headers.update(_openai_headers(kind, bucket))
+        return headers
+
+    def settle(self, output_tokens: int, headers: dict[str, str]) -> dict[str, str]:
+        """Nothing to charge: OpenAI counted max_tokens up front."""
         return headers
 
     @staticmethod
-    def _rejection(short: tuple[str, _Bucket, int], headers: dict[str, str]) -> ApiError:
+    def _rejection(short: Need, headers: dict[str, str]) -> ApiError:
         kind, bucket, need = short
         unit = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
         if need > bucket.limit:  # can never fit: OpenAI's "Request too large", no retry-after

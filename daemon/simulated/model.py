@@ -69,3 +69,15 @@ def answer(text: str, json_object: bool, max_tokens: int) -> tuple[str, str]:
     if not json_object and " " in cut:
         cut = cut.rsplit(" ", 1)[0]
     return cut, "length"
+
+
+def stop_at(
+    content: str, finish: str, stop_sequences: tuple[str, ...]
+) -> tuple[str, str, str | None]:
+    """Cut `content` before the earliest of `stop_sequences` in it: the content, its
+    finish reason ("stop_sequence" if cut) and the sequence that stopped it."""
+    found = [(at, seq) for seq in stop_sequences if seq and (at := content.find(seq)) >= 0]
+    if not found:
+        return content, finish, None
+    at, seq = min(found)
+    return content[:at], "stop_sequence", seq

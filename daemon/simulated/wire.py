@@ -1,6 +1,7 @@
-"""The simulated API's chat-completions wire format: the request it reads, the
-completion and error bodies it answers with. Apart from the API so that its model, rate
-limits and faults can speak it too.
+"""The simulated API's OpenAI wire format (chat completions): the request it reads, the
+completion and error bodies it answers with; and `ApiError`, the answer other than
+success that either dialect renders in its own shape. Apart from the API so that its
+model, rate limits and faults can speak it too.
 """
 
 from __future__ import annotations
@@ -51,10 +52,17 @@ class Choice(msgspec.Struct):
     finish_reason: str
 
 
-class Usage(msgspec.Struct):
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int
+
+
+class Usage(msgspec.Struct, omit_defaults=True):
+    """Token counts; the details appear only when part of the prompt came from cache."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class Completion(msgspec.Struct):
@@ -66,22 +74,24 @@ class Completion(msgspec.Struct):
     usage: Usage
 
 
-class _ErrorDetail(msgspec.Struct):
+class ErrorDetail(msgspec.Struct):
     message: str
     type: str
     param: str | None
     code: str | None
 
 
-class _ErrorBody(msgspec.Struct):
-    error: _ErrorDetail
+class ErrorBody(msgspec.Struct):
+    error: ErrorDetail
 
 
 ENCODER = msgspec.json.Encoder()
 
 
 class ApiError(Exception):
-    """An answer other than success, carried out of the request pipeline."""
+    """An answer other than success, carried out of the request pipeline; the dialect
+    spoken renders it (`type_`, `param` and `code` are OpenAI's words: Anthropic's
+    error type follows from the status)."""
 
     def __init__(
         self,
@@ -95,5 +105,8 @@ class ApiError(Exception):
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.body = _ErrorBody(_ErrorDetail(message, type_, param, code))
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
         self.headers = headers or {}

@@ -24,7 +24,8 @@ PROCESS_DIED = ErrorInfo("ProcessDied", "process died during the attempt")
 JOB_COLUMNS = (
     "id, analyzer, input, priority, idempotency_key, state, attempts, max_attempts, "
     "not_before, created_at, started_at, finished_at, result, error_type, error_message, "
-    "prompt_tokens, completion_tokens, cost, source, rate_limited"
+    "prompt_tokens, completion_tokens, cost, source, rate_limited, cached_tokens, "
+    "cache_write_tokens"
 )
 
 
@@ -99,6 +100,7 @@ class AttemptEnd(msgspec.Struct, frozen=True, kw_only=True):
     latency_ms: float | None = None
     retry_at: float | None = None  # set: requeue for then; unset on failure: dead letter
     answer: str | None = None  # a failed attempt's model answer (bounded by the worker)
+    stop_reason: str | None = None  # why the last answer ended ("max_tokens": cut there)
 
 
 class Canceled(msgspec.Struct, frozen=True):
@@ -131,6 +133,8 @@ def row_to_job(row: Sequence[Any]) -> Job:
         cost,
         source,
         rate_limited,
+        cached,
+        written,
     ) = row
     return Job(
         id=jid,
@@ -147,16 +151,28 @@ def row_to_job(row: Sequence[Any]) -> Job:
         finished_at=finished,
         result=msgspec.json.decode(result) if result is not None else None,
         error=ErrorInfo(etype, emsg or "") if etype else None,
-        usage=usage_of(ptok, ctok, cost),
+        usage=usage_of(ptok, ctok, cost, cached, written),
         source=source,
         rate_limited=rate_limited,
     )
 
 
-def usage_of(ptok: int | None, ctok: int | None, cost: float | None) -> Usage | None:
+def usage_of(
+    ptok: int | None,
+    ctok: int | None,
+    cost: float | None,
+    cached: int | None = None,
+    written: int | None = None,
+) -> Usage | None:
     if ptok is None and ctok is None:
         return None
-    return Usage(prompt_tokens=ptok or 0, completion_tokens=ctok or 0, cost=cost)
+    return Usage(
+        prompt_tokens=ptok or 0,
+        completion_tokens=ctok or 0,
+        cached_tokens=cached or 0,
+        cache_write_tokens=written or 0,
+        cost=cost,
+    )
 
 
 class EndValues(NamedTuple):
@@ -168,9 +184,13 @@ class EndValues(NamedTuple):
     given_back: int  # 1 for a 429: the request was not processed, the attempt returns
     prompt_tokens: int  # added to the job's totals
     completion_tokens: int
+    cached_tokens: int
+    cache_write_tokens: int
     cost: float | None
     attempt_prompt_tokens: int | None  # the attempt's own, None without an answer
     attempt_completion_tokens: int | None
+    attempt_cached_tokens: int | None
+    attempt_cache_write_tokens: int | None
 
     @classmethod
     def of(cls, end: AttemptEnd) -> EndValues:
@@ -182,9 +202,13 @@ class EndValues(NamedTuple):
             1 if end.outcome == "rate_limited" else 0,
             usage.prompt_tokens if usage else 0,
             usage.completion_tokens if usage else 0,
+            usage.cached_tokens if usage else 0,
+            usage.cache_write_tokens if usage else 0,
             usage.cost if usage else None,
             usage.prompt_tokens if usage else None,
             usage.completion_tokens if usage else None,
+            usage.cached_tokens if usage else None,
+            usage.cache_write_tokens if usage else None,
         )
 
 
@@ -202,13 +226,30 @@ def next_state(job: Job, end: AttemptEnd) -> State:
 
 ATTEMPT_COLUMNS = (
     "n, started_at, finished_at, outcome, http_status, error_type, error_message, "
-    "latency_ms, prompt_tokens, completion_tokens, cost, answer"
+    "latency_ms, prompt_tokens, completion_tokens, cost, answer, cached_tokens, "
+    "cache_write_tokens, stop_reason"
 )
 
 
 def row_to_attempt(row: Sequence[Any]) -> Attempt:
     """An attempt from its ATTEMPT_COLUMNS, as either backend returns them."""
-    n, started, finished, outcome, status, etype, emsg, latency, ptok, ctok, cost, answer = row
+    (
+        n,
+        started,
+        finished,
+        outcome,
+        status,
+        etype,
+        emsg,
+        latency,
+        ptok,
+        ctok,
+        cost,
+        answer,
+        cached,
+        written,
+        stop_reason,
+    ) = row
     return Attempt(
         n=n,
         started_at=started,
@@ -217,8 +258,9 @@ def row_to_attempt(row: Sequence[Any]) -> Attempt:
         http_status=status,
         error=ErrorInfo(etype, emsg or "") if etype else None,
         latency_ms=latency,
-        usage=usage_of(ptok, ctok, cost),
+        usage=usage_of(ptok, ctok, cost, cached, written),
         answer=answer,
+        stop_reason=stop_reason,
     )
 
 

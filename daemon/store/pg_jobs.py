@@ -115,7 +115,7 @@ async def record_ends(
     attempt's number (the fence). Returns, in order, whether each was recorded and its
     job's state otherwise."""
     now = time.time()
-    cols: list[list[Any]] = [[] for _ in range(18)]
+    cols: list[list[Any]] = [[] for _ in range(23)]
     for job, end, new in ends:
         v = EndValues.of(end)
         values = (
@@ -137,6 +137,11 @@ async def record_ends(
             end.answer,
             v.attempt_prompt_tokens,
             v.attempt_completion_tokens,
+            v.cached_tokens,
+            v.cache_write_tokens,
+            v.attempt_cached_tokens,
+            v.attempt_cache_write_tokens,
+            end.stop_reason,
         )
         for col, value in zip(cols, values, strict=True):
             col.append(value)
@@ -144,24 +149,29 @@ async def record_ends(
         "WITH u AS (SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::float8[], "
         "$5::float8[], $6::text[], $7::text[], $8::text[], $9::int[], $10::int8[], "
         "$11::int8[], $12::float8[], $13::text[], $14::int[], $15::float8[], $16::text[], "
-        "$17::int8[], $18::int8[]) WITH ORDINALITY AS u(id, n, to_state, not_before, finished, "
+        "$17::int8[], $18::int8[], $19::int8[], $20::int8[], $21::int8[], $22::int8[], "
+        "$23::text[]) WITH ORDINALITY AS u(id, n, to_state, not_before, finished, "
         "result, etype, emsg, back, ptok, ctok, cost, outcome, http, latency, answer, "
-        "aptok, actok, i)), "
+        "aptok, actok, cached, written, acached, awritten, stop, i)), "
         "m AS (UPDATE jobs j SET state = u.to_state, not_before = u.not_before, "
         "finished_at = u.finished, result = u.result, error_type = u.etype, "
         "error_message = u.emsg, attempts = j.attempts - u.back, "
         "rate_limited = j.rate_limited + u.back, node = NULL, "
         "prompt_tokens = coalesce(j.prompt_tokens, 0) + u.ptok, "
         "completion_tokens = coalesce(j.completion_tokens, 0) + u.ctok, "
+        "cached_tokens = coalesce(j.cached_tokens, 0) + u.cached, "
+        "cache_write_tokens = coalesce(j.cache_write_tokens, 0) + u.written, "
         "cost = CASE WHEN u.cost IS NULL THEN j.cost ELSE coalesce(j.cost, 0) + u.cost END "
         "FROM u WHERE j.id = u.id AND j.state = 'running' AND j.attempts = u.n "
         "RETURNING j.id, u.n, u.to_state), "
-        "a AS (UPDATE attempts t SET finished_at = $19, outcome = u.outcome, "
+        "a AS (UPDATE attempts t SET finished_at = $24, outcome = u.outcome, "
         "http_status = u.http, error_type = u.etype, error_message = u.emsg, "
         "latency_ms = u.latency, prompt_tokens = u.aptok, completion_tokens = u.actok, "
-        "cost = u.cost, answer = u.answer FROM u JOIN m ON m.id = u.id AND m.n = u.n "
+        "cost = u.cost, answer = u.answer, cached_tokens = u.acached, "
+        "cache_write_tokens = u.awritten, stop_reason = u.stop "
+        "FROM u JOIN m ON m.id = u.id AND m.n = u.n "
         "WHERE t.job_id = u.id AND t.n = u.n AND t.outcome = 'running' RETURNING 1), "
-        "w AS (SELECT pg_notify($20, '') WHERE EXISTS (SELECT 1 FROM m WHERE to_state = 'queued')) "
+        "w AS (SELECT pg_notify($25, '') WHERE EXISTS (SELECT 1 FROM m WHERE to_state = 'queued')) "
         "SELECT u.i, m.id IS NOT NULL AS moved, "
         "(SELECT state FROM jobs s WHERE s.id = u.id) AS state, "
         "(SELECT count(*) FROM a) AS recorded, (SELECT count(*) FROM w) AS woke "

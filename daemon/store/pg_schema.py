@@ -100,6 +100,12 @@ MIGRATIONS: tuple[str, ...] = (
         issued_at timestamptz NOT NULL DEFAULT now()
     );
     """,
+    # 3: prompt-cache tokens (cache reads and writes) and why an answer ended.
+    """
+    ALTER TABLE jobs ADD COLUMN cached_tokens bigint, ADD COLUMN cache_write_tokens bigint;
+    ALTER TABLE attempts ADD COLUMN cached_tokens bigint, ADD COLUMN cache_write_tokens bigint,
+        ADD COLUMN stop_reason text;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -62,6 +62,14 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE attempts ADD COLUMN cost REAL;
     ALTER TABLE attempts ADD COLUMN answer TEXT;
     """,
+    # 3: prompt-cache tokens (cache reads and writes) and why an answer ended.
+    """
+    ALTER TABLE jobs ADD COLUMN cached_tokens INTEGER;
+    ALTER TABLE jobs ADD COLUMN cache_write_tokens INTEGER;
+    ALTER TABLE attempts ADD COLUMN cached_tokens INTEGER;
+    ALTER TABLE attempts ADD COLUMN cache_write_tokens INTEGER;
+    ALTER TABLE attempts ADD COLUMN stop_reason TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -306,7 +306,8 @@ class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
             db.execute(
                 "UPDATE attempts SET finished_at = ?, outcome = ?, http_status = ?, "
                 "error_type = ?, error_message = ?, latency_ms = ?, prompt_tokens = ?, "
-                "completion_tokens = ?, cost = ?, answer = ? "
+                "completion_tokens = ?, cost = ?, answer = ?, cached_tokens = ?, "
+                "cache_write_tokens = ?, stop_reason = ? "
                 "WHERE job_id = ? AND n = ? AND outcome = 'running'",
                 (
                     now,
@@ -319,6 +320,9 @@ class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
                     v.attempt_completion_tokens,
                     v.cost,
                     end.answer,
+                    v.attempt_cached_tokens,
+                    v.attempt_cache_write_tokens,
+                    end.stop_reason,
                     job.id,
                     job.attempts,
                 ),
@@ -330,6 +334,8 @@ class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
                 "rate_limited = rate_limited + ?, "
                 "prompt_tokens = coalesce(prompt_tokens, 0) + ?, "
                 "completion_tokens = coalesce(completion_tokens, 0) + ?, "
+                "cached_tokens = coalesce(cached_tokens, 0) + ?, "
+                "cache_write_tokens = coalesce(cache_write_tokens, 0) + ?, "
                 "cost = CASE WHEN ? IS NULL THEN cost ELSE coalesce(cost, 0) + ? END "
                 "WHERE id = ? AND state = 'running' AND attempts = ?",
                 (
@@ -343,6 +349,8 @@ class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
                     v.given_back,
                     v.prompt_tokens,
                     v.completion_tokens,
+                    v.cached_tokens,
+                    v.cache_write_tokens,
                     v.cost,
                     v.cost,
                     job.id,
