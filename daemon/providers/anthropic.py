@@ -91,7 +91,7 @@ class AnthropicDialect:
     def decode(self, raw: bytes, status: int) -> Completion:
         try:
             message = _message_decoder.decode(raw)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise ProviderError(
                 f"malformed answer: {exc}", kind="BadResponse", status=status
             ) from None

@@ -18,6 +18,8 @@ from daemon.providers.ratelimit_headers import RateLimitHeaders
 
 MESSAGE_MAX_CHARS = 500
 """An error message is cut to this length before it is stored or logged."""
+SHORT_MAX_CHARS = 100
+"""An error's code or type, likewise."""
 
 
 class Fault(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,7 +87,7 @@ def read_error(raw: bytes) -> ErrorText:
     as its first bytes, never a crash."""
     try:
         body: Any = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # nesting deep enough is an error too
         return ErrorText(raw[:200].decode("utf-8", "replace"))
     if isinstance(body, list) and body:
         body = body[0]
@@ -98,9 +100,12 @@ def read_error(raw: bytes) -> ErrorText:
         return ErrorText(raw[:200].decode("utf-8", "replace"))
     code = error.get("code")
     kind = error.get("type") or error.get("status")
+    message = error.get("message", error.get("detail"))  # FastAPI's {"detail": ...}
     return ErrorText(
-        str(error.get("message", ""))[:MESSAGE_MAX_CHARS],
-        code=None if code is None else str(code),
-        type=None if kind is None else str(kind),
+        str(message if message is not None else raw[:200].decode("utf-8", "replace"))[
+            :MESSAGE_MAX_CHARS
+        ],
+        code=None if code is None else str(code)[:SHORT_MAX_CHARS],
+        type=None if kind is None else str(kind)[:SHORT_MAX_CHARS],
         structured=True,
     )

@@ -26,6 +26,8 @@ from daemon.providers.ratelimit_headers import RateLimitHeaders, parse_openai_he
 AZURE_HOSTS = (".openai.azure.com", ".cognitiveservices.azure.com")
 GROQ_HOSTS = ("api.groq.com",)
 OVERLOADED_STATUSES = frozenset({503, 529})
+BAD_KEY_400 = "API key not valid"  # Gemini refuses a key with a 400 INVALID_ARGUMENT
+MODERATION_WORDS = ("flagged", "moderation")
 
 
 class _Choice(msgspec.Struct):
@@ -109,7 +111,7 @@ class OpenAIDialect:
         try:
             answer = _answer_decoder.decode(raw)
             choice = answer.choices[0]
-        except (msgspec.DecodeError, IndexError) as exc:
+        except (msgspec.DecodeError, RecursionError, IndexError) as exc:
             raise ProviderError(
                 f"malformed answer: {exc}", kind="BadResponse", status=status
             ) from None
@@ -121,6 +123,14 @@ class OpenAIDialect:
                 retryable=False,
             )
         content = choice.message.get("content")
+        refusal = choice.message.get("refusal")
+        if not content and isinstance(refusal, str) and refusal:
+            raise ProviderError(
+                f"the model refused: {refusal[:200]}",
+                kind="ContentFiltered",
+                status=status,
+                retryable=False,
+            )
         if not isinstance(content, str):
             raise ProviderError("answer has no text content", kind="BadResponse", status=status)
         usage = answer.usage or _Usage()
@@ -150,7 +160,12 @@ class OpenAIDialect:
                 retryable=False,
                 pause=f"HTTP 402: no credits left ({message[:200]})",
             )
-        if status in (401, 403):
+        if status == 403 and any(word in message.lower() for word in MODERATION_WORDS):
+            # OpenRouter's moderation refusing one input: that job's, not the key's.
+            return Fault(
+                kind="ContentFiltered", message=f"HTTP {status}: {message}", retryable=False
+            )
+        if status in (401, 403) or (status == 400 and message.startswith(BAD_KEY_400)):
             return Fault(
                 kind="HTTPError",
                 message=f"HTTP {status}: {message}",
