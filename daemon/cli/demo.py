@@ -156,12 +156,14 @@ async def _drive(path: Path, daemon: subprocess.Popen[bytes], log_path: Path) ->
 
 def _progress(counts: dict[str, int], status: dict[str, Any], total: int, elapsed: float) -> str:
     done = sum(counts.get(s, 0) for s in TERMINAL)
-    sim: dict[str, Any] = next(iter(status["providers"].values()), {})
+    providers = status["providers"].values()
+    limited = sum(p.get("rate_limited", 0) for p in providers)
+    overloaded = sum(p.get("overloaded", 0) for p in providers)
     rate = done / elapsed if elapsed > 0 else 0.0
     return (
         f"{render.bar(done, total, 24)} {done}/{total}  failed {counts.get('failed', 0)}  "
-        f"retries {status['attempts'].get('retried', 0)}  429s {sim.get('rate_limited', 0)}  "
-        f"{rate:.1f} jobs/s"
+        f"retries {status['attempts'].get('retried', 0)}  429s {limited}  "
+        f"529s {overloaded}  {rate:.1f} jobs/s"
     )
 
 
@@ -180,10 +182,11 @@ def _summary(
     )
     print()
     render.table(
-        ["provider", "requests", "by status", "429s", "avg ms", "tokens in/out"],
+        ["provider", "dialect", "requests", "by status", "429s", "avg ms", "tokens in/out"],
         [
             [
                 name,
+                p["dialect"],
                 p["requests"],
                 " ".join(f"{k}:{v}" for k, v in sorted(p["by_status"].items())),
                 p["rate_limited"],
