@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -128,6 +129,55 @@ def test_base_url_must_be_http() -> None:
     """A base_url that is not http(s) is refused."""
     message = error_of('[providers.main]\nkind = "openai"\nbase_url = "ftp://x"\n')
     assert "$.providers.main.base_url" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ('[providers.c]\nkind = "anthropic"\n', "$.providers.c.base_url"),
+        (
+            '[providers.a]\nkind = "openai"\ndialect = "azure"\nbase_url = "https://x"\n',
+            "$.providers.a.api_version",
+        ),
+        (
+            '[providers.c]\nkind = "anthropic"\nbase_url = "https://x"\ndialect = "groq"\n',
+            "$.providers.c.dialect",
+        ),
+        (
+            PROVIDER + '[providers.p.simulate]\ndialect = "anthropic"\ntokens_per_minute = 9\n',
+            "$.providers.p.simulate.tokens_per_minute",
+        ),
+        (
+            PROVIDER + "[providers.p.simulate]\ninput_tokens_per_minute = 9\n",
+            "$.providers.p.simulate",
+        ),
+        (analyzer("cache_system = true\n"), "$.analyzers.x.cache_system"),
+        (
+            analyzer("temperature = 1.5\n") + '[providers.p.simulate]\ndialect = "anthropic"\n',
+            "$.analyzers.x.temperature",
+        ),
+    ],
+)
+def test_provider_dialect_rules(text: str, path: str) -> None:
+    """Each dialect's keys are checked where they apply, naming the key."""
+    assert path in error_of(text)
+
+
+def test_the_example_providers_parse() -> None:
+    """config/vigil.toml's commented Anthropic and Azure examples are valid as written."""
+    text = (REPO / "config" / "vigil.toml").read_text()
+    lines = text.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("# Anthropic's")))
+    block = itertools.takewhile(lambda line: line.startswith("#"), lines[start:])
+    examples = [
+        line.removeprefix("# ")
+        for line in block
+        if line.startswith("# [") or ("=" in line and not line.endswith(":"))
+    ]
+    config = parse_config(text + "\n".join(examples) + "\n")
+    assert config.providers["claude"].kind == "anthropic"
+    assert config.providers["claude"].prices is not None
+    assert config.providers["azure"].dialect == "azure"
 
 
 def test_required_keys_need_json_output() -> None:
