@@ -6,14 +6,19 @@ ten calls is rate limited exactly like a template that makes one."""
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import structlog
 
 from daemon.config import AnalyzerConfig, Config, ConfigError, PriceConfig, template_fields
-from daemon.jobs import Job, Usage
+from daemon.jobs import CallRecord, Job, Usage
+from daemon.spend.pricing import cost_usd, worst_cost_usd
+
+if TYPE_CHECKING:
+    from daemon.spend.guard import SpendGuard
 from daemon.providers.base import (
     ChatRequest,
     Completion,
@@ -21,6 +26,8 @@ from daemon.providers.base import (
     OutputInvalid,
     ProviderError,
 )
+
+log = structlog.get_logger("vigil.spend")
 
 
 class Provider(Protocol):
@@ -64,31 +71,23 @@ def parse_json_output(content: str, required_keys: list[str]) -> dict[str, Any]:
     return value
 
 
-def cost_usd(completion: Completion, price: PriceConfig) -> float:
-    """What an answer cost: cached input and cache writes at their own prices where
-    set (else as other input), the rest of the input and the output at theirs."""
-    cached, written = completion.cached_tokens, completion.cache_write_tokens
-    plain = max(0, completion.prompt_tokens - cached - written)
-    cached_price = price.prompt_per_mtok
-    if price.cached_prompt_per_mtok is not None:
-        cached_price = price.cached_prompt_per_mtok
-    write_price = price.prompt_per_mtok
-    if price.cache_write_per_mtok is not None:
-        write_price = price.cache_write_per_mtok
-    return (
-        plain * price.prompt_per_mtok
-        + cached * cached_price
-        + written * write_price
-        + completion.completion_tokens * price.completion_per_mtok
-    ) / 1e6
-
-
 class Calls:
-    """The LLM calls of one attempt: sends them, and adds up their usage and cost."""
+    """The LLM calls of one attempt: sends them through the spend guard (when there
+    is one), and adds up their usage and cost, keeping a record of each."""
 
-    def __init__(self, providers: Mapping[str, Provider], prices: Mapping[str, PriceConfig]):
+    def __init__(
+        self,
+        providers: Mapping[str, Provider],
+        prices: Mapping[str, PriceConfig],
+        *,
+        job: Job | None = None,
+        guard: SpendGuard | None = None,
+    ):
         self._providers = providers
         self._prices = prices
+        self._job = job
+        self._guard = guard
+        self.records: list[CallRecord] = []
         self.usage = Usage()
         self.http_status: int | None = None
         self.answer: str | None = None  # the last answer's text, kept if the attempt fails
@@ -100,14 +99,42 @@ class Calls:
             raise ProviderError(
                 f"no provider named {provider!r}", kind="NoProvider", retryable=False
             )
-        completion = await target.complete(request)
         price = self._prices.get(provider)
+        job, guard = self._job, self._guard
+        analyzer = job.analyzer if job is not None else ""
+        worst = worst_cost_usd(request, price) if price is not None else 0.0
+        hold = guard.reserve(analyzer, provider, worst) if guard is not None else None
+        record = None
+        try:
+            completion = await target.complete(request)
+            cost = None if price is None else cost_usd(completion, price)
+            if price is not None and not (completion.prompt_tokens or completion.completion_tokens):
+                # No usage reported: charged what it may have cost, never less.
+                log.warning("spend.no_usage", provider=provider, charged_usd=round(worst, 6))
+                cost = worst
+            record = CallRecord(
+                at=time.time(),
+                job_id=job.id if job is not None else "",
+                attempt=job.attempts if job is not None else 0,
+                analyzer=analyzer,
+                provider=provider,
+                model=request.model,
+                prompt_tokens=completion.prompt_tokens,
+                cached_tokens=completion.cached_tokens,
+                cache_write_tokens=completion.cache_write_tokens,
+                completion_tokens=completion.completion_tokens,
+                cost=cost,
+            )
+        finally:
+            if hold is not None and guard is not None:
+                guard.settle(hold, record)
+        self.records.append(record)
         self.usage = self.usage + Usage(
             prompt_tokens=completion.prompt_tokens,
             completion_tokens=completion.completion_tokens,
             cached_tokens=completion.cached_tokens,
             cache_write_tokens=completion.cache_write_tokens,
-            cost=None if price is None else cost_usd(completion, price),
+            cost=cost,
         )
         self.http_status = completion.http_status
         self.answer = completion.content

@@ -41,6 +41,7 @@ from daemon.reload import ReloadError, reload
 from daemon.retention import Retention
 from daemon.runtime import Runtime
 from daemon.simulated.server import SimulatedAPI, serve_simulated
+from daemon.spend.guard import SpendGuard
 from daemon.store.base import JobStore
 from daemon.store.open import open_store
 from daemon.watchdog.introspect import log_stacks
@@ -155,6 +156,9 @@ async def run_daemon(
         async with AsyncExitStack() as stack:
             providers, simulated = await _open_providers(config, stack)
             rt = _build_runtime(config, store, providers)
+            spend = rt.spend
+            assert spend is not None
+            await spend.load()  # the day's and month's spend so far, before any call
             if store.cluster is not None:
                 store.cluster.on_command = functools.partial(obey, rt)
             rt.simulated = simulated
@@ -170,6 +174,7 @@ async def run_daemon(
                 # Signals first: a SIGTERM during start-up then drains like any other.
                 tg.start_soon(_watch_signals, rt, tg.cancel_scope, name="signals")
                 await tg.start(watchdog.run, name="watchdog")
+                await tg.start(spend.run, name="spend.refresh")
                 await tg.start(rt.dispatcher.run)
                 await tg.start(Retention(store, rt.live).run, name="retention")
                 if store.provider_state is not None:
@@ -235,7 +240,9 @@ def _build_runtime(config: Config, store: JobStore, providers: dict[str, ApiProv
         provider.breaker.on_close = store.wakeup.notify
         # In a cluster the budgets and 429 holds are the database's, keyed by provider.
         provider.limits.shared, provider.limits.shared_key = store.rates, name
-    worker = Worker(live, providers)
+    guard = SpendGuard(store)
+    guard.configure(config)
+    worker = Worker(live, providers, guard=guard)
     dispatcher = Dispatcher(
         store,
         worker.attempt,
@@ -243,4 +250,9 @@ def _build_runtime(config: Config, store: JobStore, providers: dict[str, ApiProv
         held_analyzers=worker.held_analyzers,
         shared=bool(config.store.url),
     )
-    return Runtime(live, store, providers, Intake(store, live), dispatcher)
+    # An attempt's calls are in the store once its end is: the guard stops counting
+    # them as its own unstored spend.
+    dispatcher.on_finish.append(lambda job, end, new: guard.recorded(end.calls))
+    rt = Runtime(live, store, providers, Intake(store, live), dispatcher, spend=guard)
+    rt.status_sections["budgets"] = guard.status
+    return rt

@@ -123,6 +123,14 @@ class PriceConfig(Base, frozen=True):
     cache_write_per_mtok: NonNegFloat | None = None
 
 
+class BudgetConfig(Base, frozen=True):
+    """Spend limits in USD over UTC calendar windows (README "Budgets and usage"): a
+    call whose worst-case cost would pass one is not made."""
+
+    daily_usd: PositiveFloat | None = None
+    monthly_usd: PositiveFloat | None = None
+
+
 Dialect = Literal["auto", "openai", "azure", "groq"]
 
 
@@ -155,6 +163,7 @@ class ProviderConfig(Base, frozen=True):
     adaptive_concurrency: bool = False
     adaptive_successes_per_step: PositiveInt = 20
     prices: PriceConfig | None = None
+    budget: BudgetConfig | None = None
     simulate: SimulateConfig = SimulateConfig()
 
 
@@ -175,6 +184,7 @@ class AnalyzerConfig(Base, frozen=True):
     handler: str = ""
     # Anthropic: mark the system prompt as a cacheable prefix (cache_control).
     cache_system: bool = False
+    budget: BudgetConfig | None = None  # its calls' spend, handler calls included
 
 
 class SpoolConfig(Base, frozen=True):
@@ -289,6 +299,8 @@ def config_problems(config: Config) -> list[str]:
             problems.append(f'{path}.dialect: only for kind = "openai"')
         if provider.dialect == "azure" and not provider.api_version:
             problems.append(f'{path}.api_version: required for dialect = "azure"')
+        if provider.budget is not None and provider.prices is None:
+            problems.append(f"{path}.budget: needs [providers.{name}.prices] to price its calls")
         sim = provider.simulate
         if sim.dialect == "anthropic" and sim.tokens_per_minute:
             problems.append(
@@ -306,6 +318,15 @@ def config_problems(config: Config) -> list[str]:
             problems.append(f"{path}.base_url: must start with http:// or https://")
     for name, analyzer in config.analyzers.items():
         path = f"$.analyzers.{name}"
+        if analyzer.budget is not None:
+            # A handler may call any provider: each must be priced.
+            reach = [analyzer.provider] if not analyzer.handler else list(config.providers)
+            for unpriced in [p for p in reach if p in config.providers]:
+                if config.providers[unpriced].prices is None:
+                    problems.append(
+                        f"{path}.budget: provider {unpriced!r} has no prices to charge "
+                        f"its calls (add [providers.{unpriced}.prices])"
+                    )
         if analyzer.handler:
             if not _HANDLER_RE.match(analyzer.handler):
                 problems.append(f'{path}.handler: expected "package.module:function"')

@@ -54,6 +54,23 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
+class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One answered API call: what it used and cost, and for whom. Stored with its
+    attempt's end; spend and `vigil usage` are drawn from these."""
+
+    at: float  # unix time of the answer
+    job_id: str
+    attempt: int
+    analyzer: str
+    provider: str
+    model: str
+    prompt_tokens: int
+    cached_tokens: int
+    cache_write_tokens: int
+    completion_tokens: int
+    cost: float | None  # None: the provider has no prices
+
+
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     n: int
     started_at: float

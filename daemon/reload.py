@@ -157,6 +157,8 @@ async def reload(rt: Runtime) -> ReloadResult:
             raise ReloadError(f"{type(exc).__name__}: {exc}") from None
         rt.live.config = planned
         rt.live.analyzers = analyzers
+        if rt.spend is not None:
+            rt.spend.configure(planned)  # a raised budget applies to the next call
         set_level(planned.log.level)
         rt.dispatcher.set_max_concurrency(planned.queue.max_concurrency)
         for name, provider in rt.providers.items():

@@ -26,6 +26,7 @@ from daemon.store.base import JobStore
 from daemon.wakeup import Wakeup
 
 if TYPE_CHECKING:
+    from daemon.spend.guard import SpendGuard
     from daemon.watchdog.service import Watchdog
 
 
@@ -46,6 +47,7 @@ class Runtime:
     config_path: str | None = None
     simulated: dict[str, SimulatedAPI] = field(default_factory=dict)
     watchdog: Watchdog | None = None  # set by app.py; the debug commands use it
+    spend: SpendGuard | None = None  # the budgets (app.py); status, reload and metrics read it
     # Components add their own part of `status` here (watchdog, http, spool...).
     status_sections: dict[str, Callable[[], Any]] = field(default_factory=dict)
 

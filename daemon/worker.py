@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -18,9 +18,12 @@ from daemon.live import Live
 from daemon.providers.base import OutputInvalid, ProviderError
 from daemon.store.base import AttemptEnd
 
+if TYPE_CHECKING:
+    from daemon.spend.guard import SpendGuard
+
 log = structlog.get_logger("vigil.worker")
 # Refusals made before any request: they cost the job no attempt.
-NOT_ATTEMPTED = frozenset({"CircuitOpen", "ProviderPaused"})
+NOT_ATTEMPTED = frozenset({"CircuitOpen", "ProviderPaused", "BudgetExhausted"})
 DEFER_S = 5.0
 # Answers that say the request was not processed (a 429, an overloaded API's 529 or
 # 503): no attempt spent; the job retries with backoff, bounded by max_rate_limited.
@@ -32,11 +35,16 @@ class Worker:
     a reload applies to the next attempt)."""
 
     def __init__(
-        self, live: Live, providers: Mapping[str, Provider], rng: random.Random | None = None
+        self,
+        live: Live,
+        providers: Mapping[str, Provider],
+        rng: random.Random | None = None,
+        guard: SpendGuard | None = None,
     ) -> None:
         self._live = live
         self._providers = providers
         self._rng = rng or random.Random()
+        self._guard = guard
 
     async def attempt(self, job: Job) -> AttemptEnd:
         """Never raises but for cancellation: every failure becomes an AttemptEnd."""
@@ -45,7 +53,7 @@ class Worker:
         structlog.contextvars.bind_contextvars(
             job_id=job.id, analyzer=job.analyzer, attempt=job.attempts
         )
-        calls = Calls(self._providers, self._live.prices())
+        calls = Calls(self._providers, self._live.prices(), job=job, guard=self._guard)
         try:
             if analyzer is None:
                 return self._failed(
@@ -75,7 +83,7 @@ class Worker:
                     outcome="timeout",
                 )
             except ProviderError as exc:
-                if exc.kind in NOT_ATTEMPTED:
+                if exc.kind in NOT_ATTEMPTED and not calls.records:
                     return self._deferred(analyzer, exc)
                 if exc.kind in TURNED_AWAY:
                     return self._rate_limited(job, analyzer, started, calls, exc)
@@ -126,6 +134,7 @@ class Worker:
                 http_status=out.http_status,
                 latency_ms=latency_ms,
                 stop_reason=calls.stop_reason,
+                calls=tuple(calls.records),
             )
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "analyzer", "attempt")
@@ -139,9 +148,18 @@ class Worker:
             for name, analyzer in analyzers.items()
             if analyzer.handler is None
             and (provider := self._providers.get(analyzer.config.provider)) is not None
-            and not provider.available()
+            and (not provider.available() or self._over_budget(analyzer))
         )
         return held, bool(analyzers) and len(held) == len(analyzers)
+
+    def _over_budget(self, analyzer: Analyzer) -> bool:
+        """Whether not even the answer of a call (`max_tokens` of output) fits a budget."""
+        if self._guard is None:
+            return False
+        cfg = analyzer.config
+        price = self._live.prices().get(cfg.provider)
+        least = cfg.max_tokens * price.completion_per_mtok / 1e6 if price is not None else 0.0
+        return self._guard.held(analyzer.name, cfg.provider, least)
 
     @staticmethod
     def _deferred(analyzer: Analyzer, exc: ProviderError) -> AttemptEnd:
@@ -151,8 +169,8 @@ class Worker:
         calls, and all of them the moment it takes calls again. A handler's job (it may
         call any provider, so it is never held) waits for the hint."""
         wait_s = exc.retry_after_s if exc.retry_after_s is not None else DEFER_S
-        if analyzer.handler is None:
-            wait_s = 0.0
+        if analyzer.handler is None and exc.kind != "BudgetExhausted":
+            wait_s = 0.0  # held by the dispatcher (a budget holds only its smallest call)
         log.info("job.deferred", reason=str(exc), retry_in_s=round(wait_s, 2))
         return AttemptEnd(
             outcome="deferred",
@@ -253,4 +271,9 @@ def _spent(calls: Calls) -> dict[str, Any]:
     usage = calls.usage
     billed = usage if usage.prompt_tokens or usage.completion_tokens else None
     answer = None if calls.answer is None else calls.answer[:ANSWER_MAX_CHARS]
-    return {"usage": billed, "answer": answer, "stop_reason": calls.stop_reason}
+    return {
+        "usage": billed,
+        "answer": answer,
+        "stop_reason": calls.stop_reason,
+        "calls": tuple(calls.records),
+    }

@@ -13,11 +13,12 @@ import anyio
 import pytest
 from aiohttp import web
 
-from daemon.analyzers import Analyzer, Calls, cost_usd
+from daemon.analyzers import Analyzer, Calls
 from daemon.config import AnalyzerConfig, PriceConfig, ProviderConfig
 from daemon.jobs import Job
 from daemon.providers.base import ChatRequest, Completion, Message, OutputInvalid, ProviderError
 from daemon.providers.client import ApiProvider
+from daemon.spend.pricing import cost_usd
 from tests.test_provider import serve_app
 
 pytestmark = pytest.mark.anyio

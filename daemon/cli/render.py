@@ -109,7 +109,7 @@ def providers_table(
             _number(p.get("p50_latency_ms")),
             _number(p.get("p99_latency_ms")),
             p.get("requests_per_minute") or "-",
-            p.get("tokens_per_minute") or "-",
+            p.get("tokens_per_minute") or p.get("input_tokens_per_minute") or "-",
             p.get("waiting_for_budget", "-"),
             f"{p.get('cooldown_s', 0):.1f}s",
             circuit_state(p),

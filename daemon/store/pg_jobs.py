@@ -11,8 +11,9 @@ from typing import Any
 
 import msgspec
 
-from daemon.jobs import Job, State
+from daemon.jobs import CallRecord, Job, State
 from daemon.store.base import (
+    CALL_COLUMNS,
     JOB_COLUMNS,
     AttemptEnd,
     BacklogFull,
@@ -22,7 +23,9 @@ from daemon.store.base import (
     JobNotFound,
     NewJob,
     Submitted,
+    call_rows,
     row_to_job,
+    spend_rows,
 )
 from daemon.store.pg_nodes import CHANNEL
 
@@ -238,3 +241,19 @@ async def retry(
     if rows:
         await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
     return Counter(r["state"] for r in rows)
+
+
+async def write_calls(conn: Any, calls: Sequence[CallRecord]) -> None:
+    """Store answered calls and add their cost to the day's spend (in the caller's
+    transaction, with the ends of their attempts)."""
+    if not calls:
+        return
+    await conn.executemany(
+        f"INSERT INTO calls ({CALL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        call_rows(calls),
+    )
+    await conn.executemany(
+        "INSERT INTO spend (scope, name, day, usd) VALUES ($1, $2, $3, $4) "
+        "ON CONFLICT (scope, name, day) DO UPDATE SET usd = spend.usd + excluded.usd",
+        spend_rows(calls),
+    )

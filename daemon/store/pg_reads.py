@@ -10,8 +10,21 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from daemon.jobs import Attempt, Job, State
-from daemon.store.base import ATTEMPT_COLUMNS, JOB_COLUMNS, StoreError, row_to_attempt, row_to_job
+from daemon.store.base import (
+    ATTEMPT_COLUMNS,
+    JOB_COLUMNS,
+    USAGE_GROUPS,
+    SpendDay,
+    StoreError,
+    UsageQuery,
+    UsageRow,
+    row_to_attempt,
+    row_to_job,
+    row_to_usage,
+    usage_sql,
+)
 
+PG_GROUPS = {"day": "to_char(to_timestamp(at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"}
 DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
@@ -34,6 +47,15 @@ class PgReads:
     async def get_by_idempotency_key(self, key: str) -> Job | None:
         rows = await self._fetch(f"SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1", key)
         return row_to_job(rows[0]) if rows else None
+
+    async def spend_since(self, day: str) -> list[SpendDay]:
+        rows = await self._fetch("SELECT scope, name, day, usd FROM spend WHERE day >= $1", day)
+        return [SpendDay(*row) for row in rows]
+
+    async def usage(self, query: UsageQuery) -> list[UsageRow]:
+        group = PG_GROUPS.get(query.by, USAGE_GROUPS[query.by])
+        rows = await self._fetch(usage_sql(group, ("$1", "$2")), query.since, query.until)
+        return [row_to_usage(row) for row in rows]
 
     async def attempts(self, job_id: str) -> list[Attempt]:
         rows = await self._fetch(

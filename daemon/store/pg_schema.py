@@ -106,6 +106,32 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE attempts ADD COLUMN cached_tokens bigint, ADD COLUMN cache_write_tokens bigint,
         ADD COLUMN stop_reason text;
     """,
+    # 4: every answered call (what `vigil usage` reports; kept when its job is purged)
+    # and the spend per provider and analyzer per UTC day (what budgets are held to).
+    """
+    CREATE TABLE calls (
+        id bigserial PRIMARY KEY,
+        at double precision NOT NULL,
+        job_id text NOT NULL,
+        attempt integer NOT NULL,
+        analyzer text NOT NULL,
+        provider text NOT NULL,
+        model text NOT NULL,
+        prompt_tokens bigint NOT NULL,
+        cached_tokens bigint NOT NULL,
+        cache_write_tokens bigint NOT NULL,
+        completion_tokens bigint NOT NULL,
+        cost double precision
+    );
+    CREATE INDEX calls_at ON calls (at);
+    CREATE TABLE spend (
+        scope text NOT NULL,
+        name text NOT NULL,
+        day text NOT NULL,
+        usd double precision NOT NULL,
+        PRIMARY KEY (scope, name, day)
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

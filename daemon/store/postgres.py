@@ -389,21 +389,28 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         self._move("running", new)
         return new
 
+    async def _write_ends_with_calls(self, ends: Sequence[End]) -> list[tuple[bool, str | None]]:
+        """The ends, and the calls their attempts made in the same transaction (one
+        statement, with no transaction round trips, when there are none)."""
+        calls = [call for _, end, _ in ends for call in end.calls]
+        async with self._tx(single=not calls) as conn:
+            written = await pg_jobs.record_ends(conn, ends)
+            await pg_jobs.write_calls(conn, calls)
+            return written
+
     async def _write_ends(self, ends: Sequence[End]) -> list[tuple[bool, str | None] | Exception]:
         """One statement for the batch; should one end be refused for itself (a value
         PostgreSQL will not take), each is written alone so only that one fails."""
         try:
-            async with self._tx(single=True) as conn:
-                return list(await pg_jobs.record_ends(conn, ends))
+            return list(await self._write_ends_with_calls(ends))
         except OpFailed:
             if len(ends) == 1:
                 raise
         results: list[tuple[bool, str | None] | Exception] = []
         for job, end, new in ends:
             try:
-                async with self._tx(single=True) as conn:
-                    [result] = await pg_jobs.record_ends(conn, [(job, end, new)])
-                    results.append(result)
+                [result] = await self._write_ends_with_calls([(job, end, new)])
+                results.append(result)
             except StoreError as exc:
                 results.append(exc)
         return results

@@ -70,6 +70,32 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE attempts ADD COLUMN cache_write_tokens INTEGER;
     ALTER TABLE attempts ADD COLUMN stop_reason TEXT;
     """,
+    # 4: every answered call (what `vigil usage` reports; kept when its job is purged)
+    # and the spend per provider and analyzer per UTC day (what budgets are held to).
+    """
+    CREATE TABLE calls (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        job_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        analyzer TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        model TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        cached_tokens INTEGER NOT NULL,
+        cache_write_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        cost REAL
+    );
+    CREATE INDEX calls_at ON calls (at);
+    CREATE TABLE spend (
+        scope TEXT NOT NULL,
+        name TEXT NOT NULL,
+        day TEXT NOT NULL,
+        usd REAL NOT NULL,
+        PRIMARY KEY (scope, name, day)
+    ) WITHOUT ROWID;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

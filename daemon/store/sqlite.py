@@ -45,13 +45,12 @@ from daemon.store.base import (
     row_to_job,
 )
 from daemon.store.schema import migrate
-from daemon.store.sqlite_batch import BatchWriter, Tx
-from daemon.store.sqlite_reads import SqliteReads
+from daemon.store.sqlite_batch import Tx
+from daemon.store.sqlite_health import DiskWatch
+from daemon.store.sqlite_reads import SqliteReads, write_calls
 
 log = structlog.get_logger("vigil.store")
 Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
-WATCH_S = 1.0  # free space checked this often; a failed write re-probed this often
-PROBE_S = 10.0  # a write probe this often while healthy: a fault shows without traffic
 _INSERT_JOB = (
     "INSERT INTO jobs (id, analyzer, input, priority, idempotency_key, state, max_attempts, "
     "created_at, source) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?) "
@@ -59,7 +58,7 @@ _INSERT_JOB = (
 )
 
 
-class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
+class Store(SqliteReads, DiskWatch, anyio.AsyncContextManagerMixin):
     """Owns the database connections and the writer task for the daemon's lifetime."""
 
     def __init__(
@@ -142,46 +141,6 @@ class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
         self._db, self._reader = db, reader
         self.recovered = await self._recover(db)
         await self._load_counts(db)
-
-    # -- health -----------------------------------------------------------------
-
-    async def _watch(self, scope: anyio.CancelScope) -> None:
-        """Keeps `low_space` and `last_error` true to the disk without waiting for
-        traffic: free space every WATCH_S, a write probe every PROBE_S, and every
-        WATCH_S while writes fail, so readiness comes back once the fault clears."""
-        with scope:
-            next_probe = anyio.current_time() + PROBE_S
-            while True:
-                await anyio.sleep(WATCH_S)
-                try:
-                    low = await anyio.to_thread.run_sync(self._space_problem)
-                    if low and not self.low_space:
-                        log.warning("store.low_space", reason=low)
-                    elif self.low_space and not low:
-                        log.info("store.space_ok")
-                    self.low_space = low
-                    if self.last_error is not None or anyio.current_time() >= next_probe:
-                        next_probe = anyio.current_time() + PROBE_S
-                        with contextlib.suppress(StoreError):
-                            await self.probe()
-                except Exception:  # one bad round must not end the watch
-                    log.exception("store.watch_failed")
-
-    def _space_problem(self) -> str | None:
-        """Why intake should stop for lack of disk space, or None (blocking: a thread)."""
-        if not self._min_free_bytes:
-            return None
-        try:
-            st = os.statvfs(self.path.parent)
-        except OSError:
-            return None  # the database's own errors will say more
-        free = st.f_bavail * st.f_frsize
-        if free >= self._min_free_bytes:
-            return None
-        return (
-            f"disk nearly full: {free / 2**20:.1f} MiB free under {self.path.parent}, "
-            f"below daemon.min_free_mb ({self._min_free_bytes // 2**20})"
-        )
 
     # -- start-up ---------------------------------------------------------------
 
@@ -303,6 +262,7 @@ class Store(SqliteReads, BatchWriter, anyio.AsyncContextManagerMixin):
 
         def op(db: sqlite3.Connection, tx: Tx) -> State | None:
             now = time.time()
+            write_calls(db, end.calls)  # spent whatever becomes of the job
             db.execute(
                 "UPDATE attempts SET finished_at = ?, outcome = ?, http_status = ?, "
                 "error_type = ?, error_message = ?, latency_ms = ?, prompt_tokens = ?, "

@@ -1,14 +1,31 @@
-"""The SQLite store's reads: jobs, attempts, listings, on the second connection,
-which WAL lets run beside the writer (a mixin: the store opens the connection)."""
+"""The SQLite store's reads: jobs, attempts, listings, spend and usage, on the second
+connection, which WAL lets run beside the writer (a mixin: the store opens the
+connection); and the writer's part for calls (`write_calls`)."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 
 import aiosqlite
 
-from daemon.jobs import Attempt, Job, State
-from daemon.store.base import ATTEMPT_COLUMNS, JOB_COLUMNS, StoreError, row_to_attempt, row_to_job
+from daemon.jobs import Attempt, CallRecord, Job, State
+from daemon.store.base import (
+    ATTEMPT_COLUMNS,
+    CALL_COLUMNS,
+    JOB_COLUMNS,
+    USAGE_GROUPS,
+    SpendDay,
+    StoreError,
+    UsageQuery,
+    UsageRow,
+    call_rows,
+    row_to_attempt,
+    row_to_job,
+    row_to_usage,
+    spend_rows,
+    usage_sql,
+)
 
 
 class SqliteReads:
@@ -87,3 +104,32 @@ class SqliteReads:
         ) as cur:
             row = await cur.fetchone()
         return None if row is None or row[0] is None else float(row[0])
+
+    async def spend_since(self, day: str) -> list[SpendDay]:
+        async with self._read.execute(
+            "SELECT scope, name, day, usd FROM spend WHERE day >= ?", (day,)
+        ) as cur:
+            rows = await cur.fetchall()
+        return [SpendDay(*row) for row in rows]
+
+    async def usage(self, query: UsageQuery) -> list[UsageRow]:
+        sql = usage_sql(USAGE_GROUPS[query.by], ("?", "?"))
+        async with self._read.execute(sql, (query.since, query.until)) as cur:
+            rows = await cur.fetchall()
+        return [row_to_usage(row) for row in rows]
+
+
+def write_calls(db: sqlite3.Connection, calls: Sequence[CallRecord]) -> None:
+    """Store answered calls and add their cost to the day's spend (in the writer's
+    transaction that records their attempt's end)."""
+    if not calls:
+        return
+    db.executemany(
+        f"INSERT INTO calls ({CALL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        call_rows(calls),
+    )
+    db.executemany(
+        "INSERT INTO spend (scope, name, day, usd) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (scope, name, day) DO UPDATE SET usd = usd + excluded.usd",
+        spend_rows(calls),
+    )
