@@ -200,6 +200,7 @@ class Analyzer:
 
     async def run(self, job: Job, calls: Calls) -> AnalysisResult:
         cfg = self.config
+        result: Any
         if self.handler is not None:
             result = await self.handler(job.input, HandlerContext(job, cfg, calls))
         else:
@@ -216,14 +217,17 @@ class Analyzer:
                     cache_system=cfg.cache_system,
                 ),
             )
-            if cfg.output == "json" and calls.stop_reason == "max_tokens":
-                raise OutputInvalid(
-                    f"the answer was cut at max_tokens ({cfg.max_tokens}) before its JSON "
-                    f"ended: raise analyzers.{self.name}.max_tokens"
-                )
-            result = (
-                parse_json_output(content, cfg.required_keys) if cfg.output == "json" else content
-            )
+            result = content
+            if cfg.output == "json":
+                try:
+                    result = parse_json_output(content, cfg.required_keys)
+                except OutputInvalid:
+                    if calls.stop_reason != "max_tokens":
+                        raise
+                    raise OutputInvalid(
+                        f"the answer was cut at max_tokens ({cfg.max_tokens}) before its JSON "
+                        f"ended: raise analyzers.{self.name}.max_tokens"
+                    ) from None
         return AnalysisResult(result=result, usage=calls.usage, http_status=calls.http_status)
 
 

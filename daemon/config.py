@@ -297,8 +297,16 @@ def config_problems(config: Config) -> list[str]:
             problems.append(f'{path}.base_url: required for kind = "{provider.kind}"')
         if provider.dialect != "auto" and provider.kind != "openai":
             problems.append(f'{path}.dialect: only for kind = "openai"')
-        if provider.dialect == "azure" and not provider.api_version:
-            problems.append(f'{path}.api_version: required for dialect = "azure"')
+        if provider.kind == "openai" and not provider.api_version:
+            from daemon.providers.openai import server_of  # config stays light to import
+
+            if server_of(provider.dialect, provider.base_url) == "azure":
+                problems.append(f"{path}.api_version: required for Azure OpenAI")
+        if provider.kind == "anthropic" and provider.base_url.rstrip("/").endswith("/v1"):
+            problems.append(
+                f"{path}.base_url: the API root (https://api.anthropic.com): requests go to "
+                "{base_url}/v1/messages"
+            )
         if provider.budget is not None and provider.prices is None:
             problems.append(f"{path}.budget: needs [providers.{name}.prices] to price its calls")
         sim = provider.simulate

@@ -86,12 +86,14 @@ async def anthropic_provider(
             yield received, provider
 
 
-def request(*, json_mode: bool = False, cache_system: bool = False) -> ChatRequest:
+def request(
+    *, json_mode: bool = False, cache_system: bool = False, max_tokens: int = 100
+) -> ChatRequest:
     """A request with a system prompt and one user message."""
     return ChatRequest(
         model="claude-test",
         messages=[Message("system", "You summarize."), Message("user", "Some text.")],
-        max_tokens=100,
+        max_tokens=max_tokens,
         temperature=0.5,
         json_mode=json_mode,
         cache_system=cache_system,
@@ -175,10 +177,12 @@ async def test_usage_counts_cache_reads_and_writes_and_prices_them(
 
 
 async def test_max_tokens_stop_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An answer cut at max_tokens says so in stop_reason; a cut JSON answer is a clear error."""
+    """An answer cut at max_tokens says so in stop_reason; a cut JSON answer is a clear
+    error, while one whose JSON ended before the cut still counts."""
+    answers = iter(['{"summary": "cut', '{"summary": "cut', '{"summary": "whole"} and then'])
 
     async def reply(request: web.Request) -> web.Response:
-        return web.json_response(message('{"summary": "cut') | {"stop_reason": "max_tokens"})
+        return web.json_response(message(next(answers)) | {"stop_reason": "max_tokens"})
 
     async with anthropic_provider(reply, monkeypatch) as (_, provider):
         completion = await call(provider)
@@ -206,6 +210,9 @@ async def test_max_tokens_stop_is_recorded(monkeypatch: pytest.MonkeyPatch) -> N
         )
         with anyio.fail_after(BOUND_S), pytest.raises(OutputInvalid) as info:
             await analyzer.run(job, Calls({"claude": provider}, {}))
+        with anyio.fail_after(BOUND_S):
+            whole = await analyzer.run(job, Calls({"claude": provider}, {}))
+    assert whole.result == {"summary": "whole"}
     assert completion.stop_reason == "max_tokens"
     assert "cut at max_tokens (512)" in str(info.value)
     assert "analyzers.triage.max_tokens" in str(info.value)
@@ -242,21 +249,56 @@ async def test_three_budgets_are_learned_from_the_headers(monkeypatch: pytest.Mo
     assert provider.limits.output_tokens.level > 8_000 / 60 - 100 + 90
 
 
-async def test_an_output_budget_holds_requests_to_its_rate(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A configured output_tokens_per_minute books max_tokens per request: a second
-    request whose max_tokens does not fit waits for the refill."""
+async def test_the_output_budget_is_charged_from_the_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nothing of output_tokens_per_minute is booked up front (max_tokens may be far
+    above a slice); the answer's output is charged, and a call after one that put the
+    budget in debt waits until it is paid off."""
+    outputs = iter([20, 200, 20])
 
     async def reply(request: web.Request) -> web.Response:
-        return web.json_response(message(output_tokens=100))
+        return web.json_response(message(output_tokens=next(outputs)))
 
     async with anthropic_provider(
         reply, monkeypatch, output_tokens_per_minute=6000, budget_margin_ms=0
     ) as (_, provider):
-        await call(provider)  # the slice (100 tokens) is spent on the first
         started = time.monotonic()
-        await call(provider)
-        waited = time.monotonic() - started
-    assert waited >= 0.9  # 100 tokens at 100 a second
+        await call(provider, request(max_tokens=4000))  # 4000 > the 100-token slice
+        await call(provider, request(max_tokens=4000))  # 20 used: room left, no wait
+        quick = time.monotonic() - started
+        await call(provider, request(max_tokens=4000))  # 200 used: 120 in debt
+        waited = time.monotonic() - started - quick
+    assert quick < 0.5
+    assert waited >= 1.0  # 120 tokens at 100 a second
+
+
+async def test_cache_reads_leave_the_input_budget_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached prefix read costs the input budget nothing: once a call read it, the
+    next books only what the cache did not cover, and settles to the uncached input."""
+
+    async def reply(request: web.Request) -> web.Response:
+        return web.json_response(message(input_tokens=50, cache_read_input_tokens=3000))
+
+    long_system = "x" * 12_000  # ~3,000 tokens
+    req = ChatRequest(
+        model="claude-test",
+        messages=[Message("system", long_system), Message("user", "Some text.")],
+        max_tokens=10,
+        cache_system=True,
+    )
+    async with anthropic_provider(
+        reply, monkeypatch, input_tokens_per_minute=600_000, budget_margin_ms=0
+    ) as (_, provider):
+        bucket = provider.limits.input_tokens
+        await call(provider, req)
+        after_first = bucket.level
+        await call(provider, req)
+        spent_second = after_first - bucket.level
+    # Settled to the 50 uncached tokens (refill since then only adds), not the ~3,000
+    # the prefix estimate booked; and the second booked about that, not ~3,000 again.
+    assert 0 <= bucket.capacity - after_first <= 52
+    assert spent_second < 100
 
 
 async def test_overloaded_529_retries_without_holding_the_account(
@@ -319,6 +361,26 @@ async def test_errors_by_type(
     assert (provider.paused_reason is not None) is paused
     assert text in str(info.value)
     assert SECRET not in str(info.value) and SECRET not in (provider.paused_reason or "")
+
+
+async def test_an_api_overloaded_for_too_long_opens_the_circuit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Overloaded answers do not count for the breaker, until there have been four
+    times its threshold in a row with no success: then the API is failing, not busy."""
+
+    async def reply(request: web.Request) -> web.Response:
+        return error(529, "overloaded_error", "Overloaded")
+
+    async with anthropic_provider(reply, monkeypatch, breaker_failures=2) as (_, provider):
+        for _ in range(8):
+            with pytest.raises(ProviderError):
+                await call(provider)
+        assert provider.breaker.state == "closed"
+        for _ in range(2):
+            with pytest.raises(ProviderError):
+                await call(provider)
+        assert provider.breaker.state == "open"
 
 
 async def test_api_error_500_is_retried_and_counts_for_the_breaker(

@@ -140,6 +140,14 @@ def test_base_url_must_be_http() -> None:
             "$.providers.a.api_version",
         ),
         (
+            '[providers.a]\nkind = "openai"\nbase_url = "https://r.openai.azure.com"\n',
+            "$.providers.a.api_version",
+        ),
+        (
+            '[providers.c]\nkind = "anthropic"\nbase_url = "https://api.anthropic.com/v1"\n',
+            "$.providers.c.base_url",
+        ),
+        (
             '[providers.c]\nkind = "anthropic"\nbase_url = "https://x"\ndialect = "groq"\n',
             "$.providers.c.dialect",
         ),

@@ -610,3 +610,38 @@ async def test_key_echoed_by_server_is_redacted(api_key: str) -> None:
         with anyio.fail_after(BOUND_S), pytest.raises(ProviderError) as info:
             await provider.complete(chat())
     assert api_key not in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_a_redirect_is_a_configuration_error_not_followed() -> None:
+    """A base_url that redirects is not followed (the key would go along) and not
+    retried: the error names where it points."""
+
+    async def handler(request: web.Request) -> web.Response:
+        raise web.HTTPPermanentRedirect("https://elsewhere.example/v1/chat/completions")
+
+    async with chat_provider(handler) as (seen, provider):
+        with anyio.fail_after(BOUND_S), pytest.raises(ProviderError) as info:
+            await provider.complete(chat())
+    assert info.value.kind == "Redirected" and not info.value.retryable
+    assert "https://elsewhere.example" in str(info.value)
+    assert len(seen.times) == 1
+
+
+@pytest.mark.anyio
+async def test_a_429_hint_from_the_token_headers_counts_max_tokens() -> None:
+    """With no retry-after, the wait comes from the token headers for the whole
+    request, input and max_tokens alike (OpenAI charges both)."""
+
+    async def handler(request: web.Request) -> web.Response:
+        headers = {
+            "x-ratelimit-limit-tokens": "10000",
+            "x-ratelimit-remaining-tokens": "0",
+            "x-ratelimit-reset-tokens": "6s",
+        }
+        return error_reply(429, "Rate limit reached", "rate_limit_exceeded", headers)
+
+    async with chat_provider(handler) as (_, provider):
+        with anyio.fail_after(BOUND_S), pytest.raises(ProviderError) as info:
+            await provider.complete(chat(max_tokens=4000))
+    assert info.value.retry_after_s is not None and info.value.retry_after_s > 2.0

@@ -11,7 +11,9 @@ import msgspec
 from daemon.cli.bench import SCENARIOS
 from daemon.cli.bench_outage import OutageRun, summarize_outage
 from daemon.cli.bench_run import ApiSample, AttemptRow, LogMark, Run, log_events
-from daemon.cli.bench_throttle_figures import report, summarize
+from daemon.cli.bench_scenarios import ALL, api_args, daemon_config, make_job
+from daemon.cli.bench_throttle_figures import report, summarize, summarize_overloaded
+from daemon.config import parse_config
 from tests.daemon_proc import run_cli, sim_config
 
 HOST = {"cpus": 2, "cpu": "test", "python": "3.11"}
@@ -202,3 +204,164 @@ def test_bench_request_window_spans_the_jobs() -> None:
     assert window is not None, result
     assert window["admitted"] >= 100 and window["left_at_start"] == 50
     assert result["jobs"]["succeeded"] == 200
+
+
+ANTHROPIC_LIMITS = {"requests": 4000, "input_tokens": 400_000, "output_tokens": 200_000}
+
+
+def test_anthropic_scenarios_run_in_all_and_configure_an_anthropic_provider() -> None:
+    """--scenario all runs the Anthropic scenarios too; each one's config is a valid
+    kind = "anthropic" provider at the API root with no key, its API speaks Anthropic."""
+    assert {"anthropic-request", "anthropic-learned", "anthropic-overloaded"} <= set(ALL)
+    learned = SCENARIOS["anthropic-learned"]
+    assert learned.cost == 1000 == len(make_job(learned, 7)["input"]["text"]) // 4
+    assert learned.api_limits == ANTHROPIC_LIMITS and learned.vigil_limits == {}
+    assert learned.api_limit == 400_000 and learned.vigil_limit == 0
+    config = parse_config(daemon_config(learned, "http://127.0.0.1:9"))
+    provider = config.providers["api"]
+    assert provider.kind == "anthropic" and provider.base_url == "http://127.0.0.1:9"
+    assert provider.api_key_env == "" and provider.requests_per_minute == 0
+    assert provider.input_tokens_per_minute == 0 == provider.output_tokens_per_minute
+    args = api_args(learned)
+    assert args[args.index("--dialect") + 1] == "anthropic"
+    assert args[args.index("--itpm") + 1] == "400000" and "--tpm" not in args
+    overloaded = api_args(SCENARIOS["anthropic-overloaded"])
+    assert overloaded[overloaded.index("--overload-rate") + 1] == "0.3"
+    request = parse_config(daemon_config(SCENARIOS["anthropic-request"], "http://h:1"))
+    assert request.providers["api"].requests_per_minute == 3000
+    assert "--dialect" not in api_args(SCENARIOS["request"])
+
+
+def _anthropic_sample(requests: int, limited: int, uptime_s: float, left: int) -> ApiSample:
+    """/stats in the anthropic dialect: 1000 input tokens charged per admitted request."""
+    admitted = requests - limited
+    by_status = {"200": admitted, "429": limited} if limited else {"200": admitted}
+    return ApiSample(
+        requests,
+        by_status,
+        admitted,
+        0,
+        4000,
+        None,
+        uptime_s,
+        dialect="anthropic",
+        input_tokens_charged=admitted * 1000,
+        remaining_input_tokens=left,
+    )
+
+
+def _learned_run(later_429: int, budgets: dict[str, int] = ANTHROPIC_LIMITS) -> Run:
+    """A 64-request storm (58 answered 429) in the warm-up, a 60 s window at the ITPM
+    from a full input bucket, then `later_429` more 429s."""
+    start = _anthropic_sample(64, 58, 1.5, 6667)
+    end = _anthropic_sample(64 + 406 + later_429, 58 + later_429, 61.5, 0)
+    return Run(
+        submitted=406,
+        first=_anthropic_sample(64, 58, 0.1, 0),
+        window_start=start,
+        window_end=end,
+        last=end,
+        jobs={"queued": 0, "running": 0, "succeeded": 406, "failed": 0},
+        provider={"budgets": {k: {"per_minute": v} for k, v in budgets.items()}},
+    )
+
+
+def test_learned_figures_judge_429s_after_the_warm_up_and_the_limits_learned() -> None:
+    """Where Vigil learns every limit, the warm-up's 429 storm is reported apart and
+    only the 429s after it are judged; a limit not learned misses the target."""
+    s = SCENARIOS["anthropic-learned"]
+    result = summarize(s, _learned_run(later_429=0), [], HOST)
+    assert result["warm_up"] == {"at_api_s": 1.5, "requests": 64, "rate_limited": 58}
+    assert result["rate_limited_counted"] == {
+        "counted": "after warm-up",
+        "requests": 406,
+        "rate_limited": 0,
+        "share": 0.0,
+    }
+    assert result["whole_run"]["rate_limited"] == 58
+    window = result["window"]
+    assert window["input_tokens_charged"] == 406_000 and window["left_at_start"] == 6667
+    assert window["utilisation"] == round(406_000 / (400_000 + 6667), 4)
+    assert result["learned_limits"] == ANTHROPIC_LIMITS
+    assert result["target"]["learned"] == ANTHROPIC_LIMITS
+    assert result["target_met"] is True
+    assert summarize(s, _learned_run(later_429=5), [], HOST)["target_met"] is False
+    unlearned = {**ANTHROPIC_LIMITS, "output_tokens": 0}
+    assert summarize(s, _learned_run(0, unlearned), [], HOST)["target_met"] is False
+    request = summarize(SCENARIOS["anthropic-request"], _learned_run(0), [], HOST)
+    assert request["rate_limited_counted"]["counted"] == "whole run"
+    assert request["learned_limits"] is None and "learned" not in request["target"]
+
+
+def _overloaded_run(cooldowns: int = 0, opened: int = 0, failed: int = 0) -> Run:
+    """300 jobs against a 529 storm: 130 requests answered overloaded."""
+    last = ApiSample(430, {"200": 300, "529": 130}, 430, 0, None, None, 12.0)
+    return Run(
+        submitted=300,
+        first=ApiSample(64, {"200": 0}, 64, 0, None, None, 0.1),
+        last=last,
+        jobs={"queued": 0, "running": 0, "succeeded": 300 - failed, "failed": failed},
+        provider={
+            "overloaded": 130,
+            "cooldowns": cooldowns,
+            "circuit": {"state": "closed", "opened": opened},
+        },
+        attempts={"succeeded": 300 - failed, "rate_limited": 130},
+        wall_s=12.3,
+    )
+
+
+def test_overloaded_figures_judge_that_nobody_was_held() -> None:
+    """A 529 storm meets its target only if every job succeeded with no cool-down and
+    the circuit never opened."""
+    s = SCENARIOS["anthropic-overloaded"]
+    result = summarize_overloaded(s, _overloaded_run(), HOST)
+    assert result["api"]["overloaded"] == 130 == result["vigil"]["overloaded"]
+    assert result["vigil"]["cooldowns"] == 0 and result["vigil"]["circuit_opened"] == 0
+    assert result["wall_s"] == 12.3
+    assert result["target_met"] is True
+    assert summarize_overloaded(s, _overloaded_run(cooldowns=1), HOST)["target_met"] is False
+    assert summarize_overloaded(s, _overloaded_run(opened=1), HOST)["target_met"] is False
+    assert summarize_overloaded(s, _overloaded_run(failed=1), HOST)["target_met"] is False
+    learned = summarize(SCENARIOS["anthropic-learned"], _learned_run(0), [], HOST)
+    report([learned, result])  # the Anthropic rows in their tables, without error
+
+
+def test_bench_anthropic_request_window_spans_the_jobs() -> None:
+    """A tiny real run in Anthropic's dialect: requests bind, the window opens at the
+    first sample and every job succeeds."""
+    result = _bench_json("--scenario", "anthropic-request", "--jobs", "100")
+    assert result["dialect"] == "anthropic"
+    window = result["window"]
+    assert window is not None, result
+    assert window["left_at_start"] == 50 and window["input_tokens_charged"] > 0
+    assert result["jobs"]["succeeded"] == 100 and result["jobs"]["failed"] == 0
+
+
+def test_bench_anthropic_learned_learns_the_three_limits() -> None:
+    """A tiny real run: Vigil, told no limits, learns the API's three from its headers,
+    every job succeeds, and the 429s after the warm-up are counted apart from it."""
+    result = _bench_json("--scenario", "anthropic-learned", "--jobs", "20")
+    assert result["learned_limits"] == ANTHROPIC_LIMITS
+    learned = {e["budget"]: e["server_limit"] for e in result["vigil"]["limit_learned"]}
+    assert learned == ANTHROPIC_LIMITS
+    jobs = result["jobs"]
+    assert jobs["succeeded"] == jobs["submitted"] >= 20 and jobs["failed"] == 0
+    warm_up, counted = result["warm_up"], result["rate_limited_counted"]
+    assert counted["counted"] == "after warm-up" and result["window"] is not None
+    assert warm_up["requests"] + counted["requests"] == result["whole_run"]["requests"]
+    assert (
+        warm_up["rate_limited"] + counted["rate_limited"] == (result["whole_run"]["rate_limited"])
+    )
+
+
+def test_bench_anthropic_overloaded_holds_nobody() -> None:
+    """A tiny real run: the API turns 30 % of requests away with 529; every job
+    succeeds, with no cool-down and no open circuit."""
+    result = _bench_json("--scenario", "anthropic-overloaded", "--jobs", "20")
+    assert result["jobs"]["succeeded"] == 20 and result["jobs"]["failed"] == 0
+    api, vigil = result["api"], result["vigil"]
+    assert api["overloaded"] > 0 and api["overloaded"] == vigil["overloaded"]
+    assert api["requests"] == 20 + api["overloaded"]
+    assert vigil["cooldowns"] == 0 and vigil["circuit_opened"] == 0
+    assert result["target_met"] is True

@@ -43,7 +43,8 @@ class BenchError(Exception):
 
 
 class ApiSample(msgspec.Struct, frozen=True):
-    """The simulated API's GET /stats, the part the benchmark reads."""
+    """The simulated API's GET /stats, the part the benchmark reads (the anthropic
+    dialect's input and output token budgets after OpenAI's combined one)."""
 
     requests: int
     by_status: dict[str, int]
@@ -52,10 +53,31 @@ class ApiSample(msgspec.Struct, frozen=True):
     remaining_requests: int | None
     remaining_tokens: int | None
     uptime_s: float
+    dialect: str = "openai"
+    input_tokens_charged: int = 0
+    output_tokens_charged: int = 0
+    remaining_input_tokens: int | None = None
+    remaining_output_tokens: int | None = None
 
     @property
     def rate_limited(self) -> int:
         return self.by_status.get("429", 0)
+
+    @property
+    def overloaded(self) -> int:
+        return self.by_status.get("529", 0)
+
+    def used(self, bound: str | None) -> int:
+        """What the API has counted against the `bound` budget (requests when None)."""
+        if bound == "tokens":
+            return self.tokens_charged
+        return self.input_tokens_charged if bound == "input_tokens" else self.admitted
+
+    def left(self, bound: str | None) -> int | None:
+        """What the API's `bound` budget holds now (None: no such limit)."""
+        if bound == "tokens":
+            return self.remaining_tokens
+        return self.remaining_input_tokens if bound == "input_tokens" else self.remaining_requests
 
 
 _sample_decoder = msgspec.json.Decoder(ApiSample)
@@ -330,20 +352,23 @@ async def drive(
     *,
     make_job: Callable[[int], dict[str, Any]],
     jobs: int,
-    burst_spent: Callable[[ApiSample], bool] | None,
+    warmed_up: Callable[[ApiSample, dict[str, Any]], bool] | None,
     max_warm_up: int,
     top_up_below: int,
     deadline_s: float,
 ) -> Run:
     """Feed jobs and sample the API until every job is done.
 
-    With `burst_spent`, jobs are topped up (whenever fewer than `top_up_below` wait)
-    until the API's initial burst is used up (with one-second slices there is none to
-    spend: the first sample opens the window); then the measuring window opens and
-    `jobs` more are submitted; it closes when no job is left waiting (everything after
-    that is the tail, not the throttle). Without it, `jobs` are submitted at once and
-    there is no window. Either way `all_admitted` is the first sample at which the API
-    had admitted as many requests as jobs were submitted."""
+    With `warmed_up`, jobs are topped up to `top_up_below` unfinished (queued or
+    running: the daemon claims more than its provider sends at once) until it says
+    the warm-up is over, judging the API's sample and the provider's status (the API's
+    initial burst used up: with one-second slices there is none to spend, the first
+    sample opens the window; or the daemon's limits learned); then the measuring
+    window opens and `jobs` more are submitted; it closes when no job is left
+    waiting (everything after that is the tail, not the throttle). Without it, `jobs`
+    are submitted at once and there is no window. Either way `all_admitted` is the
+    first sample at which the API had admitted as many requests as jobs were
+    submitted."""
     run = Run()
     started = time.monotonic()
 
@@ -351,7 +376,7 @@ async def drive(
         run.submitted += await submit_jobs(client, make_job, run.submitted, n)
 
     target: int | None = None
-    if burst_spent is None:
+    if warmed_up is None:
         await submit(jobs)
         target = run.submitted
     with anyio.fail_after(deadline_s):
@@ -359,10 +384,11 @@ async def drive(
             sample = await api_sample(http, stats_url)
             status = await client.call("status")
             counts: dict[str, int] = status["jobs"]
+            provider: dict[str, Any] = next(iter(status["providers"].values()), {})
             if run.first is None and sample.requests:
                 run.first = sample
-            if target is None and burst_spent is not None:
-                if burst_spent(sample):
+            if target is None and warmed_up is not None:
+                if warmed_up(sample, provider):
                     run.window_start = sample
                     await submit(jobs)
                     target = run.submitted
@@ -373,8 +399,8 @@ async def drive(
                     continue
                 if run.submitted >= max_warm_up:
                     target = run.submitted  # the burst outlasts any sane warm-up: no window
-                elif counts["queued"] < top_up_below:
-                    await submit(top_up_below)
+                elif (unfinished := counts["queued"] + counts["running"]) < top_up_below:
+                    await submit(top_up_below - unfinished)
             if (
                 run.window_start is not None
                 and run.window_end is None
@@ -388,7 +414,7 @@ async def drive(
             if target is not None and done >= target:
                 run.last = sample
                 run.jobs = counts
-                run.provider = next(iter(status["providers"].values()), {})
+                run.provider = provider
                 run.attempts = status.get("attempts", {})
                 break
             await anyio.sleep(POLL_S)

@@ -47,6 +47,7 @@ _message_decoder = msgspec.json.Decoder(_Message)
 
 class AnthropicDialect:
     name = "anthropic"
+    cache_reads_free = True
 
     def __init__(self, api_version: str = "", key_env: str = "") -> None:
         self._version = api_version or ANTHROPIC_VERSION

@@ -22,7 +22,7 @@ from daemon.providers.anthropic import AnthropicDialect
 from daemon.providers.base import ChatRequest, Completion, ProviderError
 from daemon.providers.breaker import CircuitBreaker
 from daemon.providers.dialect import Dialect, Fault
-from daemon.providers.limits import ProviderLimits, Reservation
+from daemon.providers.limits import Cost, ProviderLimits, Reservation
 from daemon.providers.openai import OpenAIDialect
 from daemon.providers.ratelimit_headers import RateLimitHeaders, retry_after_s
 from daemon.providers.stats import LatencyWindow, ProviderStats, StatusCounter
@@ -33,6 +33,7 @@ DEFAULT_429_PAUSE_S = 1.0
 PAUSED_RETRY_S = 30.0
 NO_HEADERS = RateLimitHeaders()
 SMALL_BODY_BYTES = 512 * 1024  # aiohttp warns about bytes bodies over 1 MiB
+OVERLOADED_TRIPS = 4
 
 
 def _body(encoded: bytes) -> bytes | io.BytesIO:
@@ -78,6 +79,8 @@ class ApiProvider(anyio.AsyncContextManagerMixin):
         self.latency = LatencyWindow()
         self._statuses = StatusCounter(self.stats)
         self.paused_reason: str | None = None
+        self.overloaded_run = 0  # overloaded answers in a row, no success between
+        self._cached_hint = 0  # input tokens the last cached-prefix call read from the cache
         self.pause_changes = 0  # pauses and lifts this node made (to share in a cluster)
         self._session: aiohttp.ClientSession | None = None
         self._key()  # a key missing from the start pauses the provider at once, loudly
@@ -207,6 +210,10 @@ class ApiProvider(anyio.AsyncContextManagerMixin):
         headers = self._headers()  # a missing key pauses before taking budget
         dialect = self.dialect
         cost = dialect.cost(request)
+        if request.cache_system and self._cached_hint and dialect.cache_reads_free:
+            # A cached prefix costs the input budget nothing: book what it did not cover
+            # last time (a miss is charged in full when its answer says so).
+            cost = Cost(max(1, cost.input_tokens - self._cached_hint), cost.output_tokens)
         probe = await self.breaker.admit()  # an open circuit fails here, before any budget
         verdict = "released"  # what the breaker is told: released, succeeded or a failure
         try:
@@ -229,11 +236,18 @@ class ApiProvider(anyio.AsyncContextManagerMixin):
             rate_limits = self._observe(dialect, reply.headers, reservation)
             if reply.status == 200:
                 verdict = "succeeded"
-                return self._settle(dialect, reply, reservation, rate_limits)
+                self.overloaded_run = 0
+                completion = self._settle(dialect, reply, reservation, rate_limits)
+                await self.limits.charge_shared(completion.completion_tokens)
+                if request.cache_system:
+                    self._cached_hint = completion.cached_tokens
+                return completion
+            if 300 <= reply.status < 400:
+                raise _redirected(reply)
             fault = dialect.fault(reply.status, self._scrubbed(reply.raw))
             if reply.status < 500:
                 verdict = "succeeded"  # the API answered: it is up
-            elif not fault.overloaded:
+            elif not fault.overloaded or self._overloaded_too_long():
                 verdict = f"HTTP {reply.status}"
             error = self._http_error(fault, reply, reservation)
             if fault.rate_limited:  # the other nodes hold back too
@@ -289,16 +303,12 @@ class ApiProvider(anyio.AsyncContextManagerMixin):
         """The answer as a Completion, and the budgets corrected by what it took."""
         if len(reply.raw) > MAX_RESPONSE_BYTES:
             raise ProviderError("answer larger than 8 MiB", kind="BadResponse", status=200)
-        try:
-            completion = dialect.decode(reply.raw, reply.status)
-        except ProviderError:
-            # Billed or not, the output budget gets back what the answer did not take.
-            self.limits.settle(reservation, limits, 0, 0)
-            raise
+        completion = dialect.decode(reply.raw, reply.status)
         self.limits.adaptive.succeeded()
-        self.limits.settle(
-            reservation, limits, completion.prompt_tokens, completion.completion_tokens
-        )
+        input_used = completion.prompt_tokens
+        if dialect.cache_reads_free:  # Anthropic's input budget does not count cache reads
+            input_used -= completion.cached_tokens
+        self.limits.settle(reservation, limits, input_used, completion.completion_tokens)
         stats = self.stats
         stats.prompt_tokens += completion.prompt_tokens
         stats.completion_tokens += completion.completion_tokens
@@ -326,6 +336,14 @@ class ApiProvider(anyio.AsyncContextManagerMixin):
             )
         return rate_limits
 
+    def _overloaded_too_long(self) -> bool:
+        """An API overloaded OVERLOADED_TRIPS times the breaker's threshold in a row,
+        with no success between, is failing, not busy: from then on each overloaded
+        answer counts for the breaker (so a gateway whose upstream is gone opens it)."""
+        self.overloaded_run += 1
+        failures = self.config.breaker_failures
+        return bool(failures) and self.overloaded_run > OVERLOADED_TRIPS * failures
+
     def _congested(self, reservation: Reservation, why: str) -> None:
         if self.limits.adaptive.congested(reservation.epoch):
             log.info(
@@ -344,9 +362,11 @@ class ApiProvider(anyio.AsyncContextManagerMixin):
     def _http_error(self, fault: Fault, reply: _Reply, reservation: Reservation) -> ProviderError:
         """Act on an error answer (pause, cool down, back off) and describe it."""
         status = reply.status
+        cost = reservation.cost
         hint = retry_after_s(
             reply.headers,
-            tokens_needed=reservation.cost.input_tokens,
+            tokens_needed=cost.input_tokens + cost.output_tokens,
+            input_tokens_needed=cost.input_tokens,
             snapshot=self.dialect.rate_limits(reply.headers),
         )
         if status == 429:
@@ -415,6 +435,18 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+def _redirected(reply: _Reply) -> ProviderError:
+    """Redirects are not followed (the key would go along): a base URL that redirects
+    is a configuration error, named as such rather than retried."""
+    where = str(reply.headers.get("Location", "?"))[:200]
+    return ProviderError(
+        f"HTTP {reply.status}: base_url redirects to {where}: set base_url to the final address",
+        kind="Redirected",
+        status=reply.status,
+        retryable=False,
+    )
 
 
 def dialect_for(config: ProviderConfig, base_url: str) -> Dialect:

@@ -41,6 +41,7 @@ class Fault(msgspec.Struct, frozen=True, kw_only=True):
 
 class Dialect(Protocol):
     name: str
+    cache_reads_free: bool  # cache reads leave the input budget alone (Anthropic)
 
     def url(self, base_url: str, request: ChatRequest) -> str:
         """Where the request is posted."""

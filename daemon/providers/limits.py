@@ -4,8 +4,9 @@ shares after a 429, so one rate-limit answer pauses the provider instead of star
 a retry storm.
 
 A provider has up to four budgets: requests, tokens (input plus the most the answer
-may take, as OpenAI counts), and Anthropic's input and output tokens (the output
-booked at `max_tokens` and settled from the answer, as Anthropic does). A budget
+may take, as OpenAI counts), and Anthropic's input and output tokens (the input
+settled to what the answer says it took; the output charged from the answer, a call
+waiting only while the budget is in debt, as Anthropic's own bucket admits). A budget
 whose limit is 0 and that the server never reported is unlimited and costs nothing.
 
 Callers take their place in time one at a time, in arrival order (the pacing lock):
@@ -57,9 +58,10 @@ class Cost:
     output_tokens: int = 0
 
     def units(self) -> tuple[float, ...]:
-        """Its units in each budget of BUDGETS."""
+        """What it books in each budget of BUDGETS before it is sent. Nothing of the
+        output budget: that is charged from the answer (`settle`)."""
         tokens = self.input_tokens + self.output_tokens
-        return (1.0, float(tokens), float(self.input_tokens), float(self.output_tokens))
+        return (1.0, float(tokens), float(self.input_tokens), 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,26 +286,32 @@ class ProviderLimits:
     def settle(
         self, reservation: Reservation, headers: RateLimitHeaders, input_used: int, output_used: int
     ) -> None:
-        """Correct the token budgets from what an answered request really took. A
-        server that reports what it has left keeps its own count of the combined and
-        input budgets (OpenAI charges max_tokens up front, never refunded): those are
-        corrected only when it does not say, or when we booked too little. The output
-        budget is always settled from the answer, as Anthropic settles its own."""
+        """Correct the token budgets from what an answered request really took. For
+        the combined budget, a server that reports what it has left keeps its own
+        count (OpenAI charges max_tokens up front, never refunded): corrected only when
+        it does not say, or when we booked too little. The input budget is settled to
+        what was used and the output budget charged it, as Anthropic counts both."""
         cost = reservation.cost
-        if input_used or output_used:
-            for bucket, budget, booked, used in (
-                (
-                    self.tokens,
-                    headers.tokens,
-                    cost.input_tokens + cost.output_tokens,
-                    input_used + output_used,
-                ),
-                (self.input_tokens, headers.input_tokens, cost.input_tokens, input_used),
-            ):
-                server_counts = budget is not None and budget.remaining is not None
-                if used > booked or not server_counts:
-                    bucket.refund(booked - used)
-        self.output_tokens.refund(cost.output_tokens - output_used)
+        if not (input_used or output_used):
+            return  # no usage reported: the estimate stands
+        booked, used = cost.input_tokens + cost.output_tokens, input_used + output_used
+        budget = headers.tokens
+        if used > booked or budget is None or budget.remaining is None:
+            self.tokens.refund(booked - used)
+        self.input_tokens.refund(cost.input_tokens - input_used)
+        self.output_tokens.refund(-output_used)
+
+    async def charge_shared(self, output_used: int) -> None:
+        """The cluster's output budget, charged from the answer as the local one is."""
+        bucket = self.output_tokens
+        if self.shared is None or not bucket.per_minute or not output_used:
+            return
+        try:
+            increment_s = output_used * 60 / bucket.per_minute
+            await self.shared.book(f"{self.shared_key}.output_tokens", increment_s, bucket.slice_s)
+        except Exception as exc:
+            self.shared_errors += 1
+            log.warning("provider.shared_budget_failed", error=f"{type(exc).__name__}")
 
     def observe(self, headers: RateLimitHeaders, reservation: Reservation) -> list[LimitChange]:
         """Correct the budgets from an answer's rate-limit headers (each family to its

@@ -66,6 +66,8 @@ def server_of(dialect: str, base_url: str) -> str:
 
 
 class OpenAIDialect:
+    cache_reads_free = False
+
     def __init__(self, name: str, api_version: str = "", key_env: str = "") -> None:
         self.name = name
         self._api_version = api_version

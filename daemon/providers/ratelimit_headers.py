@@ -190,6 +190,7 @@ def retry_after_s(
     headers: Mapping[str, str],
     *,
     tokens_needed: float = 1.0,
+    input_tokens_needed: float | None = None,
     now: float | None = None,
     snapshot: RateLimitHeaders | None = None,
 ) -> float | None:
@@ -211,7 +212,10 @@ def retry_after_s(
         for budget, need in (
             (snapshot.requests, 1.0),
             (snapshot.tokens, tokens_needed),
-            (snapshot.input_tokens, tokens_needed),
+            (
+                snapshot.input_tokens,
+                tokens_needed if input_tokens_needed is None else input_tokens_needed,
+            ),
             (snapshot.output_tokens, 1.0),
         )
         if budget is not None
