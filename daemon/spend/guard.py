@@ -68,6 +68,9 @@ class SpendGuard:
     # Budgets reached: the period and the limit they were reached in.
     _held: dict[tuple[str, str, Window], tuple[str, float]] = field(default_factory=dict)
     refused: int = 0
+    # Queued jobs of the analyzers each reached budget holds (refreshed by `run`).
+    held_jobs: dict[tuple[str, str, Window], int] = field(default_factory=dict)
+    _analyzer_providers: dict[str, str] = field(default_factory=dict)
 
     # --- the budgets ---------------------------------------------------------------
 
@@ -81,6 +84,7 @@ class SpendGuard:
             if found := _limits("analyzer", name, analyzer.budget):
                 limits[("analyzer", name)] = found
         self._limits = limits
+        self._analyzer_providers = {name: a.provider for name, a in config.analyzers.items()}
 
     def limits(self) -> list[Limit]:
         """Every configured budget."""
@@ -208,16 +212,33 @@ class SpendGuard:
         self._db = fresh
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Keep the other nodes' spend fresh (a shared store only)."""
+        """Keep the other nodes' spend fresh (a shared store), and count the jobs each
+        reached budget holds; a failed round is logged, not fatal."""
         task_status.started()
-        if self.store.cluster is None:
-            return
         while True:
             await anyio.sleep(REFRESH_S)
             try:
-                await self.load()
+                if self.store.cluster is not None:
+                    await self.load()
+                await self._count_held()
             except StoreError as exc:
                 log.warning("spend.refresh_failed", error=str(exc))
+
+    def _held_analyzers(self, scope: str, name: str) -> list[str]:
+        if scope == "analyzer":
+            return [name]
+        return [a for a, provider in self._analyzer_providers.items() if provider == name]
+
+    async def _count_held(self) -> None:
+        if not self._held:
+            self.held_jobs = {}
+            return
+        wanted = {a for (scope, name, _) in self._held for a in self._held_analyzers(scope, name)}
+        queued = await self.store.queued_of(sorted(wanted))
+        self.held_jobs = {
+            key: sum(queued.get(a, 0) for a in self._held_analyzers(key[0], key[1]))
+            for key in self._held
+        }
 
     def status(self) -> list[dict[str, Any]]:
         """Each budget for `vigil status`: limit, spent, reserved, remaining, reset."""
@@ -237,6 +258,7 @@ class SpendGuard:
                     "remaining_usd": round(max(0.0, limit.usd - spent - reserved), 6),
                     "resets_at": resets_at(limit.window, now),
                     "held": (limit.scope, limit.name, limit.window) in self._held,
+                    "held_jobs": self.held_jobs.get((limit.scope, limit.name, limit.window), 0),
                 }
             )
         return rows

@@ -493,6 +493,10 @@ class JobStore(Protocol):
         """When the earliest queued job waiting past `after` becomes ready (unix time)."""
         ...
 
+    async def queued_of(self, analyzers: Sequence[str]) -> dict[str, int]:
+        """Queued jobs of each of these analyzers (those a reached budget holds)."""
+        ...
+
     def nodes(self) -> list[Node]:
         """The daemons sharing this store, as last seen (no I/O: status is synchronous)."""
         ...

@@ -91,6 +91,14 @@ class PgReads:
         rows = await self._fetch("SELECT id, state FROM jobs WHERE id = ANY($1)", list(job_ids))
         return {r["id"]: r["state"] for r in rows}
 
+    async def queued_of(self, analyzers: Sequence[str]) -> dict[str, int]:
+        rows = await self._fetch(
+            "SELECT analyzer, count(*) FROM jobs WHERE state = 'queued' AND analyzer = ANY($1) "
+            "GROUP BY analyzer",
+            list(analyzers),
+        )
+        return {row[0]: row[1] for row in rows}
+
     async def next_wake(self, after: float = 0.0) -> float | None:
         rows = await self._fetch(
             "SELECT min(not_before) FROM jobs WHERE state = 'queued' AND not_before > $1", after

@@ -96,6 +96,16 @@ class SqliteReads:
                 out.update({row[0]: row[1] for row in await cur.fetchall()})
         return out
 
+    async def queued_of(self, analyzers: Sequence[str]) -> dict[str, int]:
+        marks = ", ".join("?" * len(analyzers))
+        async with self._read.execute(
+            f"SELECT analyzer, count(*) FROM jobs WHERE state = 'queued' AND analyzer IN "
+            f"({marks}) GROUP BY analyzer",
+            tuple(analyzers),
+        ) as cur:
+            rows = await cur.fetchall()
+        return {str(row[0]): int(row[1]) for row in rows}
+
     async def next_wake(self, after: float = 0.0) -> float | None:
         """When the earliest queued job waiting past `after` becomes ready (unix time)."""
         async with self._read.execute(
