@@ -36,6 +36,7 @@ REFRESH_S = 1.0
 RECHECK_S = 2.0
 """A call refused by a budget is tried again after this long (or the window's reset)."""
 Key = tuple[str, str, str]  # (scope, name, day "YYYY-MM-DD")
+ADJECTIVE = {"day": "daily", "month": "monthly"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +167,9 @@ class SpendGuard:
             )
         wait_s = min(RECHECK_S, max(0.0, resets_at(limit.window, now) - now))
         return ProviderError(
-            f"{limit.scope} {limit.name!r} {limit.window}ly budget of ${limit.usd:g} would be "
-            f"passed (${used:.4f} used or reserved, this call up to ${worst:.4f}); the job "
-            "waits for the window to reset or a reload to raise it",
+            f"{limit.scope} {limit.name!r} {ADJECTIVE[limit.window]} budget of ${limit.usd:g} "
+            f"would be passed (${used:.4f} used or reserved, this call up to ${worst:.4f}); "
+            "the job waits for the window to reset or a reload to raise it",
             kind="BudgetExhausted",
             retry_after_s=wait_s,
         )
