@@ -366,19 +366,25 @@ async def test_errors_by_type(
 async def test_an_api_overloaded_for_too_long_opens_the_circuit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Overloaded answers do not count for the breaker, until there have been four
-    times its threshold in a row with no success: then the API is failing, not busy."""
+    """Overloaded answers do not count for the breaker, until the API has answered
+    nothing else for longer than the breaker stays open: then it is failing, not busy."""
 
     async def reply(request: web.Request) -> web.Response:
         return error(529, "overloaded_error", "Overloaded")
 
-    async with anthropic_provider(reply, monkeypatch, breaker_failures=2) as (_, provider):
+    settings = {"breaker_failures": 2, "breaker_open_s": 1.0}
+    async with anthropic_provider(reply, monkeypatch, **settings) as (_, provider):
         states = []
-        for _ in range(10):
+        for _ in range(4):
             with pytest.raises(ProviderError):
                 await call(provider)
             states.append(provider.breaker.state)
-    assert states[:8] == ["closed"] * 8  # 4 x 2 overloaded answers: busy, not failing
+        await anyio.sleep(1.1)
+        for _ in range(2):
+            with pytest.raises(ProviderError):
+                await call(provider)
+            states.append(provider.breaker.state)
+    assert states[:4] == ["closed"] * 4  # busy, not failing
     assert states[-1] == "open"
 
 

@@ -33,7 +33,6 @@ DEFAULT_429_PAUSE_S = 1.0
 PAUSED_RETRY_S = 30.0
 NO_HEADERS = RateLimitHeaders()
 SMALL_BODY_BYTES = 512 * 1024  # aiohttp warns about bytes bodies over 1 MiB
-OVERLOADED_TRIPS = 4
 
 
 def _body(encoded: bytes) -> bytes | io.BytesIO:
@@ -79,7 +78,7 @@ class ApiProvider(anyio.AsyncContextManagerMixin):
         self.latency = LatencyWindow()
         self._statuses = StatusCounter(self.stats)
         self.paused_reason: str | None = None
-        self.overloaded_run = 0  # overloaded answers in a row, no success between
+        self._succeeded_at = time.monotonic()  # the last 200 (or the start)
         self._cached_hint = 0  # input tokens the last cached-prefix call read from the cache
         self.pause_changes = 0  # pauses and lifts this node made (to share in a cluster)
         self._session: aiohttp.ClientSession | None = None
@@ -236,7 +235,7 @@ class ApiProvider(anyio.AsyncContextManagerMixin):
             rate_limits = self._observe(dialect, reply.headers, reservation)
             if reply.status == 200:
                 verdict = "succeeded"
-                self.overloaded_run = 0
+                self._succeeded_at = time.monotonic()
                 completion = self._settle(dialect, reply, reservation, rate_limits)
                 await self.limits.charge_shared(completion.completion_tokens)
                 if request.cache_system:
@@ -337,12 +336,12 @@ class ApiProvider(anyio.AsyncContextManagerMixin):
         return rate_limits
 
     def _overloaded_too_long(self) -> bool:
-        """An API overloaded OVERLOADED_TRIPS times the breaker's threshold in a row,
-        with no success between, is failing, not busy: from then on each overloaded
-        answer counts for the breaker (so a gateway whose upstream is gone opens it)."""
-        self.overloaded_run += 1
-        failures = self.config.breaker_failures
-        return bool(failures) and self.overloaded_run > OVERLOADED_TRIPS * failures
+        """An API that has answered nothing but "overloaded" for longer than the
+        breaker stays open is failing, not busy: from then on each overloaded answer
+        counts for the breaker (so a gateway whose upstream is gone opens it). Time,
+        not a count in a row: under concurrency a burst of quick 529s can outrun the
+        slower successes of the same moment."""
+        return time.monotonic() - self._succeeded_at > self.config.breaker_open_s
 
     def _congested(self, reservation: Reservation, why: str) -> None:
         if self.limits.adaptive.congested(reservation.epoch):
