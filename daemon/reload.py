@@ -25,9 +25,9 @@ from daemon.config import (
     ConfigError,
     ProviderConfig,
     SpoolConfig,
-    config_problems,
     load_config,
 )
+from daemon.config_rules import config_problems
 from daemon.observe.logs import set_level
 from daemon.runtime import Runtime
 

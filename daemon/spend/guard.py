@@ -28,7 +28,13 @@ from daemon.config import BudgetConfig, Config
 from daemon.jobs import CallRecord
 from daemon.providers.base import ProviderError
 from daemon.spend.windows import WINDOWS, Window, period_of, resets_at
-from daemon.store.base import JobStore, SpendDay, StoreError
+from daemon.store.base import (
+    JobStore,
+    StoreError,
+)
+from daemon.store.calls import (
+    SpendDay,
+)
 
 log = structlog.get_logger("vigil.spend")
 Scope = Literal["provider", "analyzer"]

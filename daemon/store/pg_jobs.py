@@ -13,7 +13,6 @@ import msgspec
 
 from daemon.jobs import CallRecord, Job, State
 from daemon.store.base import (
-    CALL_COLUMNS,
     JOB_COLUMNS,
     AttemptEnd,
     BacklogFull,
@@ -23,8 +22,11 @@ from daemon.store.base import (
     JobNotFound,
     NewJob,
     Submitted,
-    call_rows,
     row_to_job,
+)
+from daemon.store.calls import (
+    CALL_COLUMNS,
+    call_rows,
     spend_rows,
 )
 from daemon.store.pg_nodes import CHANNEL

@@ -13,13 +13,15 @@ from daemon.jobs import Attempt, Job, State
 from daemon.store.base import (
     ATTEMPT_COLUMNS,
     JOB_COLUMNS,
-    USAGE_GROUPS,
-    SpendDay,
     StoreError,
-    UsageQuery,
-    UsageRow,
     row_to_attempt,
     row_to_job,
+)
+from daemon.store.calls import (
+    USAGE_GROUPS,
+    SpendDay,
+    UsageQuery,
+    UsageRow,
     row_to_usage,
     usage_sql,
 )

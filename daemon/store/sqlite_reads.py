@@ -12,16 +12,18 @@ import aiosqlite
 from daemon.jobs import Attempt, CallRecord, Job, State
 from daemon.store.base import (
     ATTEMPT_COLUMNS,
-    CALL_COLUMNS,
     JOB_COLUMNS,
+    StoreError,
+    row_to_attempt,
+    row_to_job,
+)
+from daemon.store.calls import (
+    CALL_COLUMNS,
     USAGE_GROUPS,
     SpendDay,
-    StoreError,
     UsageQuery,
     UsageRow,
     call_rows,
-    row_to_attempt,
-    row_to_job,
     row_to_usage,
     spend_rows,
     usage_sql,
