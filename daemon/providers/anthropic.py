@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from daemon.providers.base import NON_RETRYABLE_STATUSES, ChatRequest, Completion, ProviderError
-from daemon.providers.dialect import Fault, read_error
+from daemon.providers.dialect import Fault, malformed, read_error, withheld
 from daemon.providers.limits import Cost
 from daemon.providers.ratelimit_headers import RateLimitHeaders, parse_anthropic_headers
 
@@ -93,16 +93,9 @@ class AnthropicDialect:
         try:
             message = _message_decoder.decode(raw)
         except (msgspec.DecodeError, RecursionError) as exc:
-            raise ProviderError(
-                f"malformed answer: {exc}", kind="BadResponse", status=status
-            ) from None
+            raise malformed(exc, status) from None
         if message.stop_reason == "refusal":
-            raise ProviderError(
-                "the model declined to answer (stop_reason refusal)",
-                kind="ContentFiltered",
-                status=status,
-                retryable=False,
-            )
+            raise withheld("the model declined to answer (stop_reason refusal)", status)
         texts = [block.text for block in message.content if block.type == "text" and block.text]
         if not texts:
             raise ProviderError("answer has no text content", kind="BadResponse", status=status)

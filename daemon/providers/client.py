@@ -57,17 +57,7 @@ class ApiProvider(anyio.AsyncContextManagerMixin):
         self._fixed_base_url = base_url  # the built-in simulated API's address, if any
         self.base_url = (base_url or config.base_url).rstrip("/")
         self.dialect = dialect_for(config, self.base_url)
-        self.limits = ProviderLimits(
-            max_concurrency=config.max_concurrency,
-            requests_per_minute=config.requests_per_minute,
-            tokens_per_minute=config.tokens_per_minute,
-            input_tokens_per_minute=config.input_tokens_per_minute,
-            output_tokens_per_minute=config.output_tokens_per_minute,
-            margin_s=config.budget_margin_ms / 1000,
-            slice_s=config.budget_slice_s,
-            adaptive=config.adaptive_concurrency,
-            successes_per_step=config.adaptive_successes_per_step,
-        )
+        self.limits = ProviderLimits(**_limit_settings(config))
         self.breaker = CircuitBreaker(
             name,
             failures=config.breaker_failures,
@@ -99,17 +89,7 @@ class ApiProvider(anyio.AsyncContextManagerMixin):
         breaker, base URL, dialect and API version. What it cannot change (kind, pool
         size, key variable) the reload keeps as it was (daemon/reload.py RESTART_ONLY)."""
         self.config = config
-        self.limits.configure(
-            max_concurrency=config.max_concurrency,
-            requests_per_minute=config.requests_per_minute,
-            tokens_per_minute=config.tokens_per_minute,
-            input_tokens_per_minute=config.input_tokens_per_minute,
-            output_tokens_per_minute=config.output_tokens_per_minute,
-            margin_s=config.budget_margin_ms / 1000,
-            slice_s=config.budget_slice_s,
-            adaptive=config.adaptive_concurrency,
-            successes_per_step=config.adaptive_successes_per_step,
-        )
+        self.limits.configure(**_limit_settings(config))
         self.breaker.configure(
             failures=config.breaker_failures,
             open_s=config.breaker_open_s,
@@ -434,6 +414,21 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+def _limit_settings(config: ProviderConfig) -> dict[str, Any]:
+    """What ProviderLimits takes from a provider's config, at start and on reload."""
+    return {
+        "max_concurrency": config.max_concurrency,
+        "requests_per_minute": config.requests_per_minute,
+        "tokens_per_minute": config.tokens_per_minute,
+        "input_tokens_per_minute": config.input_tokens_per_minute,
+        "output_tokens_per_minute": config.output_tokens_per_minute,
+        "margin_s": config.budget_margin_ms / 1000,
+        "slice_s": config.budget_slice_s,
+        "adaptive": config.adaptive_concurrency,
+        "successes_per_step": config.adaptive_successes_per_step,
+    }
 
 
 def _redirected(reply: _Reply) -> ProviderError:

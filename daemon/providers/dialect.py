@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from daemon.providers.base import ChatRequest, Completion
+from daemon.providers.base import ChatRequest, Completion, ProviderError
 from daemon.providers.limits import Cost
 from daemon.providers.ratelimit_headers import RateLimitHeaders
 
@@ -68,6 +68,16 @@ class Dialect(Protocol):
     def fault(self, status: int, raw: bytes) -> Fault:
         """How an answer other than 200 is treated."""
         ...
+
+
+def malformed(exc: Exception, status: int) -> ProviderError:
+    """A 200 whose body is not the answer it should be (retried: it may be a glitch)."""
+    return ProviderError(f"malformed answer: {exc}", kind="BadResponse", status=status)
+
+
+def withheld(why: str, status: int) -> ProviderError:
+    """An answer the API or the model withheld: asking again gets the same."""
+    return ProviderError(why, kind="ContentFiltered", status=status, retryable=False)
 
 
 class ErrorText(msgspec.Struct, frozen=True):

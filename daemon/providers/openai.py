@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit
 import msgspec
 
 from daemon.providers.base import NON_RETRYABLE_STATUSES, ChatRequest, Completion, ProviderError
-from daemon.providers.dialect import ErrorText, Fault, read_error
+from daemon.providers.dialect import ErrorText, Fault, malformed, read_error, withheld
 from daemon.providers.limits import Cost
 from daemon.providers.ratelimit_headers import RateLimitHeaders, parse_openai_headers
 
@@ -114,25 +114,14 @@ class OpenAIDialect:
             answer = _answer_decoder.decode(raw)
             choice = answer.choices[0]
         except (msgspec.DecodeError, RecursionError, IndexError) as exc:
-            raise ProviderError(
-                f"malformed answer: {exc}", kind="BadResponse", status=status
-            ) from None
+            raise malformed(exc, status) from None
         if choice.finish_reason == "content_filter":
-            raise ProviderError(
-                "the API's content filter withheld the answer (finish_reason content_filter)",
-                kind="ContentFiltered",
-                status=status,
-                retryable=False,
-            )
+            why = "the API's content filter withheld the answer (finish_reason content_filter)"
+            raise withheld(why, status)
         content = choice.message.get("content")
         refusal = choice.message.get("refusal")
         if not content and isinstance(refusal, str) and refusal:
-            raise ProviderError(
-                f"the model refused: {refusal[:200]}",
-                kind="ContentFiltered",
-                status=status,
-                retryable=False,
-            )
+            raise withheld(f"the model refused: {refusal[:200]}", status)
         if not isinstance(content, str):
             raise ProviderError("answer has no text content", kind="BadResponse", status=status)
         usage = answer.usage or _Usage()
