@@ -379,6 +379,7 @@ def _done(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def add_parsers(sub: Any) -> None:
+    from daemon.cli import usage  # it imports this module (UsageError)
     from daemon.cli.main import add_common, constrained, positive_int
 
     def command(
@@ -426,3 +427,5 @@ def add_parsers(sub: Any) -> None:
             "--cluster", action="store_true", help="every daemon sharing the store, not only this"
         )
     command("reload", reload, "re-read the config and apply what can change live")
+    p = command("usage", usage.usage, "what the API calls used and cost", usage.check)
+    usage.add_arguments(p)

@@ -3,6 +3,7 @@ failures are CommandErrors with a code, so every surface reports them alike."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
@@ -15,12 +16,14 @@ from daemon.jobs import Job, State
 from daemon.observe.ring import LEVELS, LogFilter
 from daemon.reload import ReloadError, reload
 from daemon.runtime import Runtime
+from daemon.spend.report import DEFAULT_SPAN_S, total_of
 from daemon.store.base import (
     BacklogFull,
     ClusterCommand,
     InvalidTransition,
     JobNotFound,
     StoreError,
+    UsageQuery,
 )
 from daemon.watchdog.introspect import task_report, thread_report
 
@@ -71,6 +74,15 @@ class LogsArgs(Args, frozen=True):
     follow: bool = False
 
 
+UnixTime = Annotated[float, Meta(ge=0, le=253_402_300_800)]  # up to year 9999
+
+
+class UsageArgs(Args, frozen=True):
+    since: UnixTime | None = None  # default: DEFAULT_SPAN_S before `until`
+    until: UnixTime | None = None  # default: now
+    by: Literal["day", "analyzer", "provider", "model"] = "day"
+
+
 class ProgressArgs(Args, frozen=True):
     ids: Annotated[list[str], Meta(max_length=100_000)]
 
@@ -111,6 +123,27 @@ async def jobs(rt: Runtime, args: JobsArgs) -> Any:
     page = found[: args.limit]
     more = len(found) > args.limit
     return {"jobs": [job_data(j) for j in page], "next_before": page[-1].id if more else None}
+
+
+async def usage(rt: Runtime, args: UsageArgs) -> Any:
+    """What the answered calls in [since, until) used and cost, one row per day
+    (UTC), analyzer, provider or model, and their total."""
+    until = time.time() if args.until is None else args.until
+    since = until - DEFAULT_SPAN_S if args.since is None else args.since
+    if since > until:
+        raise CommandError(
+            "bad_args",
+            f"usage: since: {since:.0f} is after until ({until:.0f})",
+            [{"index": None, "field": "since", "message": "after until"}],
+        )
+    rows = await rt.store.usage(UsageQuery(since=since, until=until, by=args.by))
+    return {
+        "since": since,
+        "until": until,
+        "by": args.by,
+        "rows": msgspec.to_builtins(rows),
+        "total": msgspec.to_builtins(total_of(rows)),
+    }
 
 
 async def show(rt: Runtime, args: IdArgs) -> Any:
@@ -275,6 +308,7 @@ COMMANDS: dict[str, tuple[type[Args], Handler]] = {
     "status": (NoArgs, status),
     "submit": (SubmitArgs, submit),
     "jobs": (JobsArgs, jobs),
+    "usage": (UsageArgs, usage),
     "show": (IdArgs, show),
     "retry": (RetryArgs, retry),
     "cancel": (IdArgs, cancel),

@@ -1,8 +1,8 @@
 """The HTTP API (aiohttp), run as a service in the daemon's task group.
 
 Probes (/healthz, /readyz), the status JSON and page, Prometheus metrics, and the
-job API under /v1. The job API runs the very same commands as the control socket
-(`daemon.control.commands.execute`); this module only translates HTTP to commands
+job API and spend report under /v1. These run the very same commands as the control
+socket (`daemon.control.commands.execute`); this module only translates HTTP to commands
 and CommandError codes to HTTP statuses, in one table (`ERROR_STATUS`).
 
 Every error, whatever raised it (a command, aiohttp's router, a body over the limit,
@@ -18,6 +18,7 @@ import hmac
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ from daemon.errors import StartupError
 from daemon.observe.metrics import CONTENT_TYPE, Metrics
 from daemon.observe.page import StatusPage, load_page
 from daemon.runtime import Runtime
+from daemon.spend.report import parse_when
 
 log = structlog.get_logger("vigil.http")
 
@@ -47,7 +49,6 @@ CLEANUP_DEADLINE_S = 5.0
 RETRY_AFTER_BUSY_S = 1
 _PROBES = frozenset({"/healthz", "/readyz"})
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-_LIST_PARAMS = ("state", "analyzer", "limit", "before")
 
 # The one place CommandError codes (the control socket's, plus HTTP's own) become
 # HTTP statuses; an unknown code is a 500.
@@ -268,27 +269,62 @@ async def submit_jobs(request: web.Request) -> web.Response:
     return _json(data, 202)
 
 
-async def list_jobs(request: web.Request) -> web.Response:
-    """Newest first; `next_before` is the cursor for the next page (null at the end)."""
+Converter = Callable[[str], Any]
+
+
+def _query_args(request: web.Request, params: dict[str, Converter]) -> dict[str, Any]:
+    """The query as a command's arguments, each parameter given at most once and
+    converted by its function (a ValueError is that field's message); every fault
+    comes out together as one 400 `bad_args` with a field error each."""
     args: dict[str, Any] = {}
     errors = []
     for key in request.query:
         values = request.query.getall(key)
-        if key not in _LIST_PARAMS:
+        if key not in params:
             errors.append({"index": None, "field": key, "message": "unknown query parameter"})
         elif len(values) > 1:
             errors.append({"index": None, "field": key, "message": "given more than once"})
         else:
-            args[key] = values[0]
-    if "limit" in args:
-        try:
-            args["limit"] = int(args["limit"])
-        except ValueError:
-            errors.append({"index": None, "field": "limit", "message": "expected an integer"})
+            try:
+                args[key] = params[key](values[0])
+            except ValueError as exc:
+                errors.append({"index": None, "field": key, "message": str(exc)})
     if errors:
         first = errors[0]
         raise CommandError("bad_args", f"{first['field']}: {first['message']}", errors)
-    return _json(await _run(request, "jobs", args))
+    return args
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("expected an integer") from None
+
+
+_LIST_PARAMS: dict[str, Converter] = {
+    "state": str,
+    "analyzer": str,
+    "limit": _integer,
+    "before": str,
+}
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """Newest first; `next_before` is the cursor for the next page (null at the end)."""
+    return _json(await _run(request, "jobs", _query_args(request, _LIST_PARAMS)))
+
+
+async def usage(request: web.Request) -> web.Response:
+    """The spend report, as the socket's `usage`; `since` and `until` take the CLI's
+    forms (7d, 2026-11-23, 2026-11-23T18:00:00Z), read against one `now`."""
+    now = time.time()
+
+    def when(text: str) -> float:
+        return parse_when(text, now)
+
+    params: dict[str, Converter] = {"since": when, "until": when, "by": str}
+    return _json(await _run(request, "usage", _query_args(request, params)))
 
 
 async def show_job(request: web.Request) -> web.Response:
@@ -317,6 +353,7 @@ def build_app(
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_get("/v1/jobs/{id}", show_job)
     app.router.add_delete("/v1/jobs/{id}", cancel_job)
+    app.router.add_get("/v1/usage", usage)
     return app
 
 

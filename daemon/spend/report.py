@@ -9,7 +9,7 @@ import datetime as dt
 import re
 from collections.abc import Sequence
 
-from daemon.store.base import UsageRow
+from daemon.store.calls import UsageRow
 
 DEFAULT_SPAN_S = 7 * 86_400.0
 """Without `since`, the report covers the 7 days before `until`."""
@@ -65,5 +65,5 @@ def total_of(rows: Sequence[UsageRow]) -> UsageRow:
         cached_tokens=sum(r.cached_tokens for r in rows),
         cache_write_tokens=sum(r.cache_write_tokens for r in rows),
         output_tokens=sum(r.output_tokens for r in rows),
-        cost_usd=sum(costs) if costs or not rows else None,
+        cost_usd=sum(costs, 0.0) if costs or not rows else None,
     )
