@@ -24,7 +24,7 @@ from daemon.spend.pricing import worst_cost_usd
 from daemon.store.base import AttemptEnd
 from tests import test_store
 from tests.test_anthropic import anthropic_provider, message
-from tests.test_store import claim_one, submit_one
+from tests.test_store import claim_one, new_job, submit_one
 
 pytestmark = pytest.mark.anyio
 store = test_store.store  # an open store of each backend (the fixture)
@@ -269,3 +269,32 @@ def test_the_worst_case_is_never_under_the_real_cost() -> None:
     tokens_at_most = len("日本語のテキスト".encode()) * 50
     billed = (tokens_at_most * 3.75 + 10 * 15.0) / 1e6
     assert worst_cost_usd(request, price) >= billed
+
+
+async def test_cluster_nodes_see_each_others_spend(pg_dsn: str) -> None:
+    """Two nodes on one database: what one node's calls cost reaches the other's
+    budget within its refresh, and holds its calls back."""
+    from daemon.config import StoreConfig
+    from daemon.store.postgres import PostgresStore
+
+    async with (
+        PostgresStore(StoreConfig(url=pg_dsn, node_name="a")) as node_a,
+        PostgresStore(StoreConfig(url=pg_dsn, node_name="b")) as node_b,
+    ):
+        watcher = SpendGuard(node_b, clock=Clock())
+        watcher.configure(config(provider_budget="daily_usd = 1.0"))
+        await watcher.load()
+        await node_a.submit([new_job()], max_backlog=100)
+        [job] = await node_a.claim(1)
+        calls = (call(0.6), call(0.3))
+        await node_a.finish(job, AttemptEnd(outcome="succeeded", result="ok", calls=calls))
+        async with anyio.create_task_group() as tg:
+            await tg.start(watcher.run)
+            for _ in range(100):  # the refresh runs every second
+                if watcher.status()[0]["spent_usd"] >= 0.9 - 1e-9:
+                    break
+                await anyio.sleep(0.1)
+            tg.cancel_scope.cancel()
+        assert watcher.status()[0]["spent_usd"] == pytest.approx(0.9)
+        with pytest.raises(ProviderError):
+            watcher.reserve("summarize", "claude", 0.2)
