@@ -21,7 +21,8 @@ from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.observe.metrics import circuit_state, count_tasks, lag_histogram, watchdog_metrics
+from daemon.observe.metrics import circuit_state, count_tasks
+from daemon.observe.section_metrics import budget_metrics, lag_histogram, watchdog_metrics
 from daemon.watchdog.tasks import TaskRegistry
 from tests.daemon_proc import DaemonProcess, sim_config
 
@@ -29,6 +30,38 @@ StartDaemon = Callable[..., DaemonProcess]
 ALERTS = Path(__file__).parent.parent / "config" / "alerts.yml"
 JOB = {"analyzer": "summarize", "input": {"text": "a good day"}}
 CLASSIFY = {"analyzer": "classify", "input": {"text": "a good day", "audience": "ops"}}
+# The sim provider priced (input only, so a budget holds no job before its first call)
+# with roomy budgets, and summarize's day too small for any of its calls.
+PRICED_BUDGETS = """
+[providers.sim.prices]
+prompt_per_mtok = 1000.0
+
+[providers.sim.budget]
+daily_usd = 100.0
+monthly_usd = 1000.0
+
+[analyzers.summarize.budget]
+daily_usd = 0.01
+"""
+BUDGET_ROW = {
+    "scope": "provider",
+    "name": "sim",
+    "window": "day",
+    "limit_usd": 5.0,
+    "spent_usd": 3.5,
+    "reserved_usd": 0.25,
+    "remaining_usd": 1.25,
+    "resets_at": 1_800_000_000.0,
+    "held": True,
+    "held_jobs": 7,
+}
+BUDGET_SERIES = {
+    "limit_usd": "vigil_budget_limit_usd",
+    "spent_usd": "vigil_budget_spent_usd",
+    "reserved_usd": "vigil_budget_reserved_usd",
+    "held": "vigil_budget_held",
+    "held_jobs": "vigil_budget_held_jobs",
+}
 FULL_WATCHDOG = {
     "loop": {
         "lag_ms": {"p50": 1.0, "p99": 20.0, "max": 300.0, "window_s": 60},
@@ -57,7 +90,7 @@ class Families:
             for s in f.samples
         }
 
-    def value(self, name: str, **labels: str) -> float:
+    def value(self, name: str, /, **labels: str) -> float:
         return self.samples[(name, tuple(sorted(labels.items())))]
 
     def names(self) -> set[str]:
@@ -383,6 +416,8 @@ def test_alert_rules_are_well_formed() -> None:
         assert alert in names
     for alert in ("VigilProviderPaused", "VigilProviderCircuitOpen", "VigilAttemptErrorRate"):
         assert alert in names
+    for alert in ("VigilBudgetNearlySpent", "VigilBudgetExhausted"):
+        assert alert in names
     for rule in rules:
         expr = rule.fields["expr"]
         assert balanced(expr), rule.alert
@@ -414,11 +449,11 @@ def test_rule_reader_refuses_what_yaml_would_read_otherwise() -> None:
 
 @pytest.mark.anyio
 async def test_alert_rules_name_only_exposed_series(start_daemon: StartDaemon) -> None:
-    """Every vigil_ series alerts.yml names is in a real scrape (after a job ran, so the
-    labelled ones have samples), and so is each label an expr matches or groups by: a
-    rule on a misspelt series or label would never fire."""
-    proc = start_daemon(sim_config(http_listen="127.0.0.1:0"))
-    await proc.acall("submit", jobs=[JOB])
+    """Every vigil_ series alerts.yml names is in a real scrape (after a job ran and with
+    budgets configured, so the labelled ones have samples), and so is each label an expr
+    matches or groups by: a rule on a misspelt series or label would never fire."""
+    proc = start_daemon(sim_config(http_listen="127.0.0.1:0", extra=PRICED_BUDGETS))
+    await proc.acall("submit", jobs=[CLASSIFY])  # summarize's budget would hold a JOB
     await proc.wait_for_status(lambda s: s["queue"]["finished"] == 1)
     m = Families((await scrape(proc))[1])
     _, rules = read_rules(ALERTS.read_text())
@@ -479,3 +514,64 @@ def test_lag_histogram_is_cumulative_and_defensive() -> None:
     assert lag_histogram(lag, (1.0, 10.0)) is None
     assert lag_histogram(SimpleNamespace(buckets=[1, 2]), (1.0,)) is None
     assert lag_histogram(None, (1.0,)) is None
+
+
+@pytest.mark.anyio
+async def test_budget_series_follow_the_spend_guard(start_daemon: StartDaemon) -> None:
+    """Each budget's figures are gauges labelled scope/name/window, as status reports them."""
+    proc = start_daemon(sim_config(http_listen="127.0.0.1:0", extra=PRICED_BUDGETS))
+    await proc.acall("submit", jobs=[CLASSIFY, JOB])
+    status = await proc.wait_for_status(
+        lambda s: (
+            s["jobs"]["succeeded"] == 1
+            and any(b["name"] == "summarize" and b["held_jobs"] == 1 for b in s["budgets"])
+        )
+    )
+    m = Families((await scrape(proc))[1])
+    rows = {(b["scope"], b["name"], b["window"]): b for b in status["budgets"]}
+    assert set(rows) == {
+        ("provider", "sim", "day"),
+        ("provider", "sim", "month"),
+        ("analyzer", "summarize", "day"),
+    }
+    for (scope, name, window), row in rows.items():
+        labels = {"scope": scope, "name": name, "window": window}
+        for key, series in BUDGET_SERIES.items():
+            assert m.value(series, **labels) == pytest.approx(float(row[key])), (series, labels)
+    summarize = {"scope": "analyzer", "name": "summarize", "window": "day"}
+    assert m.value("vigil_budget_limit_usd", **summarize) == 0.01
+    assert m.value("vigil_budget_held", **summarize) == 1
+    assert m.value("vigil_budget_held_jobs", **summarize) == 1
+    assert m.value("vigil_budget_held", scope="provider", name="sim", window="day") == 0
+    assert m.value("vigil_budget_spent_usd", scope="provider", name="sim", window="month") > 0
+    assert m.value("vigil_budget_refused_calls_total") >= 1
+    for series in BUDGET_SERIES.values():
+        assert m.families[series].type == "gauge"
+        assert m.labels(series) == {"scope", "name", "window"}
+
+
+@pytest.mark.anyio
+async def test_no_budget_series_without_budgets(start_daemon: StartDaemon) -> None:
+    """A daemon with no budgets exposes no budget samples and a refused-calls total of 0."""
+    proc = start_daemon(sim_config(http_listen="127.0.0.1:0"))
+    m = Families((await scrape(proc))[1])
+    assert all(m.labels(series) is None for series in BUDGET_SERIES.values())
+    assert m.value("vigil_budget_refused_calls_total") == 0
+
+
+def test_budget_rows_are_read_defensively() -> None:
+    """Budget rows become samples (held as 1/0); odd rows or figures give none, never raise."""
+    m = render(budget_metrics([BUDGET_ROW], 4))
+    labels = {"scope": "provider", "name": "sim", "window": "day"}
+    values = [m.value(series, **labels) for series in BUDGET_SERIES.values()]
+    assert values == [5.0, 3.5, 0.25, 1.0, 7.0]
+    assert m.value("vigil_budget_refused_calls_total") == 4
+    partial = {**BUDGET_ROW, "held": False, "spent_usd": None, "reserved_usd": "x"}
+    m = render(budget_metrics([partial], None))
+    assert m.value("vigil_budget_held", **labels) == 0
+    assert m.labels("vigil_budget_spent_usd") is m.labels("vigil_budget_reserved_usd") is None
+    assert "vigil_budget_refused_calls" not in m.families
+    odd_rows: list[Any] = [None, {}, "x", [None, 3, {"scope": "provider", "name": 5}]]
+    for odd in odd_rows:
+        families = list(budget_metrics(odd, None))
+        assert families and all(not family.samples for family in families)

@@ -8,14 +8,18 @@ import base64
 import hashlib
 import re
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import anyio
 import pytest
+from aiohttp import web
 
-from daemon.observe.page import build_page
+from daemon.observe.page import build_page, load_page
 from tests.daemon_proc import DaemonProcess, sim_config
 
 StartDaemon = Callable[..., DaemonProcess]
@@ -114,3 +118,75 @@ async def test_page_shows_the_status_in_chromium(start_daemon: StartDaemon, tmp_
     assert '<td class="ok">closed</td><td>no</td>' in sim  # circuit, not paused
     assert re.search(r"loop lag p50 / p99 / max [\d.]+ / [\d.]+ / [\d.]+ ms · blocked \d+", dom)
     assert re.search(r"rss [\d.]+ MB", dom)
+    assert '<section id="budgets-section" hidden="">' in dom  # no budgets configured
+
+
+def _budget(scope: str, name: str, window: str, limit: float, spent: float) -> dict[str, Any]:
+    """A `status["budgets"]` row, with what calls in flight reserve and when it resets."""
+    reserved = 0.5 if scope == "provider" else 0.0
+    return {
+        "scope": scope,
+        "name": name,
+        "window": window,
+        "limit_usd": limit,
+        "spent_usd": spent,
+        "reserved_usd": reserved,
+        "remaining_usd": max(0.0, limit - spent - reserved),
+        "resets_at": time.time() + 5 * 3600 + 12 * 60 + 40,
+        "held": spent + reserved >= limit,
+        "held_jobs": 12 if spent + reserved >= limit else 0,
+    }
+
+
+@asynccontextmanager
+async def serve_page(status: dict[str, Any]) -> AsyncIterator[str]:
+    """The status page (with its CSP) and a fixed /status payload on 127.0.0.1: its URL."""
+    page = await anyio.to_thread.run_sync(load_page)
+
+    async def index(_: web.Request) -> web.Response:
+        return web.Response(body=page.body, headers=page.headers)
+
+    async def status_json(_: web.Request) -> web.Response:
+        return web.json_response(status)
+
+    app = web.Application()
+    app.add_routes([web.get("/", index), web.get("/status", status_json)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
+async def test_page_shows_the_budgets_in_chromium(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A daemon's status with budgets added: one row each, a meter of use, HELD as a warning."""
+    proc = start_daemon(sim_config())
+    status = await proc.acall("status")
+    status["budgets"] = [
+        _budget("provider", "sim", "day", 10.0, 3.0),
+        _budget("analyzer", "summarize", "month", 0.004, 0.004),
+    ]
+    async with serve_page(status) as url:
+        dom = await page_dom(url, tmp_path)
+    assert '<section id="budgets-section">' in dom, dom[:3000]
+    rows = re.findall(r"<tr>(.*?)</tr>", dom[dom.index('id="budgets"') :], re.DOTALL)
+    sim, summarize = rows[:2]
+    assert sim.startswith("<td>provider/sim</td><td>day</td>")
+    for figure in ("$3.00 / $10.00", "$0.50", "$6.50", "5h 12m"):
+        assert f'<td class="num">{figure}</td>' in sim, (figure, sim)
+    assert re.search(r'<td><meter [^>]*value="0.35"[^>]*>35%</meter> 35%</td>', sim)
+    assert sim.endswith("<td>no</td>")
+    assert summarize.startswith("<td>analyzer/summarize</td><td>month</td>")
+    assert '<td class="num">$0.0040 / $0.0040</td>' in summarize
+    assert re.search(
+        r'<td class="warn"><meter [^>]*value="1"[^>]*>100%</meter> 100%</td>', summarize
+    )
+    assert summarize.endswith('<td class="warn">HELD (12 jobs)</td>')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
@@ -206,7 +207,62 @@ def status_report(data: Mapping[str, Any], out: TextIO = sys.stdout) -> None:
     if providers:
         print(file=out)
         providers_table(providers, out)
+    budgets_table(data, out)
     sections(data, out)
+
+
+def usd(value: Any) -> str:
+    """An amount in dollars: to the cent, or four decimals below one cent."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "-"
+    return f"${value:,.2f}" if abs(value) >= 0.01 or value == 0 else f"${value:.4f}"
+
+
+def span(seconds: float) -> str:
+    """A time to come, roughly: "2d 5h", "3h 12m", "4m 30s", "12s"."""
+    left = max(0, int(seconds))
+    days, hours, minutes = left // 86400, left // 3600 % 24, left // 60 % 60
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {left % 60}s" if minutes else f"{left}s"
+
+
+def budget_cells(b: Mapping[str, Any], now: float) -> list[str]:
+    """One budget row of `status["budgets"]` as a human reads it."""
+    limit, spent = b.get("limit_usd"), b.get("spent_usd")
+    reserved = b.get("reserved_usd") or 0
+    used = (
+        f"{100 * (spent + reserved) / limit:.0f}%"
+        if isinstance(limit, int | float) and limit > 0 and isinstance(spent, int | float)
+        else "-"
+    )
+    resets = b.get("resets_at")
+    return [
+        f"{b.get('scope', '-')}/{b.get('name', '-')}",
+        str(b.get("window", "-")),
+        f"{usd(spent)} / {usd(limit)}",
+        used,
+        usd(reserved),
+        usd(b.get("remaining_usd")),
+        span(resets - now) if isinstance(resets, int | float) else "-",
+        f"HELD ({b.get('held_jobs', 0)} jobs)" if b.get("held") else "no",
+    ]
+
+
+def budgets_table(data: Mapping[str, Any], out: TextIO, now: float | None = None) -> None:
+    """The spend budgets (`status["budgets"]`); nothing when none are configured."""
+    rows = [b for b in data.get("budgets") or [] if isinstance(b, Mapping)]
+    if not rows:
+        return
+    at = time.time() if now is None else now
+    print(file=out)
+    table(
+        ["budget", "window", "spent / limit", "used", "reserved", "remaining", "resets in", "held"],
+        [budget_cells(b, at) for b in rows],
+        out,
+    )
 
 
 def nodes_table(data: Mapping[str, Any], out: TextIO) -> None:

@@ -57,6 +57,7 @@ def frame(status: dict[str, Any], before: dict[str, Any] | None, dt_s: float) ->
             name: _rate(status, before, dt_s, "providers", name, "requests") for name in providers
         }
         render.providers_table(providers, out, rates)
+    render.budgets_table(status, out)
     render.sections(status, out)
     return out.getvalue()
 
@@ -72,7 +73,10 @@ async def _loop(path: Any, args: argparse.Namespace) -> int:
             if args.once:
                 sys.stdout.write(text)
                 return 0
-            sys.stdout.write(CLEAR + text + "\n(Ctrl+C to quit)\n")
+            if sys.stdout.isatty():
+                sys.stdout.write(CLEAR + text + "\n(Ctrl+C to quit)\n")
+            else:  # a pipe or a file: frames one after the other, no screen-control codes
+                sys.stdout.write(text + "\n")
             sys.stdout.flush()
             before, before_at = status, now
             await anyio.sleep(args.interval)

@@ -13,10 +13,8 @@ the psutil sample and the text rendering run in a worker thread.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import itertools
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,13 +25,19 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
     SummaryMetricFamily,
 )
 
 from daemon import __version__
 from daemon.jobs import STATES, TERMINAL, Job, State
+from daemon.observe.section_metrics import (
+    budget_metrics,
+    lag_bounds_ms,
+    lag_histogram,
+    lookup,
+    watchdog_metrics,
+)
 from daemon.providers.limits import BUDGETS
 from daemon.runtime import Runtime, provider_status
 from daemon.store.base import AttemptEnd, Canceled
@@ -45,13 +49,6 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 WAIT_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
 CIRCUIT_STATES = ("closed", "half_open", "open")
-
-# Where the watchdog's status section keeps each figure. The section is another
-# component's, so it is read defensively: a figure that is missing gives no series.
-_LAG_PATHS = {q: ("loop", "lag_ms", q) for q in ("p50", "p99", "max")}
-_BLOCKED_COUNT_PATH = ("loop", "blocked_count")
-_BLOCKED_SECONDS_PATH = ("loop", "blocked_seconds")
-_GROWTH_EVENTS_PATH = ("memory", "growth_events")
 
 
 @dataclass(frozen=True)
@@ -74,19 +71,6 @@ def sample_process(proc: psutil.Process) -> ProcessSample:
         )
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return float(value)
-    return float(value) if isinstance(value, int | float) else None
-
-
-def _lookup(data: Any, path: tuple[str, ...]) -> float | None:
-    """The number at `path` in nested mappings, if there is one."""
-    for key in path:
-        data = data.get(key) if isinstance(data, Mapping) else None
-    return _number(data)
-
-
 def count_tasks(registry: TaskRegistry | None) -> int:
     """Live asyncio tasks: the watchdog's count (a weak dict's size: tasks not yet
     collected) while its factory is the loop's, else a walk of every pending task
@@ -105,71 +89,6 @@ def circuit_state(status: Mapping[str, Any]) -> str | None:
     return circuit.replace("-", "_") if isinstance(circuit, str) else None
 
 
-def watchdog_metrics(data: Any) -> Iterator[Metric]:
-    """Loop lag, blocked-loop and memory-growth figures from the watchdog's status
-    section, those it offers (milliseconds there, seconds here)."""
-    for which, path in _LAG_PATHS.items():
-        lag_ms = _lookup(data, path)
-        if lag_ms is not None:
-            yield GaugeMetricFamily(
-                f"vigil_loop_lag_{which}_seconds",
-                f"Event loop lag, {which} over the watchdog's recent window.",
-                lag_ms / 1000,
-            )
-    blocked = _lookup(data, _BLOCKED_COUNT_PATH)
-    if blocked is not None:
-        yield CounterMetricFamily(
-            "vigil_loop_blocked", "Times the event loop was seen blocked.", blocked
-        )
-    blocked_s = _lookup(data, _BLOCKED_SECONDS_PATH)
-    if blocked_s is not None:
-        yield CounterMetricFamily(
-            "vigil_loop_blocked_seconds", "Total time the event loop was blocked.", blocked_s
-        )
-    growth = _lookup(data, _GROWTH_EVENTS_PATH)
-    if growth is not None:
-        yield CounterMetricFamily(
-            "vigil_memory_growth_events",
-            "Times RSS grew past the watchdog's threshold (it then traces allocations).",
-            growth,
-        )
-
-
-def lag_histogram(lag: Any, bounds_ms: Sequence[float]) -> Metric | None:
-    """The watchdog's cumulative loop-lag histogram (`buckets`: a count per bound in
-    `bounds_ms`, then one for beyond; `sum_ms`), if `lag` keeps one of that shape."""
-    buckets = getattr(lag, "buckets", None)
-    sum_ms = _number(getattr(lag, "sum_ms", None))
-    if (
-        not isinstance(buckets, list)
-        or len(buckets) != len(bounds_ms) + 1
-        or not all(isinstance(n, int) for n in buckets)
-        or sum_ms is None
-    ):
-        return None
-    cumulative = list(itertools.accumulate(buckets))
-    pairs = [
-        (f"{bound / 1000:g}", float(n)) for bound, n in zip(bounds_ms, cumulative[:-1], strict=True)
-    ]
-    pairs.append(("+Inf", float(cumulative[-1])))
-    return HistogramMetricFamily(
-        "vigil_loop_lag_seconds",
-        "Event loop lag since start (how late the watchdog's ticks ran).",
-        buckets=pairs,
-        sum_value=sum_ms / 1000,
-    )
-
-
-def _lag_bounds_ms() -> Sequence[float] | None:
-    """The watchdog's bucket bounds; looked up by name, as the watchdog may be absent."""
-    try:
-        module = importlib.import_module("daemon.watchdog.loop")
-    except ImportError:
-        return None
-    bounds = getattr(module, "LAG_BUCKETS_MS", None)
-    return bounds if isinstance(bounds, tuple) else None
-
-
 class RuntimeCollector:
     """Reads the runtime's state at scrape time; call `collect` on the event loop."""
 
@@ -183,6 +102,7 @@ class RuntimeCollector:
         yield from self._providers()
         yield from self._provider_controls()
         yield from self._store()
+        yield from self._budgets()
         yield from self._watchdog()
         yield from self._process()
 
@@ -335,7 +255,7 @@ class RuntimeCollector:
                 (rejected, ("circuit", "rejected")),
                 (limit, ("concurrency_limit",)),
             ):
-                value = _lookup(status, path)
+                value = lookup(status, path)
                 if value is not None:
                     family.add_metric([name], value)
             state = circuit_state(status)
@@ -345,7 +265,7 @@ class RuntimeCollector:
                 circuit_open.add_metric([name], state == "open")
             for kind in BUDGETS:
                 for family, key in ((budget, "per_minute"), (level, "level")):
-                    value = _lookup(status, ("budgets", kind, key))
+                    value = lookup(status, ("budgets", kind, key))
                     if value:  # 0 or None: no budget of that kind
                         family.add_metric([name, kind], value)
         yield from (paused, cooldown, circuit, circuit_open, opened, rejected, limit, budget, level)
@@ -391,12 +311,20 @@ class RuntimeCollector:
             alive.add_metric([str(flag).lower()], sum(1 for n in nodes if n.alive is flag))
         yield alive
 
+    def _budgets(self) -> Iterator[Metric]:
+        """Each budget's figures as `status["budgets"]` reports them, and the calls the
+        budgets refused (none of it without a spend guard)."""
+        section = self._rt.status_sections.get("budgets")
+        refused = getattr(self._rt.spend, "refused", None)
+        if section is not None or refused is not None:
+            yield from budget_metrics(section() if section is not None else None, refused)
+
     def _watchdog(self) -> Iterator[Metric]:
         section = self._rt.status_sections.get("watchdog")
         if section is not None:
             yield from watchdog_metrics(section())
         lag = getattr(getattr(getattr(self._rt, "watchdog", None), "loop", None), "lag", None)
-        bounds = _lag_bounds_ms() if lag is not None else None
+        bounds = lag_bounds_ms() if lag is not None else None
         histogram = lag_histogram(lag, bounds) if bounds is not None else None
         if histogram is not None:
             yield histogram

@@ -158,6 +158,18 @@ class SpendGuard:
 
     def _refuse(self, limit: Limit, used: float, worst: float, now: float) -> ProviderError:
         self.refused += 1
+        self._reach(limit, used, now)
+        wait_s = min(RECHECK_S, max(0.0, resets_at(limit.window, now) - now))
+        return ProviderError(
+            f"{limit.scope} {limit.name!r} {ADJECTIVE[limit.window]} budget of ${limit.usd:g} "
+            f"would be passed (${used:.4f} used or reserved, this call up to ${worst:.4f}); "
+            "the job waits for the window to reset or a reload to raise it",
+            kind="BudgetExhausted",
+            retry_after_s=wait_s,
+        )
+
+    def _reach(self, limit: Limit, used: float, now: float) -> None:
+        """Mark a budget reached (its jobs wait) and say so once per window and limit."""
         key = (limit.scope, limit.name, limit.window)
         period = period_of(limit.window, now)
         if self._held.get(key) != (period, limit.usd):
@@ -171,26 +183,20 @@ class SpendGuard:
                 used_usd=round(used, 6),
                 resets_at=resets_at(limit.window, now),
             )
-        wait_s = min(RECHECK_S, max(0.0, resets_at(limit.window, now) - now))
-        return ProviderError(
-            f"{limit.scope} {limit.name!r} {ADJECTIVE[limit.window]} budget of ${limit.usd:g} "
-            f"would be passed (${used:.4f} used or reserved, this call up to ${worst:.4f}); "
-            "the job waits for the window to reset or a reload to raise it",
-            kind="BudgetExhausted",
-            retry_after_s=wait_s,
-        )
 
     def held(self, analyzer: str, provider: str, least_usd: float) -> bool:
         """Whether not even a call costing `least_usd` fits now (the dispatcher then
-        leaves the analyzer's jobs queued, unclaimed). Logs a budget reopening."""
+        leaves the analyzer's jobs queued, unclaimed: the budget counts as reached).
+        Logs a budget reopening."""
         now = self.clock()
+        self._note_reopened(now)
         held = False
         for limit in self._limits_for(analyzer, provider):
             used = self.spent(limit.scope, limit.name, limit.window, now)
             used += self._reserved[(limit.scope, limit.name)]
             if used + least_usd > limit.usd:
                 held = True
-        self._note_reopened(now)
+                self._reach(limit, used, now)
         return held
 
     def _note_reopened(self, now: float) -> None:
