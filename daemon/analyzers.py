@@ -126,7 +126,7 @@ class Calls:
                 cost=cost,
             )
         finally:
-            if hold is not None and guard is not None:
+            if guard is not None:
                 guard.settle(hold, record)
         self.records.append(record)
         self.usage = self.usage + Usage(

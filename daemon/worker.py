@@ -154,7 +154,7 @@ class Worker:
 
     def _over_budget(self, analyzer: Analyzer) -> bool:
         """Whether not even the answer of a call (`max_tokens` of output) fits a budget."""
-        if self._guard is None:
+        if self._guard is None or not self._guard.has_limits:
             return False
         cfg = analyzer.config
         price = self._live.prices().get(cfg.provider)

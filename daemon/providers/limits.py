@@ -203,7 +203,12 @@ class ProviderLimits:
         async with self.concurrency:
             self.waiting += 1
             try:
-                if any(bucket.per_minute for bucket in self.buckets):
+                if (
+                    self.requests.per_minute
+                    or self.tokens.per_minute
+                    or self.input_tokens.per_minute
+                    or self.output_tokens.per_minute
+                ):
                     async with self._pace:
                         tickets = await self._take_place(cost)
                 else:  # no budget to take places in: only a cool-down to wait out

@@ -93,6 +93,10 @@ class SpendGuard:
         self._limits = limits
         self._analyzer_providers = {name: a.provider for name, a in config.analyzers.items()}
 
+    @property
+    def has_limits(self) -> bool:
+        return bool(self._limits)
+
     def limits(self) -> list[Limit]:
         """Every configured budget."""
         return [limit for found in self._limits.values() for limit in found]
@@ -117,13 +121,16 @@ class SpendGuard:
 
     # --- a call -------------------------------------------------------------------
 
-    def reserve(self, analyzer: str, provider: str, worst_usd: float) -> Hold:
-        """Reserve `worst_usd` against every budget of this call, or raise a
-        not-attempted ProviderError (`BudgetExhausted`) naming the budget it would
-        pass. No await: the check and the reservation are one step."""
+    def reserve(self, analyzer: str, provider: str, worst_usd: float) -> Hold | None:
+        """Reserve `worst_usd` against every budget of this call (None: no budget
+        applies), or raise a not-attempted ProviderError (`BudgetExhausted`) naming the
+        budget it would pass. No await: the check and the reservation are one step."""
+        limits = self._limits_for(analyzer, provider)
+        if not limits:
+            return None
         now = self.clock()
         owners = (("provider", provider), ("analyzer", analyzer))
-        for limit in self._limits_for(analyzer, provider):
+        for limit in limits:
             used = self.spent(limit.scope, limit.name, limit.window, now)
             used += self._reserved[(limit.scope, limit.name)]
             if used + worst_usd > limit.usd:
@@ -132,14 +139,15 @@ class SpendGuard:
             self._reserved[owner] += worst_usd
         return Hold(worst_usd, owners)
 
-    def settle(self, hold: Hold, call: CallRecord | None) -> None:
+    def settle(self, hold: Hold | None, call: CallRecord | None) -> None:
         """The call ended: its reservation goes; what it cost (if it was answered)
-        counts from now on. Idempotent."""
-        if hold.settled:
-            return
-        hold.settled = True
-        for owner in hold.owners:
-            self._reserved[owner] -= hold.usd
+        counts from now on, budget or not (a reload may add one later today)."""
+        if hold is not None:
+            if hold.settled:
+                return
+            hold.settled = True
+            for owner in hold.owners:
+                self._reserved[owner] -= hold.usd
         if call is not None and call.cost:
             day = period_of("day", call.at)
             self._local[("provider", call.provider, day)] += call.cost

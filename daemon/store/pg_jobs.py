@@ -254,8 +254,9 @@ async def write_calls(conn: Any, calls: Sequence[CallRecord]) -> None:
         f"INSERT INTO calls ({CALL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         call_rows(calls),
     )
-    await conn.executemany(
-        "INSERT INTO spend (scope, name, day, usd) VALUES ($1, $2, $3, $4) "
-        "ON CONFLICT (scope, name, day) DO UPDATE SET usd = spend.usd + excluded.usd",
-        spend_rows(calls),
-    )
+    if spent := spend_rows(calls):
+        await conn.executemany(
+            "INSERT INTO spend (scope, name, day, usd) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (scope, name, day) DO UPDATE SET usd = spend.usd + excluded.usd",
+            spent,
+        )

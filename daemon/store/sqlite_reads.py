@@ -131,17 +131,18 @@ class SqliteReads:
         return [row_to_usage(row) for row in rows]
 
 
+_INSERT_CALL = f"INSERT INTO calls ({CALL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
 def write_calls(db: sqlite3.Connection, calls: Sequence[CallRecord]) -> None:
     """Store answered calls and add their cost to the day's spend (in the writer's
     transaction that records their attempt's end)."""
     if not calls:
         return
-    db.executemany(
-        f"INSERT INTO calls ({CALL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        call_rows(calls),
-    )
-    db.executemany(
-        "INSERT INTO spend (scope, name, day, usd) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT (scope, name, day) DO UPDATE SET usd = usd + excluded.usd",
-        spend_rows(calls),
-    )
+    db.executemany(_INSERT_CALL, call_rows(calls))
+    if spent := spend_rows(calls):
+        db.executemany(
+            "INSERT INTO spend (scope, name, day, usd) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (scope, name, day) DO UPDATE SET usd = usd + excluded.usd",
+            spent,
+        )
