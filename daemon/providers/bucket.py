@@ -171,7 +171,8 @@ class TokenBucket:
         now = self._clock()
         self._sent += ticket.units
         ticket.sent_at, ticket.sent_mark = now, self._sent
-        self._sends.append((now, self._sent))
+        if self.per_minute:  # only a limited budget is ever synced against
+            self._sends.append((now, self._sent))
 
     def _sent_soon_after(self, ticket: Ticket) -> float:
         """Units sent within `margin_s` after `ticket`'s request: they may have reached

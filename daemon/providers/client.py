@@ -217,7 +217,8 @@ class ApiProvider(anyio.AsyncContextManagerMixin):
                 verdict = "succeeded"
                 self._succeeded_at = time.monotonic()
                 completion = self._settle(dialect, reply, reservation, rate_limits)
-                await self.limits.charge_shared(completion.completion_tokens)
+                if self.limits.shared is not None:
+                    await self.limits.charge_shared(completion.completion_tokens)
                 if request.cache_system:
                     self._cached_hint = completion.cached_tokens
                 return completion

@@ -186,6 +186,8 @@ class ProviderLimits:
 
     def _check_size(self, cost: Cost) -> None:
         """A request bigger than a whole minute's budget would wait forever: refused."""
+        if not (self.tokens.per_minute or self.input_tokens.per_minute):
+            return  # one request never passes a request budget; output is charged after
         for name, bucket, units in zip(BUDGETS, self.buckets, cost.units(), strict=True):
             if bucket.per_minute and units > bucket.per_minute:
                 kind = name.replace("_", " ")
@@ -262,15 +264,17 @@ class ProviderLimits:
         """Book the budgets and sleep until they are paid for (the caller at the head
         of the line). A cool-down or a new limit that came while it slept means the
         booking was planned on a wrong picture: it is given back and made again."""
+        buckets, units = self.buckets, cost.units()
         while True:
-            await self._wait_cooldown()
+            if self.cooldown_until:
+                await self._wait_cooldown()
             cooldowns = self.cooldowns
-            tickets = tuple(
-                bucket.book(units) for bucket, units in zip(self.buckets, cost.units(), strict=True)
-            )
+            tickets = tuple([bucket.book(n) for bucket, n in zip(buckets, units, strict=True)])
             try:
-                shared = await self._book_shared(cost)
-                wait = max(shared, *(ticket.wait_s for ticket in tickets))
+                wait = await self._book_shared(cost) if self.shared is not None else 0.0
+                for ticket in tickets:
+                    if ticket.wait_s > wait:
+                        wait = ticket.wait_s
                 if wait > 0:
                     await anyio.sleep(wait)
             except anyio.get_cancelled_exc_class():
@@ -278,11 +282,11 @@ class ProviderLimits:
                 # a 429 meanwhile, only up to the nothing the server had left).
                 self._refund(tickets, None if cooldowns == self.cooldowns else 0.0)
                 raise
-            if cooldowns == self.cooldowns and all(
-                ticket.generation == bucket.generation
-                for bucket, ticket in zip(self.buckets, tickets, strict=True)
-            ):
-                for bucket, ticket in zip(self.buckets, tickets, strict=True):
+            current = cooldowns == self.cooldowns
+            for bucket, ticket in zip(buckets, tickets, strict=True):
+                current = current and ticket.generation == bucket.generation
+            if current:
+                for bucket, ticket in zip(buckets, tickets, strict=True):
                     bucket.mark_sent(ticket)
                 return tickets
             # After a 429 the server had nothing left: what we give back stops at zero.
