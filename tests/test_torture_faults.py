@@ -189,8 +189,10 @@ def test_fault_matrix(start_daemon: StartDaemon) -> None:
                 [round(r.at - requests[0].at, 2) for r in requests],
             )
         if fault in OVERLOAD_FAULTS:
-            # ... an overloaded API holds nobody back: no cool-down, no open circuit.
-            assert provider["cooldowns"] == 0 and provider["circuit"]["opened"] == 0, provider
+            # ... an overloaded API holds nobody back with a cool-down (its circuit may
+            # open: an API that answers nothing but "overloaded" for longer than
+            # breaker_open_s is failing, not busy).
+            assert provider["cooldowns"] == 0, provider
             assert provider["overloaded"] == len(requests), fault
         if fault in MIN_GAP_S:
             # ... and a job's next request waits out the server's hint (or the
