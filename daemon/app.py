@@ -176,7 +176,7 @@ async def run_daemon(
                 await tg.start(watchdog.run, name="watchdog")
                 await tg.start(spend.run, name="spend.refresh")
                 await tg.start(rt.dispatcher.run)
-                await tg.start(Retention(store, rt.live).run, name="retention")
+                await tg.start(Retention(store, rt.live, rt.status_sections).run, name="retention")
                 if store.provider_state is not None:
                     sync = ProviderSync(providers, store.provider_state, config.store.node)
                     await tg.start(sync.run, name="providers.sync")

@@ -18,6 +18,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from daemon.config_errors import explain
+
 PositiveInt = Annotated[int, Meta(gt=0)]
 NonNegInt = Annotated[int, Meta(ge=0)]
 PositiveFloat = Annotated[float, Meta(gt=0)]
@@ -63,6 +65,15 @@ class QueueConfig(Base, frozen=True):
     backoff_base_s: NonNegFloat = 1.0
     backoff_max_s: NonNegFloat = 300.0
     retain_finished_s: NonNegFloat = 0.0  # finished jobs older than this are deleted; 0 = keep
+
+
+class RetentionConfig(Base, frozen=True):
+    """How long finished jobs are kept, by how they ended (days; 0 keeps them forever).
+    With `queue.retain_finished_s` also set, the shorter of the two applies."""
+
+    succeeded_days: NonNegFloat = 7.0
+    failed_days: NonNegFloat = 30.0
+    canceled_days: NonNegFloat = 7.0
 
 
 class LogConfig(Base, frozen=True):
@@ -224,6 +235,7 @@ class Config(Base, frozen=True):
     store: StoreConfig = StoreConfig()
     http: HttpConfig = HttpConfig()
     queue: QueueConfig = QueueConfig()
+    retention: RetentionConfig = RetentionConfig()
     log: LogConfig = LogConfig()
     watchdog: WatchdogConfig = WatchdogConfig()
     providers: dict[Name, ProviderConfig] = {}
@@ -304,7 +316,7 @@ def parse_config(text: str | bytes, *, base_dir: Path | None = None) -> Config:
     try:
         config = msgspec.convert(raw, type=Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_locate(raw, exc)) from None
+        raise ConfigError(explain(raw, exc, Config)) from None
     from daemon.config_rules import config_problems  # the rules import this module's types
 
     problems = config_problems(config)
@@ -326,39 +338,6 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         return parse_config(data, base_dir=file.resolve().parent)
     except ConfigError as exc:
         raise ConfigError(f"{file}: {exc}") from None
-
-
-def _reword(message: str, prefix: str = "$") -> str:
-    """msgspec says `... - at `$.a.b``; we lead with the path, as every other error does."""
-    match = re.match(r"^(.*) - at `\$(.*)`$", message)
-    if match:
-        return f"{prefix}{match.group(2)}: {match.group(1)}"
-    return f"{prefix}: {message}"
-
-
-_NAMED_SECTIONS: dict[str, type[Base]] = {"providers": ProviderConfig, "analyzers": AnalyzerConfig}
-
-
-def _locate(raw: dict[str, object], exc: msgspec.ValidationError) -> str:
-    """msgspec reports dict entries as `[...]` and a bad table name without the name;
-    find which named entry is at fault."""
-    for section, entry_type in _NAMED_SECTIONS.items():
-        entries = raw.get(section)
-        if not isinstance(entries, dict):
-            continue
-        if f"`key` in `$.{section}`" in str(exc):
-            for name in entries:
-                try:
-                    msgspec.convert(name, type=Name)
-                except msgspec.ValidationError as inner:
-                    return f"$.{section}: bad name {name!r}: {inner}"
-        if f"$.{section}[...]" in str(exc):
-            for name, value in entries.items():
-                try:
-                    msgspec.convert(value, type=entry_type)
-                except msgspec.ValidationError as inner:
-                    return _reword(str(inner), f"$.{section}.{name}")
-    return _reword(str(exc))
 
 
 def redacted(config: Config) -> dict[str, object]:

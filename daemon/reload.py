@@ -7,7 +7,8 @@ concurrency, analyzers (templates, handlers, attempts, timeouts), provider limit
 and timeouts, base URLs, the spool's settings, the simulated API's behaviour. What
 needs a restart: anything that owns an open resource (state dir, socket, HTTP
 listener, the spool's directory, a spool added or removed, providers added or
-removed, a provider's kind, pool size or key variable)."""
+removed, a provider's kind, pool size or key variable). The reply names each key the
+file changed, from and to, and whether it waits for a restart."""
 
 from __future__ import annotations
 
@@ -34,9 +35,21 @@ from daemon.runtime import Runtime
 log = structlog.get_logger("vigil.reload")
 
 
+class Change(msgspec.Struct, frozen=True, kw_only=True):
+    """One key the file changed (`queue.max_concurrency`), from and to its values as
+    written in the config (a table added or removed is one change, `null` on the side
+    it is missing from); `needs_restart` when the daemon keeps the old value for now."""
+
+    key: str
+    before: Any = msgspec.field(default=None, name="from")
+    to: Any = None
+    needs_restart: bool = False
+
+
 class ReloadResult(msgspec.Struct, frozen=True, kw_only=True):
     applied: list[str]
     needs_restart: list[str]
+    changes: list[Change] = []
 
 
 class ReloadError(Exception):
@@ -128,13 +141,56 @@ def _plan(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
     return planned, changed, restart
 
 
+_ABSENT: Any = object()  # a key one side does not have (a table added or removed)
+
+
+def _differences(
+    before: Any, after: Any, path: tuple[str, ...], out: list[tuple[tuple[str, ...], Any, Any]]
+) -> None:
+    """The leaf keys where two configs (as plain data) differ, in the file's order."""
+    if before == after:
+        return
+    if isinstance(before, dict) and isinstance(after, dict):
+        for key in [*before, *(k for k in after if k not in before)]:
+            _differences(before.get(key, _ABSENT), after.get(key, _ABSENT), (*path, key), out)
+        return
+    out.append((path, None if before is _ABSENT else before, None if after is _ABSENT else after))
+
+
+def _lookup(data: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def describe(old: Config, new: Config, planned: Config) -> list[Change]:
+    """What the file changed, key by key; a change the plan did not take (it runs on
+    the old value) needs a restart. The values are the config's own: variable names,
+    never the secrets in them."""
+    found: list[tuple[tuple[str, ...], Any, Any]] = []
+    _differences(msgspec.to_builtins(old), msgspec.to_builtins(new), (), found)
+    running = msgspec.to_builtins(planned)
+    return [
+        Change(
+            key=".".join(path),
+            before=before,
+            to=after,
+            needs_restart=_lookup(running, path) != after,
+        )
+        for path, before, after in found
+    ]
+
+
 def _prepare(
     old: Config, path: str | None
-) -> tuple[Config, list[str], list[str], dict[str, Analyzer]]:
+) -> tuple[Config, list[str], list[str], list[Change], dict[str, Analyzer]]:
     """Read, plan and build in one trip to a thread: the file, the checks (a group
     lookup may ask NSS) and the handlers' imports all block."""
-    planned, changed, restart = _plan(old, load_config(path))
-    return planned, changed, restart, build_analyzers(planned)
+    new = load_config(path)
+    planned, changed, restart = _plan(old, new)
+    return planned, changed, restart, describe(old, new, planned), build_analyzers(planned)
 
 
 async def reload(rt: Runtime) -> ReloadResult:
@@ -146,7 +202,7 @@ async def reload(rt: Runtime) -> ReloadResult:
         systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         try:
-            planned, changed, restart, analyzers = await anyio.to_thread.run_sync(
+            planned, changed, restart, changes, analyzers = await anyio.to_thread.run_sync(
                 _prepare, rt.config, rt.config_path
             )
         except (ConfigError, ReloadError) as exc:
@@ -168,8 +224,13 @@ async def reload(rt: Runtime) -> ReloadResult:
             if simulated is not None:
                 simulated.configure(cfg.simulate)
         rt.live.reloaded.notify()
-        log.info("reload.done", applied=changed, needs_restart=restart)
-        return ReloadResult(applied=changed, needs_restart=restart)
+        log.info(
+            "reload.done",
+            applied=changed,
+            needs_restart=restart,
+            changes=msgspec.to_builtins(changes),
+        )
+        return ReloadResult(applied=changed, needs_restart=restart, changes=changes)
     finally:
         if announce:
             systemd.notify("READY=1")

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from daemon.cli.client_commands import SUBMIT_BATCH
-from tests.daemon_proc import CLI_TIMEOUT_S, DaemonProcess, run_cli, sim_config
+from tests.daemon_proc import (
+    CLI_TIMEOUT_S,
+    START_TIMEOUT_S,
+    DaemonProcess,
+    run_cli,
+    sim_config,
+    wait_until,
+)
 from tests.spool_files import spool_toml
 
 StartDaemon = Callable[..., DaemonProcess]
@@ -169,7 +176,8 @@ def test_output_into_a_closed_pipe_ends_quietly(start_daemon: StartDaemon) -> No
 
 
 def test_daemon_field_errors_are_printed_once(start_daemon: StartDaemon) -> None:
-    """A refused submit names each field error once, not in a summary and again below."""
+    """A refused submit names each field error once, not in a summary and again below;
+    a JSONL job by its 1-based line (`<stdin>:2`), not its 0-based index."""
     daemon = start_daemon(sim_config())
     one = run_cli(
         "submit", "-a", "classify", "--input", '{"text": "a"}', socket_path=daemon.socket_path
@@ -181,8 +189,9 @@ def test_daemon_field_errors_are_printed_once(start_daemon: StartDaemon) -> None
         socket_path=daemon.socket_path,
     )  # fmt: skip
     assert several.returncode == 1
-    assert several.stderr.count("job 0: input.audience") == 1, several.stderr
-    assert several.stderr.count("job 1: input") == 1, several.stderr
+    assert several.stderr.count("<stdin>:1: input.audience") == 1, several.stderr
+    assert several.stderr.count("<stdin>:2: input") == 1, several.stderr
+    assert "job 0" not in several.stderr and "job 1" not in several.stderr
 
 
 def test_status_sections_show_no_python_reprs(start_daemon: StartDaemon, tmp_path: Path) -> None:
@@ -196,3 +205,43 @@ def test_status_sections_show_no_python_reprs(start_daemon: StartDaemon, tmp_pat
     assert "auth no" in result.stdout
     for repr_ in ("None", "True", "False"):
         assert repr_ not in result.stdout
+
+
+def test_run_without_analyzers_refuses_to_start_unless_allowed(tmp_path: Path) -> None:
+    """A config with no analyzers could run no job: `vigil run` exits 78 saying so and
+    naming --allow-empty; with --allow-empty it starts (and stops on SIGTERM)."""
+    config = tmp_path / "empty.toml"
+    config.write_text('[http]\nlisten = ""\n')
+    env = {"STATE_DIRECTORY": str(tmp_path / "state")}
+    refused = run_cli("run", "--config", str(config), env=env)
+    assert refused.returncode == EX_CONFIG, refused.stderr
+    assert refused.stderr == (
+        f"vigil: {config} configures no analyzers, so no job could run: refusing to start. "
+        "Add an [analyzers.NAME] table, or pass --allow-empty to start anyway\n"
+    )
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VIGIL_")}, **env}
+    state = Path(env["STATE_DIRECTORY"])
+    state.mkdir()
+    with (state / "daemon.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", "--allow-empty", "--config", str(config)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    daemon = DaemonProcess(state, config, proc, state / "daemon.log", env)
+    try:
+        wait_until(lambda: _answers(daemon), START_TIMEOUT_S, "a ping")
+        assert daemon.call("status")["jobs"]["queued"] == 0
+        assert daemon.terminate() == 0
+    finally:
+        daemon.kill()
+
+
+def _answers(daemon: DaemonProcess) -> bool:
+    """Whether the daemon answers a ping yet."""
+    try:
+        daemon.call("ping")
+    except OSError:
+        return False
+    return True

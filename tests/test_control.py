@@ -205,3 +205,131 @@ def test_socket_group_makes_the_socket_group_usable(start_daemon: StartDaemon) -
     assert stat.S_IMODE(info.st_mode) == 0o660
     assert info.st_gid == os.getgid()
     assert daemon.call("ping")["pong"] is True
+
+
+# -- bulk actions, conflicts, listings (issue 17) ---------------------------------------
+
+
+def _queue(daemon: DaemonProcess, analyzer: str, n: int) -> list[str]:
+    """Submit `n` jobs of an analyzer to a paused daemon; their ids."""
+    inputs = {"summarize": {"text": "t"}, "classify": {"text": "t", "audience": "a"}}
+    ids: list[str] = daemon.call(
+        "submit", jobs=[{"analyzer": analyzer, "input": inputs[analyzer]}] * n
+    )["ids"]
+    return ids
+
+
+def test_bulk_cancel_over_the_socket_by_filter(daemon: DaemonProcess) -> None:
+    """cancel with a filter cancels exactly the matching jobs and says how many, by
+    state; a dry run first changes nothing and samples ids."""
+    classify = _queue(daemon, "classify", 12)
+    _queue(daemon, "summarize", 3)
+    dry = daemon.call("cancel", analyzer="classify", dry_run=True)
+    assert (dry["matched"], dry["changed"], dry["sample"]) == (12, 0, classify[:10])
+    assert daemon.call("status")["jobs"]["queued"] == 15
+    done = daemon.call("cancel", analyzer="classify")
+    assert (done["matched"], done["changed"]) == (12, 12)
+    assert done["by_state"] == {"queued": 12, "running": 0}
+    jobs = daemon.call("status")["jobs"]
+    assert (jobs["queued"], jobs["canceled"]) == (3, 12)
+
+
+def test_destructive_bulk_without_a_filter_needs_all(daemon: DaemonProcess) -> None:
+    """purge and cancel with no filter are refused, naming what they would touch; with
+    all they run. A state the command never touches is a bad argument naming it."""
+    _queue(daemon, "summarize", 4)
+    error = _error(daemon.request("cancel"))
+    assert error["code"] == "filter_required"
+    assert "4 job(s)" in str(error["message"]) and "all" in str(error["message"])
+    assert daemon.call("status")["jobs"]["queued"] == 4
+    daemon.call("cancel", all=True)
+    assert _error(daemon.request("purge"))["code"] == "filter_required"
+    assert daemon.call("purge", all=True)["by_state"]["canceled"] == 4
+    bad = _error(daemon.request("purge", state="queued"))
+    assert bad["code"] == "bad_args" and "state" in str(bad["message"])
+    assert _error(daemon.request("cancel", id="x", state="queued"))["code"] == "bad_args"
+    assert daemon.call("status")["jobs"] == dict.fromkeys(
+        ("queued", "running", "succeeded", "failed", "canceled"), 0
+    )
+
+
+def test_idempotency_conflict_over_the_socket(daemon: DaemonProcess) -> None:
+    """The same key with a different input is `idempotency_conflict` naming the key and
+    the first job; nothing of that submit is written; the same job returns the first."""
+    job = {"analyzer": "summarize", "input": {"text": "a"}, "idempotency_key": "k-1"}
+    first = daemon.call("submit", jobs=job)["ids"][0]
+    assert daemon.call("submit", jobs=job) == {"ids": [first], "created": 0, "existing": 1}
+    other = {**job, "input": {"text": "b"}}
+    fresh = {"analyzer": "summarize", "input": {"text": "c"}}
+    error = _error(daemon.request("submit", jobs=[fresh, other]))
+    assert error["code"] == "idempotency_conflict"
+    assert error["details"] == {"key": "k-1", "id": first}
+    assert "k-1" in str(error["message"]) and first in str(error["message"])
+    assert daemon.call("status")["jobs"]["queued"] == 1
+
+
+def test_cli_bulk_refusal_dry_run_and_old_forms(daemon: DaemonProcess) -> None:
+    """`vigil purge` alone exits 2 saying what it would delete and asking for --all;
+    --dry-run prints how many and ids; cancel ID and retry --failed still work."""
+    sock = daemon.socket_path
+    ids = _queue(daemon, "summarize", 3)
+    refused = run_cli("cancel", socket_path=sock)
+    assert refused.returncode == 2, refused.stderr
+    assert "3 job(s)" in refused.stderr and "--all" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    dry = run_cli("cancel", "--analyzer", "summarize", "--dry-run", socket_path=sock)
+    assert dry.returncode == 0, dry.stderr
+    assert "would cancel 3 job(s): queued 3" in dry.stdout and ids[0] in dry.stdout
+    one = run_cli("cancel", ids[0], socket_path=sock)
+    assert one.returncode == 0 and "was queued" in one.stdout
+    both = run_cli("cancel", ids[1], "--state", "queued", socket_path=sock)
+    assert both.returncode == 2 and "not both" in both.stderr
+    done = run_cli("cancel", "--since", "1h", "--state", "queued", socket_path=sock)
+    assert done.returncode == 0 and "canceled 2 job(s): queued 2" in done.stdout
+    again = run_cli("retry", "--failed", socket_path=sock)
+    assert again.returncode == 0 and "requeued 0 job(s)" in again.stdout
+    purge = run_cli("purge", "--yes", socket_path=sock)
+    assert purge.returncode == 0 and "deleted 3 job(s): canceled 3" in purge.stdout
+
+
+def test_jobs_names_the_total_and_the_next_page(daemon: DaemonProcess) -> None:
+    """`vigil jobs` prints how many of how many matched and the --before ID for the
+    next page; the socket's answer carries `total`."""
+    ids = _queue(daemon, "summarize", 5)
+    assert daemon.call("jobs", limit=2)["total"] == 5
+    result = run_cli("jobs", "--limit", "2", socket_path=daemon.socket_path)
+    assert result.returncode == 0, result.stderr
+    assert "2 job(s) shown of 5 matching" in result.stderr
+    assert f"vigil jobs --limit 2 --before {ids[3]}" in result.stderr
+    last = run_cli("jobs", "--before", ids[1], socket_path=daemon.socket_path)
+    assert "1 job(s) shown of 5 matching" in last.stderr and "more:" not in last.stderr
+
+
+def test_jsonl_errors_name_the_file_line(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """A refused JSONL job is named by its file and 1-based line, blank lines counted."""
+    path = tmp_path / "batch.jsonl"
+    path.write_text('{"text": "a", "audience": "b"}\n\n{"text": "a"}\n')
+    result = run_cli(
+        "submit", "-a", "classify", "--jsonl", str(path), socket_path=daemon.socket_path
+    )
+    assert result.returncode == 1
+    assert f"{path}:3: input.audience: missing" in result.stderr, result.stderr
+
+
+def test_submit_wait_prints_the_ids_and_shows_results(start_daemon: StartDaemon) -> None:
+    """`submit --wait --show` prints each job id, then each result once done."""
+    daemon = start_daemon(sim_config())
+    result = run_cli(
+        "submit", "-a", "summarize", "--input", '{"text": "x"}', "--wait", "--show",
+        socket_path=daemon.socket_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.splitlines()[0]
+    assert daemon.call("show", id=job_id)["job"]["state"] == "succeeded"
+    assert f"{job_id} succeeded" in result.stdout
+    shown = daemon.call("show", id=job_id)["job"]["result"]
+    assert str(shown).splitlines()[0] in result.stdout
+    no_wait = run_cli(
+        "submit", "-a", "summarize", "--input", "{}", "--show", socket_path=daemon.socket_path
+    )
+    assert no_wait.returncode == 2 and "--wait" in no_wait.stderr

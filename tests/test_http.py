@@ -109,7 +109,7 @@ async def test_v1_is_open_without_a_token(start_daemon: StartDaemon) -> None:
     url = await anyio.to_thread.run_sync(proc.http_url)
     async with aiohttp.ClientSession(url) as session, session.get("/v1/jobs") as r:
         assert r.status == 200
-        assert await r.json() == {"jobs": [], "next_before": None}
+        assert await r.json() == {"jobs": [], "next_before": None, "total": 0}
     assert (await proc.acall("status"))["http"]["auth"] is False
 
 
@@ -386,3 +386,54 @@ def test_address_in_use_fails_startup(start_daemon: StartDaemon) -> None:
             assert proc.proc.wait(WAIT_S) == 1
             message = proc.log()
     assert f"cannot listen on 127.0.0.1:{port} (http.listen)" in message
+
+
+async def test_bulk_routes_take_a_filter_and_need_the_token(
+    daemon: DaemonProcess, client: aiohttp.ClientSession
+) -> None:
+    """POST /v1/jobs:cancel|retry|purge: token-guarded; a filter body (the CLI's time
+    forms too) answers matched/changed/by_state/sample; a dry run changes nothing;
+    no filter is refused (400 filter_required) unless "all"; a bad field is named."""
+    other = {"analyzer": "classify", "input": {"text": "t", "audience": "a"}}
+    async with client.post("/v1/jobs", json=[JOB, JOB, other], headers=AUTH) as r:
+        ids = (await r.json())["ids"]
+    async with client.post("/v1/jobs:cancel", json={"analyzer": "summarize"}) as r:
+        await expect_error(r, 401, "unauthorized")
+    body = {"analyzer": "summarize", "since": "1h", "dry_run": True}
+    async with client.post("/v1/jobs:cancel", json=body, headers=AUTH) as r:
+        assert r.status == 200, await r.text()
+        dry = await r.json()
+    assert (dry["matched"], dry["changed"], dry["sample"]) == (2, 0, ids[:2])
+    async with client.post("/v1/jobs:cancel", json={**body, "dry_run": False}, headers=AUTH) as r:
+        done = await r.json()
+    assert (done["changed"], done["by_state"]) == (2, {"queued": 2, "running": 0})
+    async with client.post("/v1/jobs:purge", headers=AUTH) as r:
+        refused = await expect_error(r, 400, "filter_required")
+    assert refused["details"]["matched"] == 2
+    for bad, field in (({"color": "red"}, "color"), ({"since": "soon"}, "since")):
+        async with client.post("/v1/jobs:purge", json=bad, headers=AUTH) as r:
+            error = await expect_error(r, 400, "bad_args")
+        assert field in error["message"], error
+    async with client.post("/v1/jobs:purge", json=[1], headers=AUTH) as r:
+        await expect_error(r, 400, "bad_request")
+    async with client.post("/v1/jobs:retry", json={"state": "canceled"}, headers=AUTH) as r:
+        assert (await r.json())["changed"] == 2
+    async with client.post("/v1/jobs:cancel", json={"all": True}, headers=AUTH) as r:
+        assert (await r.json())["by_state"]["queued"] == 3
+    async with client.post("/v1/jobs:purge", json={"all": True}, headers=AUTH) as r:
+        assert (await r.json())["deleted"] == 3
+    assert (await daemon.acall("status"))["jobs"]["canceled"] == 0
+
+
+async def test_idempotency_conflict_gets_409(client: aiohttp.ClientSession) -> None:
+    """A reused idempotency key with another input: 409 idempotency_conflict naming the
+    key and the first job; the same job again still answers 202 with the first id."""
+    job = {**JOB, "idempotency_key": "order-7"}
+    async with client.post("/v1/jobs", json=job, headers=AUTH) as r:
+        (first,) = (await r.json())["ids"]
+    async with client.post("/v1/jobs", json=job, headers=AUTH) as r:
+        assert (r.status, (await r.json())["ids"]) == (202, [first])
+    changed = {**job, "input": {"text": "other"}}
+    async with client.post("/v1/jobs", json=changed, headers=AUTH) as r:
+        error = await expect_error(r, 409, "idempotency_conflict")
+    assert error["details"] == {"key": "order-7", "id": first}

@@ -143,3 +143,20 @@ def test_top_piped_shows_budgets_with_no_screen_codes(start_daemon: StartDaemon)
     assert "\x1b" not in text and "Ctrl+C" not in text
     assert text.count("BUDGET ") >= 2  # two frames at least, each with its budgets
     assert re.search(r"^provider/sim +day +\$0\.00 / \$2\.50 +0% .* no$", text, re.MULTILINE)
+
+
+def test_top_once_takes_two_samples_for_its_rates(start_daemon: StartDaemon) -> None:
+    """`vigil top --once` samples status twice, `--interval` apart, so its one frame
+    shows rates (here, attempts ending while jobs run), not "-"; into a pipe, with no
+    screen-control codes."""
+    daemon = start_daemon(sim_config(latency_ms=300, max_concurrency=32))
+    daemon.call("submit", jobs=[{"analyzer": "summarize", "input": {"text": "x"}}] * 300)
+    started = time.monotonic()
+    out = run_cli("top", "--once", "--interval", "1", socket_path=daemon.socket_path)
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - started >= 1.0
+    assert "\x1b" not in out.stdout and "Ctrl+C" not in out.stdout
+    rates = re.search(r"accepted (\S+)  attempts ended (\S+)", out.stdout)
+    assert rates is not None, out.stdout
+    assert rates.group(1) == "0.0/s"  # all were accepted before the first sample
+    assert float(rates.group(2).removesuffix("/s")) > 0, out.stdout

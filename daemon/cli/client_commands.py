@@ -5,47 +5,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import anyio
-import msgspec
+from daemon.cli import bulk, render
+from daemon.cli import submit as submit_cmd
+from daemon.cli.common import TERMINAL, Command, UsageError, done
+from daemon.cli.common import runner as _runner
+from daemon.cli.submit import SUBMIT_BATCH, poll_counts, wait_for
+from daemon.control.client import ControlClient
 
-from daemon.cli import render
-from daemon.config import NonNegFloat
-from daemon.control.client import ControlClient, RemoteError
-
-SUBMIT_BATCH = 500
-TERMINAL = ("succeeded", "failed", "canceled")
-
-
-class UsageError(Exception):
-    """The command line asks for something inconsistent (exit code 2)."""
-
-
-Command = Callable[[ControlClient, argparse.Namespace], Awaitable[int]]
-
-
-def _runner(
-    command: Command, check: Callable[[argparse.Namespace], None] | None
-) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        from daemon.cli.main import run_async, socket_path
-
-        if check is not None:
-            check(args)  # usage errors before any connection attempt
-        path = socket_path(args)
-
-        async def go() -> int:
-            async with ControlClient(path) as client:
-                return await command(client, args)
-
-        return run_async(go)
-
-    return run
+__all__ = [
+    "SUBMIT_BATCH",
+    "TERMINAL",
+    "Command",
+    "UsageError",
+    "_runner",
+    "add_parsers",
+    "poll_counts",
+    "wait_for",
+]
 
 
 async def status(client: ControlClient, args: argparse.Namespace) -> int:
@@ -55,169 +34,6 @@ async def status(client: ControlClient, args: argparse.Namespace) -> int:
     else:
         render.status_report(data)
     return 0
-
-
-def _inputs(args: argparse.Namespace) -> Iterator[Any]:
-    """Job objects from --input, files, or --jsonl, lazily, so a huge JSONL file is
-    streamed rather than read whole."""
-    if args.input is not None:
-        try:
-            yield msgspec.json.decode(args.input)
-        except msgspec.DecodeError as exc:
-            raise UsageError(f"--input is not valid JSON: {exc}") from None
-    for name in args.files:
-        path = Path(name)
-        with _reading(name):
-            text = path.read_text(encoding="utf-8")
-        yield {"text": text, "filename": path.name}
-    if args.jsonl is not None:
-        yield from _jsonl(args.jsonl)
-
-
-@contextmanager
-def _reading(name: str) -> Iterator[None]:
-    """A file that cannot be read (missing, unreadable, a directory, not UTF-8) is the
-    user's to fix: a usage error naming it, not a traceback."""
-    try:
-        yield
-    except OSError as exc:
-        raise UsageError(f"cannot read {name}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"cannot read {name}: not UTF-8 text ({exc.reason})") from None
-
-
-def _jsonl(name: str) -> Iterator[Any]:
-    """Standard input ("-") is decoded as strict UTF-8 too, whatever the locale says."""
-    stdin = name == "-"
-    source = sys.stdin.fileno() if stdin else name
-    # A line that is not UTF-8 fails as it is read, so the whole loop is in _reading.
-    with _reading(name), open(source, encoding="utf-8", closefd=not stdin) as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                yield msgspec.json.decode(line)
-            except msgspec.DecodeError as exc:
-                raise UsageError(f"{name}:{lineno}: not valid JSON: {exc}") from None
-
-
-def _jobs(args: argparse.Namespace) -> Iterator[Any]:
-    for item in _inputs(args):
-        if args.analyzer is None:
-            yield item
-            continue
-        job: dict[str, Any] = {"analyzer": args.analyzer, "input": item}
-        if args.priority is not None:
-            job["priority"] = args.priority
-        if args.idempotency_key is not None:
-            job["idempotency_key"] = args.idempotency_key
-        yield job
-
-
-def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _check_submit(args: argparse.Namespace) -> None:
-    if args.input is None and not args.files and args.jsonl is None:
-        raise UsageError("submit needs --input JSON, files, or --jsonl FILE|-")
-    if args.analyzer is None and (args.files or args.input is not None):
-        raise UsageError("-a/--analyzer is required with --input and files")
-    if args.analyzer is None and (args.priority is not None or args.idempotency_key is not None):
-        raise UsageError(
-            "--priority and --idempotency-key apply only with -a ANALYZER; without it "
-            "each --jsonl line is a whole job object that sets its own"
-        )
-    several = args.jsonl is not None or (args.input is not None) + len(args.files) > 1
-    if args.idempotency_key is not None and several:
-        raise UsageError(
-            "--idempotency-key applies to a single job (--input or one file); for "
-            "--jsonl, leave out -a and give each line its own idempotency_key"
-        )
-
-
-async def submit(client: ControlClient, args: argparse.Namespace) -> int:
-    ids: list[str] = []
-    created = 0
-    sent = 0
-    # A big file blocks only this client, not a daemon; the reads go to a thread.
-    chunks = _batches(_jobs(args), SUBMIT_BATCH)
-    try:
-        while (batch := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
-            try:
-                data = await client.call("submit", jobs=batch)
-            except RemoteError as exc:
-                if isinstance(exc.details, list):
-                    exc.details = [
-                        {**d, "index": sent + d["index"]} if d.get("index") is not None else d
-                        for d in exc.details
-                    ]
-                raise
-            ids.extend(data["ids"])
-            created += data["created"]
-            sent += len(batch)
-    except (RemoteError, UsageError):
-        # A daemon's refusal or a bad line further on: what went before is committed,
-        # and resubmitting it all would duplicate it.
-        if sent:
-            print(f"vigil: {sent} jobs were accepted before this error", file=sys.stderr)
-        raise
-    if args.json and not args.wait:
-        render.as_json({"ids": ids, "created": created, "existing": len(ids) - created})
-    elif not args.wait:
-        for job_id in ids:
-            print(job_id)
-        print(
-            f"submitted {created} new job(s), {len(ids) - created} already known", file=sys.stderr
-        )
-    if not args.wait:
-        return 0
-    counts = await wait_for(client, ids)
-    if args.json:
-        render.as_json({"ids": ids, "counts": counts})
-    else:
-        render.table(list(TERMINAL), [[counts.get(s, 0) for s in TERMINAL]])
-    return 0 if counts.get("succeeded", 0) == len(set(ids)) else 1
-
-
-async def poll_counts(
-    client: ControlClient, ids: list[str], interval_s: float = 0.5
-) -> AsyncIterator[dict[str, int]]:
-    """Counts by state of the given jobs, every `interval_s`, until all are final."""
-    unique = list(dict.fromkeys(ids))
-    while True:
-        data = await client.call("progress", ids=unique)
-        counts: dict[str, int] = data["counts"]
-        yield counts
-        if sum(counts.get(s, 0) for s in TERMINAL) + data["unknown"] >= len(unique):
-            return
-        await anyio.sleep(interval_s)
-
-
-async def wait_for(client: ControlClient, ids: list[str]) -> dict[str, int]:
-    line = render.ProgressLine()
-    total = len(set(ids))
-    started = time.monotonic()
-    counts: dict[str, int] = {}
-    try:
-        async for counts in poll_counts(client, ids):
-            done = sum(counts.get(s, 0) for s in TERMINAL)
-            elapsed = time.monotonic() - started
-            line.update(
-                f"{render.bar(done, total)} {done}/{total} done  "
-                f"ok {counts.get('succeeded', 0)}  failed {counts.get('failed', 0)}  "
-                f"running {counts.get('running', 0)}  {elapsed:.0f} s"
-            )
-    finally:
-        line.close()
-    return counts
 
 
 async def jobs(client: ControlClient, args: argparse.Namespace) -> int:
@@ -241,7 +57,21 @@ async def jobs(client: ControlClient, args: argparse.Namespace) -> int:
             for j in data["jobs"]
         ],
     )
+    print(_more(args, data), file=sys.stderr)
     return 0
+
+
+def _more(args: argparse.Namespace, data: dict[str, Any]) -> str:
+    """How many of how many were shown, and the command for the next page if any."""
+    total, shown = data.get("total"), len(data["jobs"])
+    text = f"{shown} job(s) shown" + (f" of {total} matching" if total is not None else "")
+    if data["next_before"]:
+        flags = [f"--state {args.state}"] if args.state else []
+        flags += [f"--analyzer {args.analyzer}"] if args.analyzer else []
+        flags += [f"--limit {args.limit}"] if args.limit != 50 else []
+        flags.append(f"--before {data['next_before']}")
+        text += f"; more: vigil jobs {' '.join(flags)}"
+    return text
 
 
 async def show(client: ControlClient, args: argparse.Namespace) -> int:
@@ -312,32 +142,9 @@ def _tokens(usage: dict[str, Any] | None) -> str:
     return text if cost is None else f"{text}, ${cost:.6f}"
 
 
-def _check_retry(args: argparse.Namespace) -> None:
-    if (args.id is None) == (not args.failed):
-        raise UsageError("retry needs a job ID or --failed")
-
-
-async def retry(client: ControlClient, args: argparse.Namespace) -> int:
-    data = await client.call("retry", **({"failed": True} if args.failed else {"id": args.id}))
-    _done(args, data, f"requeued {data['requeued']} job(s)")
-    return 0
-
-
-async def cancel(client: ControlClient, args: argparse.Namespace) -> int:
-    data = await client.call("cancel", id=args.id)
-    _done(args, data, f"canceled {data['id']} (was {data['was']})")
-    return 0
-
-
-async def purge(client: ControlClient, args: argparse.Namespace) -> int:
-    data = await client.call("purge", older_than_s=args.older_than)
-    _done(args, data, f"deleted {data['deleted']} finished job(s)")
-    return 0
-
-
 async def pause(client: ControlClient, args: argparse.Namespace) -> int:
     data = await client.call("pause", cluster=args.cluster)
-    _done(args, data, "paused: no new attempts start; intake goes on" + _everywhere(data))
+    done(args, data, "paused: no new attempts start; intake goes on" + _everywhere(data))
     return 0
 
 
@@ -347,13 +154,13 @@ async def resume(client: ControlClient, args: argparse.Namespace) -> int:
     text = "resumed" + _everywhere(data) + (f" (providers lifted: {lifted})" if lifted else "")
     for name, reason in data.get("providers_still_paused", {}).items():
         text += f"\nprovider {name} stays paused: {reason}"
-    _done(args, data, text)
+    done(args, data, text)
     return 0
 
 
 async def drain(client: ControlClient, args: argparse.Namespace) -> int:
     data = await client.call("drain", cluster=args.cluster)
-    _done(
+    done(
         args,
         data,
         f"draining: intake closed, {data['running']} attempt(s) still running here; "
@@ -367,20 +174,13 @@ async def reload(client: ControlClient, args: argparse.Namespace) -> int:
     text = "reloaded: " + (", ".join(data["applied"]) or "no changes")
     if data["needs_restart"]:
         text += "\nneeds a restart to apply: " + ", ".join(data["needs_restart"])
-    _done(args, data, text)
+    done(args, data, text)
     return 0
-
-
-def _done(args: argparse.Namespace, data: Any, text: str) -> None:
-    if args.json:
-        render.as_json(data)
-    else:
-        print(text)
 
 
 def add_parsers(sub: Any) -> None:
     from daemon.cli import usage  # it imports this module (UsageError)
-    from daemon.cli.main import add_common, constrained, positive_int
+    from daemon.cli.main import add_common, positive_int
 
     def command(
         name: str,
@@ -395,14 +195,8 @@ def add_parsers(sub: Any) -> None:
         return parser
 
     command("status", status, "show the daemon's state and figures")
-    p = command("submit", submit, "submit jobs", _check_submit)
-    p.add_argument("-a", "--analyzer", help="analyzer for --input, files and --jsonl lines")
-    p.add_argument("--input", help="one input object as JSON")
-    p.add_argument("--jsonl", metavar="FILE|-", help="one input (or, without -a, job) a line")
-    p.add_argument("files", nargs="*", help="text files: each becomes {text, filename}")
-    p.add_argument("--priority", type=int, help="for every job given with -a (default 0)")
-    p.add_argument("--idempotency-key", help="for the one job of -a with --input or a file")
-    p.add_argument("--wait", action="store_true", help="show progress until all are done")
+    p = command("submit", submit_cmd.submit, "submit jobs", submit_cmd.check)
+    submit_cmd.add_arguments(p)
     p = command("jobs", jobs, "list jobs, newest first")
     p.add_argument("--state", choices=["queued", "running", *TERMINAL])
     p.add_argument("--analyzer")
@@ -410,13 +204,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--before", metavar="ID", help="page: jobs older than this id")
     p = command("show", show, "show a job, its attempts and result")
     p.add_argument("id")
-    p = command("retry", retry, "requeue a failed or canceled job, or all failed", _check_retry)
-    p.add_argument("id", nargs="?")
-    p.add_argument("--failed", action="store_true")
-    p = command("cancel", cancel, "cancel a queued or running job")
-    p.add_argument("id")
-    p = command("purge", purge, "delete finished jobs")
-    p.add_argument("--older-than", type=constrained(NonNegFloat), default=0.0, metavar="SECONDS")
+    bulk.add_parsers(command)
     for name, func, text in (
         ("pause", pause, "stop starting new attempts (intake goes on)"),
         ("resume", resume, "start attempts again; reopen intake; lift paused providers"),

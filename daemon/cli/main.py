@@ -54,6 +54,24 @@ def config_path(args: argparse.Namespace) -> str | None:
     return path
 
 
+class ConfigNotUsable(ConfigError):
+    """No config to run on, or one the daemon would do nothing with (exit 78). Not
+    "invalid": the message says what is missing."""
+
+
+def required_config_path(args: argparse.Namespace, given: str | None = None) -> str:
+    """The config file `run` and `check-config` use; none found is an error naming
+    every place looked at, so a missing file never means a daemon on defaults."""
+    path = given or config_path(args)
+    if path is not None:
+        return path
+    env = "set but empty" if os.environ.get("VIGIL_CONFIG") == "" else "not set"
+    raise ConfigNotUsable(
+        f"no config file found; tried --config (not given), $VIGIL_CONFIG ({env}), "
+        f"{DEFAULT_CONFIG} (does not exist). Name one with --config FILE"
+    )
+
+
 def socket_path(args: argparse.Namespace) -> Path:
     """--socket, then $VIGIL_SOCKET, then the config's socket, then the defaults."""
     explicit = args.socket or os.environ.get("VIGIL_SOCKET")
@@ -88,8 +106,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from daemon.observe.logs import configure_logging
     from daemon.observe.ring import LogRing
 
-    path = config_path(args)
+    path = required_config_path(args)
     config = load_config(path)
+    if not config.analyzers and not args.allow_empty:
+        raise ConfigNotUsable(
+            f"{path} configures no analyzers, so no job could run: refusing to start. "
+            "Add an [analyzers.NAME] table, or pass --allow-empty to start anyway"
+        )
     ring = LogRing(config.log.ring_size)
     writer = configure_logging(
         config.log.level, config.log.format, secrets=_secrets(config), ring=ring
@@ -113,14 +136,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     `handler = "module:function"` analyzers, so their import-time code runs here too."""
     from daemon.analyzers import build_analyzers
 
-    path = args.file or config_path(args)
+    path = required_config_path(args, args.file)
     config = load_config(path)
-    build_analyzers(config)
+    analyzers = build_analyzers(config)
     print(
-        f"{path or '(defaults)'}: ok — {len(config.providers)} provider(s), "
+        f"{path}: ok — {len(config.providers)} provider(s), "
         f"{len(config.analyzers)} analyzer(s); state in {config.state_dir}, "
         f"socket {config.socket_path}"
     )
+    if analyzers:
+        print("analyzers and the input fields their prompts need:")
+        width = max(len(name) for name in analyzers)
+        for name, analyzer in analyzers.items():
+            needs = "any (handler)" if analyzer.handler else ", ".join(analyzer.fields) or "none"
+            print(f"  {name.ljust(width)}  {needs}")
+    else:
+        print(
+            "warning: no analyzers: `vigil run` refuses to start without --allow-empty",
+            file=sys.stderr,
+        )
     missing = [
         f"{name}: ${p.api_key_env} is not set"
         for name, p in config.providers.items()
@@ -267,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon in the foreground")
     add_common(run)
+    run.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="start even when the config has no analyzers (a reload may add some)",
+    )
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
@@ -298,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         # does not fail again, and stop quietly, with Python's exit code for EPIPE.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EX_FAIL
+    except ConfigNotUsable as exc:
+        print(f"vigil: {exc}", file=sys.stderr)
+        return EX_CONFIG
     except ConfigError as exc:
         print(f"vigil: invalid config: {exc}", file=sys.stderr)
         return EX_CONFIG

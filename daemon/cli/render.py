@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 import msgspec
@@ -49,25 +49,77 @@ def bar(done: int, total: int, width: int = 30) -> str:
 
 
 class ProgressLine:
-    """Rewrites one terminal line in place; prints plain lines when not a TTY."""
+    """Rewrites one terminal line in place. Elsewhere (a pipe, a log file) it prints
+    the first line, then at most one every `every_s` seconds, and the last one on
+    close, so a long wait does not fill a log with a line a tick."""
 
-    def __init__(self, out: TextIO = sys.stderr) -> None:
+    def __init__(
+        self,
+        out: TextIO = sys.stderr,
+        *,
+        every_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._out = out
         self._tty = out.isatty()
+        self._every_s = every_s
+        self._clock = clock
         self._last = ""
+        self._printed_at: float | None = None
+        self._pending = False  # the latest text has not been printed
 
     def update(self, text: str) -> None:
+        self._last = text
         if self._tty:
             self._out.write("\r\x1b[2K" + text)
             self._out.flush()
-        elif text != self._last:
+            return
+        now = self._clock()
+        if self._printed_at is None or now - self._printed_at >= self._every_s:
             self._out.write(text + "\n")
-        self._last = text
+            self._out.flush()
+            self._printed_at, self._pending = now, False
+        else:
+            self._pending = True
 
     def close(self) -> None:
         if self._tty and self._last:
             self._out.write("\n")
-            self._out.flush()
+        elif self._pending:
+            self._out.write(self._last + "\n")
+            self._pending = False
+        self._out.flush()
+
+
+def reload_lines(data: Mapping[str, Any]) -> list[str]:
+    """`vigil reload` for a human: one line a changed key (`queue.max_concurrency 16 →
+    4`, `http.listen (needs a restart)`, `analyzers.x (added)`), or that nothing changed.
+    A daemon from before `changes` gets the section lists it sent."""
+    changes = data.get("changes")
+    if changes is None:
+        lines = ["reloaded: " + (", ".join(data.get("applied") or []) or "no changes")]
+        if data.get("needs_restart"):
+            lines.append("needs a restart to apply: " + ", ".join(data["needs_restart"]))
+        return lines
+    if not changes:
+        return ["reloaded: no changes"]
+    return [_change_line(change) for change in changes]
+
+
+def _change_line(change: Mapping[str, Any]) -> str:
+    key, before, after = change["key"], change.get("from"), change.get("to")
+    restart = bool(change.get("needs_restart"))
+    if isinstance(before, Mapping) or isinstance(after, Mapping):  # a table comes or goes
+        what = "added" if before is None else "removed" if after is None else "changed"
+        return f"{key} ({what}{'; needs a restart' if restart else ''})"
+    if restart:
+        return f"{key} (needs a restart)"
+    return f"{key} {_config_value(before)} → {_config_value(after)}"
+
+
+def _config_value(value: Any) -> str:
+    """A config value as TOML writes it (16, true, "info", ["a"]); unset as `unset`."""
+    return "unset" if value is None else msgspec.json.encode(value).decode()
 
 
 def circuit_state(provider: Mapping[str, Any]) -> str:

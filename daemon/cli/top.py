@@ -10,9 +10,10 @@ import argparse
 import io
 import sys
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
+import msgspec
 
 from daemon.cli import render
 from daemon.control.client import ControlClient
@@ -66,6 +67,9 @@ async def _loop(path: Any, args: argparse.Namespace) -> int:
     before: dict[str, Any] | None = None
     before_at = 0.0
     async with ControlClient(path) as client:
+        if args.once:  # two samples, `--interval` apart, so the one frame has rates
+            before, before_at = await client.call("status"), time.monotonic()
+            await anyio.sleep(args.interval)
         while True:
             status = await client.call("status")
             now = time.monotonic()
@@ -93,10 +97,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    from daemon.cli.main import add_common
+    from daemon.cli.main import add_common, constrained
 
     parser: argparse.ArgumentParser = sub.add_parser("top", help="a live view of the daemon")
     add_common(parser)
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
-    parser.add_argument("--once", action="store_true", help="print one frame and exit")
+    parser.add_argument(
+        "--interval",
+        type=constrained(Annotated[float, msgspec.Meta(gt=0, le=3600)]),
+        default=1.0,
+        help="seconds between frames (and between --once's two samples)",
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="print one frame and exit (from two samples, --interval apart, for the rates)",
+    )
     parser.set_defaults(func=run)

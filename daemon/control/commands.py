@@ -10,7 +10,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from daemon.control.protocol import CommandError
+from daemon.control import bulk
+from daemon.control.protocol import Args, CommandError
 from daemon.intake.submit import IntakeClosed, SubmitError, field_error
 from daemon.jobs import Job, State
 from daemon.observe.ring import LEVELS, LogFilter
@@ -20,16 +21,14 @@ from daemon.spend.report import DEFAULT_SPAN_S, total_of
 from daemon.store.base import (
     BacklogFull,
     ClusterCommand,
+    IdempotencyConflict,
     InvalidTransition,
     JobNotFound,
     StoreError,
     UsageQuery,
 )
+from daemon.store.filters import JobFilter
 from daemon.watchdog.introspect import task_report, thread_report
-
-
-class Args(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
 
 
 class NoArgs(Args, frozen=True):
@@ -57,15 +56,6 @@ class IdArgs(Args, frozen=True):
     id: str
 
 
-class RetryArgs(Args, frozen=True):
-    id: str | None = None
-    failed: bool = False
-
-
-class PurgeArgs(Args, frozen=True):
-    older_than_s: Annotated[float, Meta(ge=0)] = 0.0
-
-
 class LogsArgs(Args, frozen=True):
     n: Annotated[int, Meta(ge=0, le=100_000)] = 50
     level: Literal["debug", "info", "warning", "error", "critical"] = "debug"
@@ -74,7 +64,7 @@ class LogsArgs(Args, frozen=True):
     follow: bool = False
 
 
-UnixTime = Annotated[float, Meta(ge=0, le=253_402_300_800)]  # up to year 9999
+UnixTime = bulk.UnixTime
 
 
 class UsageArgs(Args, frozen=True):
@@ -116,13 +106,20 @@ async def submit(rt: Runtime, args: SubmitArgs) -> Any:
 
 async def jobs(rt: Runtime, args: JobsArgs) -> Any:
     """Newest first. One row past the page tells whether another page exists, so
-    `next_before` (the cursor to pass as `before`) is null on the last page."""
+    `next_before` (the cursor to pass as `before`) is null on the last page; `total`
+    counts every job of that state and analyzer, on every page."""
     found = await rt.store.list_jobs(
         state=args.state, analyzer=args.analyzer, limit=args.limit + 1, before=args.before
     )
     page = found[: args.limit]
     more = len(found) > args.limit
-    return {"jobs": [job_data(j) for j in page], "next_before": page[-1].id if more else None}
+    states = None if args.state is None else (args.state,)
+    total = await rt.store.count_jobs(JobFilter(states=states, analyzer=args.analyzer))
+    return {
+        "jobs": [job_data(j) for j in page],
+        "next_before": page[-1].id if more else None,
+        "total": sum(total.values()),
+    }
 
 
 async def usage(rt: Runtime, args: UsageArgs) -> Any:
@@ -152,24 +149,6 @@ async def show(rt: Runtime, args: IdArgs) -> Any:
         raise JobNotFound(args.id)
     attempts = await rt.store.attempts(args.id)
     return {"job": job_data(job), "attempts": msgspec.to_builtins(attempts)}
-
-
-async def retry(rt: Runtime, args: RetryArgs) -> Any:
-    if (args.id is None) == (not args.failed):
-        raise CommandError("bad_args", "give either a job id or failed: true")
-    ids = None if args.failed else [args.id or ""]
-    n = await rt.store.retry(ids, max_backlog=rt.config.queue.max_backlog)
-    return {"requeued": n}
-
-
-async def cancel(rt: Runtime, args: IdArgs) -> Any:
-    canceled = await rt.store.cancel(args.id)
-    rt.dispatcher.job_canceled(args.id, canceled)
-    return {"id": args.id, "was": canceled.was, "state": "canceled"}
-
-
-async def purge(rt: Runtime, args: PurgeArgs) -> Any:
-    return {"deleted": await rt.store.purge(args.older_than_s)}
 
 
 def pause_here(rt: Runtime) -> dict[str, Any]:
@@ -310,9 +289,9 @@ COMMANDS: dict[str, tuple[type[Args], Handler]] = {
     "jobs": (JobsArgs, jobs),
     "usage": (UsageArgs, usage),
     "show": (IdArgs, show),
-    "retry": (RetryArgs, retry),
-    "cancel": (IdArgs, cancel),
-    "purge": (PurgeArgs, purge),
+    "retry": (bulk.RetryArgs, bulk.retry),
+    "cancel": (bulk.CancelArgs, bulk.cancel),
+    "purge": (bulk.PurgeArgs, bulk.purge),
     "pause": (NodeArgs, pause),
     "resume": (NodeArgs, resume),
     "progress": (ProgressArgs, progress),
@@ -348,6 +327,9 @@ async def execute(rt: Runtime, cmd: str, raw_args: dict[str, Any]) -> Any:
         raise CommandError("backlog_full", str(exc), {"retry_after_s": 5}) from None
     except IntakeClosed as exc:
         raise CommandError("intake_closed", str(exc)) from None
+    except IdempotencyConflict as exc:
+        conflict = {"key": exc.key, "id": exc.job_id}
+        raise CommandError("idempotency_conflict", str(exc), conflict) from None
     except JobNotFound as exc:
         raise CommandError("not_found", str(exc)) from None
     except InvalidTransition as exc:

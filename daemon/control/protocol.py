@@ -15,6 +15,10 @@ MAX_LINE_BYTES = 16 * 1024 * 1024
 RequestId = int | str | None
 
 
+class Args(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A command's arguments: typed, and an unknown one (a typo) is an error."""
+
+
 class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cmd: str
     id: RequestId = None

@@ -61,7 +61,9 @@ ERROR_STATUS: dict[str, int] = {
     "unknown_command": 404,
     "method_not_allowed": 405,
     "request_timeout": 408,
+    "filter_required": 400,
     "invalid_state": 409,
+    "idempotency_conflict": 409,
     "too_large": 413,
     "backlog_full": 429,
     "internal": 500,
@@ -250,7 +252,8 @@ async def page(request: web.Request) -> web.Response:
     return web.Response(body=status_page.body, headers=status_page.headers)
 
 
-async def submit_jobs(request: web.Request) -> web.Response:
+async def _body(request: web.Request) -> Any:
+    """The request body as JSON, within the size and time limits."""
     declared, limit = request.content_length, request.app[SETTINGS].max_body_bytes
     if declared is not None and declared > limit:  # refused before any of it is read
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)
@@ -262,11 +265,36 @@ async def submit_jobs(request: web.Request) -> web.Response:
             "request_timeout", f"request body not received within {BODY_TIMEOUT_S:g} s"
         ) from None
     try:
-        jobs = msgspec.json.decode(raw)
+        return msgspec.json.decode(raw)
     except (msgspec.DecodeError, ValueError, RecursionError) as exc:  # Recursion: too deep
         raise CommandError("bad_request", f"request body is not valid JSON: {exc}") from None
-    data = await _run(request, "submit", {"jobs": jobs, "source": "http"})
+
+
+async def submit_jobs(request: web.Request) -> web.Response:
+    data = await _run(request, "submit", {"jobs": await _body(request), "source": "http"})
     return _json(data, 202)
+
+
+def _bulk(cmd: str) -> Handler:
+    """`POST /v1/jobs:cancel|retry|purge`: the body is the socket command's arguments
+    (a filter: state, analyzer, error_type, since, until, before; dry_run, all);
+    `since` and `until` also take the CLI's forms (7d, 2026-11-23, ...)."""
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await _body(request) if request.body_exists else {}
+        if not isinstance(body, dict):
+            raise CommandError("bad_request", "request body must be a JSON object (a filter)")
+        now = time.time()
+        for key in ("since", "until"):
+            if isinstance(body.get(key), str):
+                try:
+                    body[key] = parse_when(body[key], now)
+                except ValueError as exc:
+                    field = {"index": None, "field": key, "message": str(exc)}
+                    raise CommandError("bad_args", f"{key}: {exc}", [field]) from None
+        return _json(await _run(request, cmd, body))
+
+    return handler
 
 
 Converter = Callable[[str], Any]
@@ -351,6 +379,8 @@ def build_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/jobs", submit_jobs)
     app.router.add_get("/v1/jobs", list_jobs)
+    for action in ("cancel", "retry", "purge"):
+        app.router.add_post(f"/v1/jobs:{action}", _bulk(action))
     app.router.add_get("/v1/jobs/{id}", show_job)
     app.router.add_delete("/v1/jobs/{id}", cancel_job)
     app.router.add_get("/v1/usage", usage)

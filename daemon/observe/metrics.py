@@ -36,6 +36,7 @@ from daemon.observe.section_metrics import (
     lag_bounds_ms,
     lag_histogram,
     lookup,
+    retention_metrics,
     watchdog_metrics,
 )
 from daemon.providers.limits import BUDGETS
@@ -103,6 +104,7 @@ class RuntimeCollector:
         yield from self._provider_controls()
         yield from self._store()
         yield from self._budgets()
+        yield from self._retention()
         yield from self._watchdog()
         yield from self._process()
 
@@ -318,6 +320,11 @@ class RuntimeCollector:
         refused = getattr(self._rt.spend, "refused", None)
         if section is not None or refused is not None:
             yield from budget_metrics(section() if section is not None else None, refused)
+
+    def _retention(self) -> Iterator[Metric]:
+        section = self._rt.status_sections.get("retention")
+        if section is not None:
+            yield from retention_metrics(section())
 
     def _watchdog(self) -> Iterator[Metric]:
         section = self._rt.status_sections.get("watchdog")

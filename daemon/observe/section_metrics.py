@@ -147,3 +147,20 @@ def budget_metrics(rows: Any, refused: Any) -> Iterator[Metric]:
             "Calls not made because their worst-case cost would pass a budget.",
             total,
         )
+
+
+def retention_metrics(data: Any) -> Iterator[Metric]:
+    """Jobs retention deleted, by the state they ended in (the `retention` section)."""
+    deleted = data.get("deleted") if isinstance(data, Mapping) else None
+    if not isinstance(deleted, Mapping):
+        return
+    family = CounterMetricFamily(
+        "vigil_retention_deleted",
+        "Finished jobs deleted by retention ([retention], queue.retain_finished_s), by state.",
+        labels=["state"],
+    )
+    for state, n in deleted.items():
+        value = number(n)
+        if isinstance(state, str) and value is not None:
+            family.add_metric([state], value)
+    yield family

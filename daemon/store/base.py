@@ -21,6 +21,7 @@ from daemon.providers.shared_state import SharedProviderState
 from daemon.store.calls import SpendDay as SpendDay  # the protocol's records, re-exported
 from daemon.store.calls import UsageQuery as UsageQuery
 from daemon.store.calls import UsageRow as UsageRow
+from daemon.store.filters import BulkAction, BulkRow, JobFilter
 from daemon.wakeup import Wakeup
 
 PROCESS_DIED = ErrorInfo("ProcessDied", "process died during the attempt")
@@ -65,6 +66,26 @@ class BacklogFull(Exception):
 class JobNotFound(Exception):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job with id {job_id!r}")
+
+
+class IdempotencyConflict(Exception):
+    """An idempotency key already names a job with another analyzer or input."""
+
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(
+            f"idempotency key {key!r} already names job {job_id} with a different "
+            "analyzer or input; use a new key for a new job"
+        )
+        self.key = key
+        self.job_id = job_id
+
+
+def same_job(job: NewJob, existing_id: str, analyzer: str, input_json: str | bytes) -> Submitted:
+    """The first job of `job`'s idempotency key, if it is the same job (analyzer and
+    input, whatever the order of keys); else IdempotencyConflict."""
+    if analyzer != job.analyzer or msgspec.json.decode(input_json) != job.input:
+        raise IdempotencyConflict(job.idempotency_key or "", existing_id)
+    return Submitted(existing_id, False)
 
 
 class InvalidTransition(Exception):
@@ -361,6 +382,21 @@ class JobStore(Protocol):
     async def retry(self, job_ids: Sequence[str] | None, *, max_backlog: int) -> int: ...
 
     async def purge(self, older_than_s: float) -> int: ...
+
+    async def bulk_step(
+        self, action: BulkAction, flt: JobFilter, *, limit: int, max_backlog: int
+    ) -> list[BulkRow]:
+        """One batch of a bulk action: up to `limit` jobs matching `flt` changed in one
+        transaction, with what they were (`store.bulk.run_bulk` drives the batches)."""
+        ...
+
+    async def count_jobs(self, flt: JobFilter) -> dict[str, int]:
+        """Jobs matching `flt`, by state (states with none left out)."""
+        ...
+
+    async def find_ids(self, flt: JobFilter, limit: int) -> list[str]:
+        """The first `limit` ids matching `flt`, oldest first."""
+        ...
 
     async def spend_since(self, day: str) -> list[SpendDay]:
         """Spend per provider and analyzer per UTC day from `day` (YYYY-MM-DD) on."""

@@ -23,6 +23,7 @@ from daemon.store.base import (
     NewJob,
     Submitted,
     row_to_job,
+    same_job,
 )
 from daemon.store.calls import (
     CALL_COLUMNS,
@@ -64,7 +65,8 @@ async def claim(conn: Any, node: str, limit: int, skip_analyzers: Collection[str
 
 async def submit(conn: Any, jobs: Sequence[NewJob]) -> list[Submitted]:
     """Insert jobs (in the caller's transaction); a repeated idempotency key, from any
-    node, returns the first job. NOTIFYs the nodes when any job was created."""
+    node, returns the first job (IdempotencyConflict, undoing it all, if its analyzer
+    or input differ). NOTIFYs the nodes when any job was created."""
     now = time.time()
     out: list[Submitted] = []
     created = 0
@@ -103,10 +105,10 @@ async def submit(conn: Any, jobs: Sequence[NewJob]) -> list[Submitted]:
             created += 1
             out.append(Submitted(job.id, True))
             continue
-        first = await conn.fetchval(
-            "SELECT id FROM jobs WHERE idempotency_key = $1", job.idempotency_key
+        first = await conn.fetchrow(
+            "SELECT id, analyzer, input FROM jobs WHERE idempotency_key = $1", job.idempotency_key
         )
-        out.append(Submitted(first, False))
+        out.append(same_job(job, *first))
     if created:
         await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
     return out
@@ -186,6 +188,39 @@ async def record_ends(
         CHANNEL,
     )
     return [(bool(row["moved"]), row["state"]) for row in rows]
+
+
+async def requeue(
+    conn: Any, rows: Sequence[tuple[str, int]], reason: str, outcome: str, not_before: float
+) -> int:
+    """Give back the attempts (job id, attempt number) still running (in the caller's
+    transaction), each marked with `outcome`; how many were given back."""
+    now = time.time()
+    moved = 0
+    for job_id, n in rows:
+        done = await conn.fetchval(
+            "WITH m AS (UPDATE jobs SET state = 'queued', attempts = attempts - 1, "
+            "not_before = $1, node = NULL WHERE id = $2 AND state = 'running' "
+            "AND attempts = $3 RETURNING 1) SELECT count(*) FROM m",
+            not_before,
+            job_id,
+            n,
+        )
+        if done:
+            moved += 1
+            await conn.execute(
+                "UPDATE attempts SET outcome = $1, finished_at = $2, error_type = $3, "
+                "error_message = $4 WHERE job_id = $5 AND n = $6 AND outcome = 'running'",
+                outcome,
+                now,
+                outcome.capitalize(),
+                reason,
+                job_id,
+                n,
+            )
+    if moved:
+        await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+    return moved
 
 
 async def cancel(conn: Any, job_id: str) -> Canceled:

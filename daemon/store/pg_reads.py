@@ -25,6 +25,7 @@ from daemon.store.calls import (
     row_to_usage,
     usage_sql,
 )
+from daemon.store.filters import JobFilter, Params, count_sql, ids_sql
 
 PG_GROUPS = {"day": "to_char(to_timestamp(at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"}
 DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
@@ -88,6 +89,18 @@ class PgReads:
             *params,
         )
         return [row_to_job(row) for row in rows]
+
+    async def count_jobs(self, flt: JobFilter) -> dict[str, int]:
+        """Jobs matching `flt`, by state (states with none left out)."""
+        params = Params("numeric")
+        rows = await self._fetch(count_sql(flt, params), *params.values)
+        return {str(row[0]): int(row[1]) for row in rows}
+
+    async def find_ids(self, flt: JobFilter, limit: int) -> list[str]:
+        """The first `limit` ids matching `flt`, oldest first."""
+        params = Params("numeric")
+        rows = await self._fetch(ids_sql(flt, params, limit), *params.values)
+        return [str(row[0]) for row in rows]
 
     async def states_of(self, job_ids: Sequence[str]) -> dict[str, State]:
         rows = await self._fetch("SELECT id, state FROM jobs WHERE id = ANY($1)", list(job_ids))

@@ -27,7 +27,7 @@ from daemon.config import StoreConfig
 from daemon.jobs import STATES, Job, State
 from daemon.providers.limits import SharedRates
 from daemon.providers.shared_state import SharedProviderState
-from daemon.store import pg_jobs, pg_nodes
+from daemon.store import pg_bulk, pg_jobs, pg_nodes
 from daemon.store.base import (
     AttemptEnd,
     BacklogFull,
@@ -44,6 +44,7 @@ from daemon.store.base import (
     TableStats,
     next_state,
 )
+from daemon.store.filters import MOVES_TO, BulkAction, BulkRow, JobFilter
 from daemon.store.pg_batch import Batcher
 from daemon.store.pg_nodes import CHANNEL
 from daemon.store.pg_providers import PgProviderState
@@ -425,32 +426,8 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
     ) -> int:
         """Give back attempts that did not really happen; they do not count."""
         rows = [(job.id, job.attempts) for job in jobs]
-        now = time.time()
-        moved = 0
         async with self._tx() as conn:
-            for job_id, n in rows:
-                done = await conn.fetchval(
-                    "WITH m AS (UPDATE jobs SET state = 'queued', attempts = attempts - 1, "
-                    "not_before = $1, node = NULL WHERE id = $2 AND state = 'running' "
-                    "AND attempts = $3 RETURNING 1) SELECT count(*) FROM m",
-                    not_before,
-                    job_id,
-                    n,
-                )
-                if done:
-                    moved += 1
-                    await conn.execute(
-                        "UPDATE attempts SET outcome = $1, finished_at = $2, error_type = $3, "
-                        "error_message = $4 WHERE job_id = $5 AND n = $6 AND outcome = 'running'",
-                        outcome,
-                        now,
-                        outcome.capitalize(),
-                        reason,
-                        job_id,
-                        n,
-                    )
-            if moved:
-                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            moved = await pg_jobs.requeue(conn, rows, reason, outcome, not_before)
         self._move("running", "queued", moved)
         return moved
 
@@ -477,6 +454,23 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
         for state, n in Counter(r["state"] for r in rows).items():
             self._move(state, None, n)
         return len(rows)
+
+    async def bulk_step(
+        self, action: BulkAction, flt: JobFilter, *, limit: int, max_backlog: int
+    ) -> list[BulkRow]:
+        """One batch of a bulk action, in one transaction (see `store.bulk`)."""
+        async with self._tx() as conn:
+            rows = await pg_bulk.bulk_step(
+                conn,
+                action,
+                flt,
+                limit=limit,
+                queued=self.counts["queued"],
+                max_backlog=max_backlog,
+            )
+        for row in rows:
+            self._move(row.was, MOVES_TO[action])
+        return rows
 
 
 async def _keep_session(conn: Any) -> None:

@@ -96,6 +96,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (scope, name, day)
     ) WITHOUT ROWID;
     """,
+    # 5: finished jobs by state and age, for retention and `purge --older-than`.
+    """
+    CREATE INDEX jobs_finished ON jobs (state, finished_at);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -43,9 +43,12 @@ from daemon.store.base import (
     TableStats,
     next_state,
     row_to_job,
+    same_job,
 )
+from daemon.store.filters import BulkAction, BulkRow, JobFilter
 from daemon.store.schema import migrate
 from daemon.store.sqlite_batch import Tx
+from daemon.store.sqlite_bulk import bulk_step
 from daemon.store.sqlite_health import DiskWatch
 from daemon.store.sqlite_reads import SqliteReads, write_calls
 
@@ -175,7 +178,8 @@ class Store(SqliteReads, DiskWatch, anyio.AsyncContextManagerMixin):
 
     async def submit(self, jobs: Sequence[NewJob], *, max_backlog: int) -> list[Submitted]:
         """Insert jobs in one transaction; a repeated idempotency key returns the
-        first job. All or nothing: over the backlog bound, nothing is inserted.
+        first job (IdempotencyConflict if its analyzer or input differ). All or
+        nothing: over the backlog bound, nothing is inserted.
         Refused at once while the disk is nearly full or writes are failing: running
         attempts keep what room and writer time there is for their results."""
         if self.low_space or self.last_error:
@@ -215,10 +219,11 @@ class Store(SqliteReads, DiskWatch, anyio.AsyncContextManagerMixin):
                     out.append(Submitted(job.id, True))
                     continue
                 row = db.execute(
-                    "SELECT id FROM jobs WHERE idempotency_key = ?", (job.idempotency_key,)
+                    "SELECT id, analyzer, input FROM jobs WHERE idempotency_key = ?",
+                    (job.idempotency_key,),
                 ).fetchone()
                 assert row is not None
-                out.append(Submitted(row[0], False))
+                out.append(same_job(job, *row))
             return out
 
         result: list[Submitted] = await self._write(op)
@@ -442,6 +447,26 @@ class Store(SqliteReads, DiskWatch, anyio.AsyncContextManagerMixin):
             return sum(gone.values())
 
         result: int = await self._write(op)
+        return result
+
+    async def bulk_step(
+        self, action: BulkAction, flt: JobFilter, *, limit: int, max_backlog: int
+    ) -> list[BulkRow]:
+        """One batch of a bulk action, in one transaction (see `store.bulk`)."""
+
+        def op(db: sqlite3.Connection, tx: Tx) -> list[BulkRow]:
+            queued = self.counts["queued"] + tx.current["queued"]
+            return bulk_step(
+                db,
+                tx,
+                action,
+                flt,
+                limit=limit,
+                queued=queued,
+                max_backlog=max_backlog,
+            )
+
+        result: list[BulkRow] = await self._write(op)
         return result
 
 

@@ -28,6 +28,7 @@ from daemon.store.calls import (
     spend_rows,
     usage_sql,
 )
+from daemon.store.filters import JobFilter, Params, count_sql, ids_sql
 
 
 class SqliteReads:
@@ -85,6 +86,18 @@ class SqliteReads:
             (*params, limit),
         ) as cur:
             return [row_to_job(row) for row in await cur.fetchall()]
+
+    async def count_jobs(self, flt: JobFilter) -> dict[str, int]:
+        """Jobs matching `flt`, by state (states with none left out)."""
+        params = Params("qmark")
+        async with self._read.execute(count_sql(flt, params), params.values) as cur:
+            return {str(row[0]): int(row[1]) for row in await cur.fetchall()}
+
+    async def find_ids(self, flt: JobFilter, limit: int) -> list[str]:
+        """The first `limit` ids matching `flt`, oldest first."""
+        params = Params("qmark")
+        async with self._read.execute(ids_sql(flt, params, limit), params.values) as cur:
+            return [str(row[0]) for row in await cur.fetchall()]
 
     async def states_of(self, job_ids: Sequence[str]) -> dict[str, State]:
         """Current state of each id (unknown ids are left out)."""
