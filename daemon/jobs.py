@@ -5,22 +5,36 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
 
 State = Literal["queued", "running", "succeeded", "failed", "canceled"]
 STATES: tuple[State, ...] = ("queued", "running", "succeeded", "failed", "canceled")
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
 
 
+# Per-job metadata (README "Jobs"): tags and a batch id, names from one alphabet.
+NAME_PATTERN = r"^[A-Za-z0-9_.:-]+$"
+MAX_TAGS = 8
+Tag = Annotated[str, Meta(min_length=1, max_length=40, pattern=NAME_PATTERN)]
+BatchId = Annotated[str, Meta(min_length=1, max_length=100, pattern=NAME_PATTERN)]
+LATEST_TIME = 253_402_300_800.0  # 10000-01-01: later unix times are refused
+UnixTime = Annotated[float, Meta(ge=0, le=LATEST_TIME)]
+
+
 class JobSubmit(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """A job as a client sends it; only `analyzer` and `input` are required."""
+    """A job as a client sends it; only `analyzer` and `input` are required.
+    `not_before` is a unix time or text (`+30m`, ISO 8601) that intake resolves."""
 
     analyzer: str
     input: dict[str, Any]
     priority: int = 0
     idempotency_key: str | None = None
+    tags: Annotated[tuple[Tag, ...], Meta(max_length=MAX_TAGS)] = ()
+    batch: BatchId | None = None
+    not_before: float | str | None = None
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):
@@ -105,6 +119,8 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     usage: Usage | None
     source: str
     rate_limited: int = 0  # 429s met, which spend no attempt (bounded apart)
+    tags: tuple[str, ...] = ()  # sorted, no repeats
+    batch: str | None = None
 
 
 class JobIds:

@@ -437,3 +437,51 @@ async def test_idempotency_conflict_gets_409(client: aiohttp.ClientSession) -> N
     async with client.post("/v1/jobs", json=changed, headers=AUTH) as r:
         error = await expect_error(r, 409, "idempotency_conflict")
     assert error["details"] == {"key": "order-7", "id": first}
+
+
+async def test_metadata_filters_and_one_job_by_ids(client: aiohttp.ClientSession) -> None:
+    """Jobs carry tags, batch and not_before over HTTP; GET /v1/jobs filters by tag,
+    batch and q (text in the id, any case; no total); bulk bodies take tag, batch and
+    ids, so one job is canceled and retried by `{"ids": [ID]}`; bad values are 400s
+    naming the field."""
+    jobs = [
+        {**JOB, "tags": ["red"], "batch": "b1", "not_before": "+1h"},
+        {**JOB, "batch": "b1"},
+        {**JOB, "tags": ["red", "blue"]},
+    ]
+    async with client.post("/v1/jobs", json=jobs, headers=AUTH) as r:
+        assert r.status == 202, await r.text()
+        ids = (await r.json())["ids"]
+    async with client.get(f"/v1/jobs/{ids[0]}", headers=AUTH) as r:
+        job = (await r.json())["job"]
+    assert (job["tags"], job["batch"]) == (["red"], "b1") and job["not_before"] > 0
+
+    async def listed(**params: str) -> tuple[list[str], int | None]:
+        async with client.get("/v1/jobs", params=params, headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+            body = await r.json()
+        return [j["id"] for j in body["jobs"]], body["total"]
+
+    assert await listed(tag="red") == ([ids[2], ids[0]], 2)
+    assert await listed(batch="b1", tag="red") == ([ids[0]], 1)
+    assert await listed(q=ids[1][-8:].upper(), limit="5") == ([ids[1]], None)
+    async with client.get("/v1/jobs", params={"batch": "a b"}, headers=AUTH) as r:
+        error = await expect_error(r, 400, "bad_args")
+    assert error["details"][0]["field"] == "batch"
+    async with client.post("/v1/jobs:cancel", json={"ids": [ids[1]]}, headers=AUTH) as r:
+        assert (await r.json())["changed"] == 1
+    async with client.post("/v1/jobs:retry", json={"ids": [ids[1]]}, headers=AUTH) as r:
+        assert (await r.json())["changed"] == 1
+    body = {"tag": "blue", "batch": "b1", "dry_run": True}
+    async with client.post("/v1/jobs:cancel", json=body, headers=AUTH) as r:
+        assert (await r.json())["matched"] == 0
+    async with client.post("/v1/jobs:cancel", json={"ids": ["x"] * 1001}, headers=AUTH) as r:
+        error = await expect_error(r, 400, "bad_args")
+    assert error["details"][0]["field"] == "ids"
+    bad = {**JOB, "tags": ["ok"] * 9}
+    async with client.post("/v1/jobs", json=[JOB, bad], headers=AUTH) as r:
+        error = await expect_error(r, 400, "invalid_job")
+    assert [(d["index"], d["field"]) for d in error["details"]] == [(1, "tags")]
+    async with client.post("/v1/jobs", json={**JOB, "not_before": "soon"}, headers=AUTH) as r:
+        error = await expect_error(r, 400, "invalid_job")
+    assert error["details"][0]["field"] == "not_before"

@@ -1,7 +1,7 @@
 """`vigil cancel`, `retry` and `purge`: one job by id, or every job a filter matches
-(--state, --analyzer, --error-type, --since/--until, --before), with --dry-run to see
-how many and which first. With no filter at all they refuse (exit 2), saying what they
-would touch, unless --all (or --yes) is given."""
+(--state, --analyzer, --error-type, --since/--until, --before, --tag, --batch), with
+--dry-run to see how many and which first. With no filter at all they refuse (exit 2),
+saying what they would touch, unless --all (or --yes) is given."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from daemon.control.client import ControlClient, RemoteError
 
 DONE = {"cancel": "canceled", "retry": "requeued", "purge": "deleted"}
 WOULD = {"cancel": "cancel", "retry": "retry", "purge": "delete"}
-FILTERS = ("state", "analyzer", "error_type", "since", "until", "before")
-FILTER_FLAGS = "--state, --analyzer, --error-type, --since, --until, --before"
+FILTERS = ("state", "analyzer", "error_type", "since", "until", "before", "tag", "batch")
+FILTER_FLAGS = "--state, --analyzer, --error-type, --since, --until, --before, --tag, --batch"
 
 
 def _filter(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,6 +105,8 @@ def add_parsers(command: Any) -> None:
         p.add_argument("--since", type=when, metavar="WHEN", help="created then or later")
         p.add_argument("--until", type=when, metavar="WHEN", help="created before then")
         p.add_argument("--before", metavar="ID", help="jobs older than this id")
+        p.add_argument("--tag", help="jobs carrying this tag")
+        p.add_argument("--batch", help="jobs of this batch")
         p.add_argument(
             "--dry-run", action="store_true", help="say how many and which; change nothing"
         )

@@ -38,13 +38,21 @@ async def status(client: ControlClient, args: argparse.Namespace) -> int:
 
 async def jobs(client: ControlClient, args: argparse.Namespace) -> int:
     data = await client.call(
-        "jobs", state=args.state, analyzer=args.analyzer, limit=args.limit, before=args.before
+        "jobs",
+        state=args.state,
+        analyzer=args.analyzer,
+        tag=args.tag,
+        batch=args.batch,
+        limit=args.limit,
+        before=args.before,
     )
     if args.json:
         render.as_json(data)
         return 0
+    # Batch and tags get columns when a job shown has them.
+    meta = any(j.get("batch") or j.get("tags") for j in data["jobs"])
     render.table(
-        ["id", "analyzer", "state", "attempts", "created", "error"],
+        ["id", "analyzer", "state", "attempts", "created", *(_META if meta else ()), "error"],
         [
             [
                 j["id"],
@@ -52,6 +60,7 @@ async def jobs(client: ControlClient, args: argparse.Namespace) -> int:
                 j["state"],
                 f"{j['attempts']}/{j['max_attempts']}",
                 render.when(j["created_at"]),
+                *((j.get("batch") or "-", ",".join(j.get("tags", ())) or "-") if meta else ()),
                 render.short(j["error"]["message"] if j["error"] else "", 50),
             ]
             for j in data["jobs"]
@@ -61,13 +70,19 @@ async def jobs(client: ControlClient, args: argparse.Namespace) -> int:
     return 0
 
 
+_META = ("batch", "tags")
+
+
 def _more(args: argparse.Namespace, data: dict[str, Any]) -> str:
     """How many of how many were shown, and the command for the next page if any."""
     total, shown = data.get("total"), len(data["jobs"])
     text = f"{shown} job(s) shown" + (f" of {total} matching" if total is not None else "")
     if data["next_before"]:
-        flags = [f"--state {args.state}"] if args.state else []
-        flags += [f"--analyzer {args.analyzer}"] if args.analyzer else []
+        flags = [
+            f"--{name} {getattr(args, name)}"
+            for name in ("state", "analyzer", "tag", "batch")
+            if getattr(args, name)
+        ]
         flags += [f"--limit {args.limit}"] if args.limit != 50 else []
         flags.append(f"--before {data['next_before']}")
         text += f"; more: vigil jobs {' '.join(flags)}"
@@ -91,6 +106,9 @@ async def show(client: ControlClient, args: argparse.Namespace) -> int:
                 f"{job.get('rate_limited', 0)} time(s) (429s and 529s spend no attempt)"
             ),
             "priority": job["priority"],
+            "tags": ", ".join(job.get("tags") or ()) or "-",
+            "batch": job.get("batch") or "-",
+            "not before": render.when(job.get("not_before") or None),
             "source": job["source"],
             "created": render.when(job["created_at"]),
             "started": render.when(job["started_at"]),
@@ -171,10 +189,7 @@ async def drain(client: ControlClient, args: argparse.Namespace) -> int:
 
 async def reload(client: ControlClient, args: argparse.Namespace) -> int:
     data = await client.call("reload")
-    text = "reloaded: " + (", ".join(data["applied"]) or "no changes")
-    if data["needs_restart"]:
-        text += "\nneeds a restart to apply: " + ", ".join(data["needs_restart"])
-    done(args, data, text)
+    done(args, data, "\n".join(render.reload_lines(data)))
     return 0
 
 
@@ -200,6 +215,8 @@ def add_parsers(sub: Any) -> None:
     p = command("jobs", jobs, "list jobs, newest first")
     p.add_argument("--state", choices=["queued", "running", *TERMINAL])
     p.add_argument("--analyzer")
+    p.add_argument("--tag", help="jobs carrying this tag")
+    p.add_argument("--batch", help="jobs of this batch")
     p.add_argument("--limit", type=positive_int, default=50)
     p.add_argument("--before", metavar="ID", help="page: jobs older than this id")
     p = command("show", show, "show a job, its attempts and result")

@@ -1,5 +1,7 @@
 """`vigil submit`: jobs from --input, files or JSONL (streamed, sent in batches), the
 ids printed, and with --wait a progress line until all are done (--show: each result).
+With --batch NAME, --wait follows the whole batch, jobs other submits sent included
+(and with no input at all, only follows it).
 
 A job the daemon refuses is named by where it came from (`batch.jsonl:601`,
 `<stdin>:3`, a file name, `--input`), not by its place in a batch."""
@@ -20,6 +22,7 @@ import msgspec
 from daemon.cli import render
 from daemon.cli.common import TERMINAL, UsageError
 from daemon.control.client import ControlClient, RemoteError
+from daemon.intake.metadata import resolve_not_before
 
 SUBMIT_BATCH = 500
 Sourced = tuple[str, Any]  # where a job came from ("batch.jsonl:601"), and the job
@@ -86,6 +89,12 @@ def _jobs(args: argparse.Namespace) -> Iterator[Sourced]:
             job["priority"] = args.priority
         if args.idempotency_key is not None:
             job["idempotency_key"] = args.idempotency_key
+        if args.tag:
+            job["tags"] = args.tag
+        if args.batch is not None:
+            job["batch"] = args.batch
+        if args.not_before is not None:
+            job["not_before"] = args.not_before
         yield where, job
 
 
@@ -100,15 +109,30 @@ def _batches(items: Iterable[Sourced], size: int) -> Iterator[list[Sourced]]:
         yield batch
 
 
+def _follow_only(args: argparse.Namespace) -> bool:
+    """`submit --batch NAME --wait` with no input: follow the batch, submit nothing."""
+    no_input = args.input is None and not args.files and args.jsonl is None
+    return no_input and args.batch is not None and args.wait
+
+
 def check(args: argparse.Namespace) -> None:
+    if _follow_only(args):
+        if args.analyzer is not None or args.show or args.tag or args.not_before is not None:
+            raise UsageError(
+                "submit --batch NAME --wait with no input follows the batch: -a, --tag, "
+                "--not-before and --show need jobs to submit (see: vigil jobs --batch NAME)"
+            )
+        return
     if args.input is None and not args.files and args.jsonl is None:
         raise UsageError("submit needs --input JSON, files, or --jsonl FILE|-")
     if args.analyzer is None and (args.files or args.input is not None):
         raise UsageError("-a/--analyzer is required with --input and files")
-    if args.analyzer is None and (args.priority is not None or args.idempotency_key is not None):
+    per_job = (args.priority, args.idempotency_key, args.batch, args.not_before, args.tag or None)
+    if args.analyzer is None and any(flag is not None for flag in per_job):
         raise UsageError(
-            "--priority and --idempotency-key apply only with -a ANALYZER; without it "
-            "each --jsonl line is a whole job object that sets its own"
+            "--priority, --idempotency-key, --tag, --batch and --not-before apply only "
+            "with -a ANALYZER; without it each --jsonl line is a whole job object that "
+            "sets its own"
         )
     several = args.jsonl is not None or (args.input is not None) + len(args.files) > 1
     if args.idempotency_key is not None and several:
@@ -139,6 +163,8 @@ def _located(exc: RemoteError, batch: list[Sourced]) -> RemoteError:
 
 
 async def submit(client: ControlClient, args: argparse.Namespace) -> int:
+    if _follow_only(args):
+        return await _wait_and_report(client, args, [])
     ids: list[str] = []
     created = 0
     sent = 0
@@ -170,16 +196,27 @@ async def submit(client: ControlClient, args: argparse.Namespace) -> int:
         print(f"submitted {created} new job(s), {known} already known", file=sys.stderr)
     if not args.wait:
         return 0
-    counts = await wait_for(client, ids)
+    return await _wait_and_report(client, args, ids)
+
+
+async def _wait_and_report(client: ControlClient, args: argparse.Namespace, ids: list[str]) -> int:
+    """Wait for this submit's jobs (with --batch: the whole batch's), print the counts
+    (and with --show each result); 0 if every job waited for succeeded."""
+    counts, total = await wait_for(client, ids, batch=args.batch)
+    if total == 0:
+        raise RemoteError("not_found", f"batch {args.batch!r} has no jobs")
     unique = list(dict.fromkeys(ids))
     shown = [await _outcome(client, job_id) for job_id in unique] if args.show else None
     if args.json:
-        render.as_json({"ids": ids, "counts": counts, **({"jobs": shown} if shown else {})})
+        batch = {"batch": args.batch, "total": total} if args.batch is not None else {}
+        render.as_json(
+            {"ids": ids, **batch, "counts": counts, **({"jobs": shown} if shown else {})}
+        )
     else:
         render.table(list(TERMINAL), [[counts.get(s, 0) for s in TERMINAL]])
         for job in shown or ():
             _print_outcome(job)
-    return 0 if counts.get("succeeded", 0) == len(unique) else 1
+    return 0 if counts.get("succeeded", 0) == total else 1
 
 
 async def _outcome(client: ControlClient, job_id: str) -> dict[str, Any]:
@@ -202,37 +239,60 @@ def _print_outcome(job: dict[str, Any]) -> None:
         render.as_json(job["result"])
 
 
-async def poll_counts(
-    client: ControlClient, ids: list[str], interval_s: float = 0.5
-) -> AsyncIterator[dict[str, int]]:
-    """Counts by state of the given jobs, every `interval_s`, until all are final."""
-    unique = list(dict.fromkeys(ids))
+async def _poll(
+    client: ControlClient, query: dict[str, Any], interval_s: float
+) -> AsyncIterator[tuple[dict[str, int], int]]:
+    """Counts by state of the jobs `query` names (`ids`, or a `batch`) and how many
+    they are, every `interval_s`, until all are final (a job gone counts as final)."""
     while True:
-        data = await client.call("progress", ids=unique)
+        data = await client.call("progress", **query)
         counts: dict[str, int] = data["counts"]
-        yield counts
-        if sum(counts.get(s, 0) for s in TERMINAL) + data["unknown"] >= len(unique):
+        total: int = data["total"]
+        yield counts, total
+        if sum(counts.get(s, 0) for s in TERMINAL) + data["unknown"] >= total:
             return
         await anyio.sleep(interval_s)
 
 
-async def wait_for(client: ControlClient, ids: list[str]) -> dict[str, int]:
+async def poll_counts(
+    client: ControlClient, ids: list[str], interval_s: float = 0.5
+) -> AsyncIterator[dict[str, int]]:
+    """Counts by state of the given jobs, every `interval_s`, until all are final."""
+    async for counts, _ in _poll(client, {"ids": list(dict.fromkeys(ids))}, interval_s):
+        yield counts
+
+
+async def wait_for(
+    client: ControlClient, ids: list[str], *, batch: str | None = None
+) -> tuple[dict[str, int], int]:
+    """A progress line until the jobs (or every job of `batch`, however many it
+    grows to meanwhile) are done; their last counts by state, and how many."""
     line = render.ProgressLine()
-    total = len(set(ids))
+    query: dict[str, Any] = {"batch": batch} if batch is not None else {"ids": list(set(ids))}
+    label = f"batch {batch}: " if batch is not None else ""
     started = time.monotonic()
     counts: dict[str, int] = {}
+    total = 0
     try:
-        async for counts in poll_counts(client, ids):
+        async for counts, total in _poll(client, query, 0.5):
             done = sum(counts.get(s, 0) for s in TERMINAL)
             elapsed = time.monotonic() - started
             line.update(
-                f"{render.bar(done, total)} {done}/{total} done  "
+                f"{label}{render.bar(done, total)} {done}/{total} done  "
                 f"ok {counts.get('succeeded', 0)}  failed {counts.get('failed', 0)}  "
                 f"running {counts.get('running', 0)}  {elapsed:.0f} s"
             )
     finally:
         line.close()
-    return counts
+    return counts, total
+
+
+def _when_after(text: str) -> float:
+    """--not-before as a unix time (0: now); a bad value is a usage error naming it."""
+    try:
+        return resolve_not_before(text, time.time())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -242,5 +302,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="*", help="text files: each becomes {text, filename}")
     p.add_argument("--priority", type=int, help="for every job given with -a (default 0)")
     p.add_argument("--idempotency-key", help="for the one job of -a with --input or a file")
+    p.add_argument(
+        "--tag", action="append", default=[], help="for every job given with -a (repeatable)"
+    )
+    p.add_argument("--batch", metavar="NAME", help="for every job given with -a; --wait: all")
+    p.add_argument(
+        "--not-before",
+        type=_when_after,
+        metavar="WHEN",
+        help="start no earlier: +30m, +2h, an ISO 8601 time or a unix time",
+    )
     p.add_argument("--wait", action="store_true", help="show progress until all are done")
     p.add_argument("--show", action="store_true", help="with --wait: print each result")

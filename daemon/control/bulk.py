@@ -12,13 +12,13 @@ import msgspec
 from msgspec import Meta
 
 from daemon.control.protocol import Args, CommandError
-from daemon.jobs import State
+from daemon.jobs import BatchId, State, Tag, UnixTime
 from daemon.runtime import Runtime
 from daemon.store.base import Canceled
 from daemon.store.bulk import BulkResult, run_bulk
 from daemon.store.filters import ACTS_ON, BulkAction, BulkRow, JobFilter
 
-UnixTime = Annotated[float, Meta(ge=0, le=253_402_300_800)]  # up to year 9999
+MAX_IDS = 1000  # ids in one filter (the status page acts on the jobs it shows)
 VERB = {"cancel": "cancel", "retry": "retry", "purge": "delete"}
 
 
@@ -31,6 +31,9 @@ class FilterArgs(Args, frozen=True):
     since: UnixTime | None = None  # created at or after (unix time)
     until: UnixTime | None = None  # created before
     before: str | None = None  # id below this one (ids are time-ordered)
+    tag: Tag | None = None  # carries this tag
+    batch: BatchId | None = None
+    ids: Annotated[list[str], Meta(max_length=MAX_IDS)] | None = None  # one of these jobs
     dry_run: bool = False  # count and sample, change nothing
     all: bool = False  # no filter: act on every job the command can touch
 
@@ -42,6 +45,9 @@ class FilterArgs(Args, frozen=True):
             since=self.since,
             until=self.until,
             before=self.before,
+            tag=self.tag,
+            batch=self.batch,
+            ids=None if self.ids is None else tuple(self.ids),
         )
 
     def filtered(self) -> bool:

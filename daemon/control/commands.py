@@ -13,7 +13,7 @@ from msgspec import Meta
 from daemon.control import bulk
 from daemon.control.protocol import Args, CommandError
 from daemon.intake.submit import IntakeClosed, SubmitError, field_error
-from daemon.jobs import Job, State
+from daemon.jobs import BatchId, Job, State, Tag, UnixTime
 from daemon.observe.ring import LEVELS, LogFilter
 from daemon.reload import ReloadError, reload
 from daemon.runtime import Runtime
@@ -50,6 +50,20 @@ class JobsArgs(Args, frozen=True):
     analyzer: str | None = None
     limit: Annotated[int, Meta(ge=1, le=10_000)] = 50
     before: str | None = None
+    tag: Tag | None = None
+    batch: BatchId | None = None
+    q: Annotated[str, Meta(min_length=1, max_length=100)] | None = None  # text in the id
+
+    def job_filter(self, *, paged: bool) -> JobFilter:
+        """The jobs asked for; `paged`: from the cursor on (else every page's)."""
+        return JobFilter(
+            states=None if self.state is None else (self.state,),
+            analyzer=self.analyzer,
+            tag=self.tag,
+            batch=self.batch,
+            id_contains=self.q,
+            before=self.before if paged else None,
+        )
 
 
 class IdArgs(Args, frozen=True):
@@ -64,9 +78,6 @@ class LogsArgs(Args, frozen=True):
     follow: bool = False
 
 
-UnixTime = bulk.UnixTime
-
-
 class UsageArgs(Args, frozen=True):
     since: UnixTime | None = None  # default: DEFAULT_SPAN_S before `until`
     until: UnixTime | None = None  # default: now
@@ -74,7 +85,8 @@ class UsageArgs(Args, frozen=True):
 
 
 class ProgressArgs(Args, frozen=True):
-    ids: Annotated[list[str], Meta(max_length=100_000)]
+    ids: Annotated[list[str], Meta(max_length=100_000)] | None = None
+    batch: BatchId | None = None  # instead of ids: every job of that batch
 
 
 class DebugTasksArgs(Args, frozen=True):
@@ -107,18 +119,18 @@ async def submit(rt: Runtime, args: SubmitArgs) -> Any:
 async def jobs(rt: Runtime, args: JobsArgs) -> Any:
     """Newest first. One row past the page tells whether another page exists, so
     `next_before` (the cursor to pass as `before`) is null on the last page; `total`
-    counts every job of that state and analyzer, on every page."""
-    found = await rt.store.list_jobs(
-        state=args.state, analyzer=args.analyzer, limit=args.limit + 1, before=args.before
-    )
+    counts every job the filter matches, on every page; null with `q`, whose match
+    is a scan: the page stops at `limit` matches, a count would read every job."""
+    found = await rt.store.list_jobs(args.job_filter(paged=True), limit=args.limit + 1)
     page = found[: args.limit]
     more = len(found) > args.limit
-    states = None if args.state is None else (args.state,)
-    total = await rt.store.count_jobs(JobFilter(states=states, analyzer=args.analyzer))
+    total = None
+    if args.q is None:
+        total = sum((await rt.store.count_jobs(args.job_filter(paged=False))).values())
     return {
         "jobs": [job_data(j) for j in page],
         "next_before": page[-1].id if more else None,
-        "total": sum(total.values()),
+        "total": total,
     }
 
 
@@ -250,11 +262,19 @@ async def reload_config(rt: Runtime, _: NoArgs) -> Any:
 
 
 async def progress(rt: Runtime, args: ProgressArgs) -> Any:
-    states = await rt.store.states_of(args.ids)
-    counts: dict[str, int] = {}
+    """Counts by state of the jobs named by `ids` (`unknown`: ids with no job), or of
+    every job of `batch` (`total`: how many it has now)."""
+    if (args.ids is None) == (args.batch is None):
+        raise CommandError("bad_args", "progress: give either ids or batch")
+    if args.batch is not None:
+        counts = await rt.store.count_jobs(JobFilter(batch=args.batch))
+        return {"counts": counts, "unknown": 0, "total": sum(counts.values())}
+    ids = args.ids or []
+    states = await rt.store.states_of(ids)
+    counts = {}
     for state in states.values():
         counts[state] = counts.get(state, 0) + 1
-    return {"counts": counts, "unknown": len(args.ids) - len(states)}
+    return {"counts": counts, "unknown": len(ids) - len(states), "total": len(ids)}
 
 
 async def ping(rt: Runtime, _: NoArgs) -> Any:

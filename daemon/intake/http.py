@@ -277,7 +277,8 @@ async def submit_jobs(request: web.Request) -> web.Response:
 
 def _bulk(cmd: str) -> Handler:
     """`POST /v1/jobs:cancel|retry|purge`: the body is the socket command's arguments
-    (a filter: state, analyzer, error_type, since, until, before; dry_run, all);
+    (a filter: state, analyzer, error_type, since, until, before, tag, batch, ids;
+    dry_run, all);
     `since` and `until` also take the CLI's forms (7d, 2026-11-23, ...)."""
 
     async def handler(request: web.Request) -> web.Response:
@@ -335,6 +336,9 @@ _LIST_PARAMS: dict[str, Converter] = {
     "analyzer": str,
     "limit": _integer,
     "before": str,
+    "tag": str,
+    "batch": str,
+    "q": str,  # text in the id, any case
 }
 
 

@@ -5,13 +5,15 @@ transaction: a request is accepted whole or refused whole, never half written.""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
 import anyio
 import msgspec
 
-from daemon.jobs import JobIds, JobSubmit
+from daemon.intake.metadata import resolve_not_before, tag_set
+from daemon.jobs import NAME_PATTERN, JobIds, JobSubmit
 from daemon.live import Live
 from daemon.store.base import JobStore, NewJob, Submitted
 
@@ -44,6 +46,7 @@ class IntakeClosed(Exception):
     """The daemon is draining or stopping and takes no new work."""
 
 
+_NAME_MISMATCH = f"Expected `str` matching regex '{NAME_PATTERN}'"  # tags, batch
 # msgspec names these fields in the message, not the path (the path is their object's).
 _OBJECT_FAULTS = (
     ("Object missing required field", "required"),
@@ -61,6 +64,7 @@ def field_error(exc: msgspec.ValidationError, index: int | None, whole: str) -> 
         if message.startswith(prefix):
             name = message.split("`")[1]
             field, message = f"{field}.{name}" if field else name, short
+    message = message.replace(_NAME_MISMATCH, "only letters, digits and _ . : - are allowed")
     return FieldError(index, field or whole, message)
 
 
@@ -122,6 +126,7 @@ class Intake:
         limits = self._live.config.queue
         jobs: list[NewJob] = []
         errors: list[FieldError] = []
+        now = time.time()  # one `now` for every relative not_before of the request
         for i, item in enumerate(items):
             index = None if single else i
             converted = _convert(item, index)
@@ -157,6 +162,11 @@ class Intake:
             if converted.priority not in PRIORITY_RANGE:
                 errors.append(FieldError(index, "priority", "out of range (a 64-bit integer)"))
                 continue
+            try:
+                not_before = resolve_not_before(converted.not_before, now)
+            except ValueError as exc:
+                errors.append(FieldError(index, "not_before", str(exc)))
+                continue
             errors.extend(FieldError(index, f, m) for f, m in analyzer.problems(converted.input))
             jobs.append(
                 NewJob(
@@ -167,6 +177,9 @@ class Intake:
                     idempotency_key=converted.idempotency_key,
                     max_attempts=analyzer.config.max_attempts,
                     source=source,
+                    tags=tag_set(converted.tags),
+                    batch=converted.batch,
+                    not_before=not_before,
                 )
             )
         if errors:

@@ -28,13 +28,17 @@ def parse_when(text: str, now: float) -> float:
     UTC midnight), `2026-11-23T18:00` (UTC) or with an offset. ValueError, whose
     message gives the accepted forms, for anything else."""
     value = text.strip()
-    if match := _DURATION.fullmatch(value):
-        stamp = now - float(match[1]) * _UNIT_S[match[2]]
-    else:
-        stamp = _iso(value)
+    span = duration_s(value)
+    stamp = now - span if span is not None else _iso(value)
     if stamp < 0:
         raise ValueError(f"{text!r} lies before 1970-01-01 (unix time 0)")
     return stamp
+
+
+def duration_s(text: str) -> float | None:
+    """`30m` in seconds (units s, m, h, d, w); None if `text` is not a duration."""
+    match = _DURATION.fullmatch(text.strip())
+    return None if match is None else float(match[1]) * _UNIT_S[match[2]]
 
 
 def _iso(value: str) -> float:

@@ -29,7 +29,7 @@ JOB_COLUMNS = (
     "id, analyzer, input, priority, idempotency_key, state, attempts, max_attempts, "
     "not_before, created_at, started_at, finished_at, result, error_type, error_message, "
     "prompt_tokens, completion_tokens, cost, source, rate_limited, cached_tokens, "
-    "cache_write_tokens"
+    "cache_write_tokens, tags, batch"
 )
 
 
@@ -69,23 +69,51 @@ class JobNotFound(Exception):
 
 
 class IdempotencyConflict(Exception):
-    """An idempotency key already names a job with another analyzer or input."""
+    """An idempotency key already names a job with another analyzer, input, tags or
+    batch."""
 
     def __init__(self, key: str, job_id: str) -> None:
         super().__init__(
             f"idempotency key {key!r} already names job {job_id} with a different "
-            "analyzer or input; use a new key for a new job"
+            "analyzer, input, tags or batch; use a new key for a new job"
         )
         self.key = key
         self.job_id = job_id
 
 
-def same_job(job: NewJob, existing_id: str, analyzer: str, input_json: str | bytes) -> Submitted:
-    """The first job of `job`'s idempotency key, if it is the same job (analyzer and
-    input, whatever the order of keys); else IdempotencyConflict."""
-    if analyzer != job.analyzer or msgspec.json.decode(input_json) != job.input:
+# What `same_job` reads of the job that holds an idempotency key.
+KEYED_COLUMNS = "id, analyzer, input, tags, batch"
+
+
+def same_job(
+    job: NewJob,
+    existing_id: str,
+    analyzer: str,
+    input_json: str | bytes,
+    tags_json: str | None,
+    batch: str | None,
+) -> Submitted:
+    """The first job of `job`'s idempotency key (its KEYED_COLUMNS), if it is the same
+    job: analyzer, input (whatever the order of keys), tags and batch. `not_before`
+    is not compared: a delay (`+30m`) resent later names another time, and the first
+    job's start stands. Else IdempotencyConflict."""
+    if (
+        analyzer != job.analyzer
+        or batch != job.batch
+        or decode_tags(tags_json) != job.tags
+        or msgspec.json.decode(input_json) != job.input
+    ):
         raise IdempotencyConflict(job.idempotency_key or "", existing_id)
     return Submitted(existing_id, False)
+
+
+def encode_tags(tags: Sequence[str]) -> str | None:
+    """Tags as the jobs table keeps them: a JSON list, NULL for none."""
+    return msgspec.json.encode(list(tags)).decode() if tags else None
+
+
+def decode_tags(text: str | None) -> tuple[str, ...]:
+    return tuple(msgspec.json.decode(text)) if text else ()
 
 
 class InvalidTransition(Exception):
@@ -102,6 +130,9 @@ class NewJob(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_key: str | None
     max_attempts: int
     source: str
+    tags: tuple[str, ...] = ()  # sorted, each once (intake.metadata.tag_set)
+    batch: str | None = None
+    not_before: float = 0.0  # a delayed start (unix time); 0: none
 
 
 class Submitted(msgspec.Struct, frozen=True):
@@ -160,6 +191,8 @@ def row_to_job(row: Sequence[Any]) -> Job:
         rate_limited,
         cached,
         written,
+        tags,
+        batch,
     ) = row
     return Job(
         id=jid,
@@ -179,6 +212,8 @@ def row_to_job(row: Sequence[Any]) -> Job:
         usage=usage_of(ptok, ctok, cost, cached, written),
         source=source,
         rate_limited=rate_limited,
+        tags=decode_tags(tags),
+        batch=batch,
     )
 
 
@@ -414,14 +449,9 @@ class JobStore(Protocol):
 
     async def attempts(self, job_id: str) -> list[Attempt]: ...
 
-    async def list_jobs(
-        self,
-        *,
-        state: str | None = None,
-        analyzer: str | None = None,
-        limit: int = 50,
-        before: str | None = None,
-    ) -> list[Job]: ...
+    async def list_jobs(self, flt: JobFilter | None = None, *, limit: int = 50) -> list[Job]:
+        """The jobs `flt` matches (None: all), newest first, at most `limit`."""
+        ...
 
     async def states_of(self, job_ids: Sequence[str]) -> dict[str, State]: ...
 

@@ -34,6 +34,9 @@ class JobFilter(msgspec.Struct, frozen=True, kw_only=True):
     before: str | None = None  # id < before (ids are time-ordered)
     ids: tuple[str, ...] | None = None
     finished_before: float | None = None  # finished_at <= this (purge --older-than, retention)
+    tag: str | None = None  # carries this tag (the job_tags table)
+    batch: str | None = None
+    id_contains: str | None = None  # text in the id, any case (a scan: listings only)
 
     def within(self, states: Sequence[State]) -> JobFilter:
         """The filter narrowed to `states` (those it asked for that are among them)."""
@@ -78,6 +81,11 @@ class Params:
             return f"{column} = ANY({self.add(list(values))})"
         return f"{column} IN ({', '.join(self.add(v) for v in values)})"
 
+    def contains(self, column: str, text: str) -> str:
+        """`column`, lowercased, contains `text`, lowercased (no LIKE: no wildcards)."""
+        find = "strpos" if self.style == "numeric" else "instr"
+        return f"{find}(lower({column}), {self.add(text.lower())}) > 0"
+
 
 def where(flt: JobFilter, params: Params) -> str:
     """The filter as a WHERE clause ("" when it matches everything)."""
@@ -86,8 +94,13 @@ def where(flt: JobFilter, params: Params) -> str:
         clauses.append(params.one_of("state", flt.states))
     if flt.ids is not None:
         clauses.append(params.one_of("id", flt.ids))
+    if flt.tag is not None:
+        clauses.append(f"id IN (SELECT job_id FROM job_tags WHERE tag = {params.add(flt.tag)})")
+    if flt.id_contains is not None:
+        clauses.append(params.contains("id", flt.id_contains))
     for column, op, value in (
         ("analyzer", "=", flt.analyzer),
+        ("batch", "=", flt.batch),
         ("error_type", "=", flt.error_type),
         ("created_at", ">=", flt.since),
         ("created_at", "<", flt.until),
@@ -110,6 +123,14 @@ def pick_sql(flt: JobFilter, params: Params, *, limit: int) -> str:
 def count_sql(flt: JobFilter, params: Params) -> str:
     """Jobs matching `flt`, by state."""
     return f"SELECT state, count(*) FROM jobs {where(flt, params)} GROUP BY state"
+
+
+def list_sql(columns: str, flt: JobFilter, params: Params, limit: int) -> str:
+    """`columns` of the first `limit` matching jobs, newest first (the listings)."""
+    return (
+        f"SELECT {columns} FROM jobs {where(flt, params)} ORDER BY id DESC "
+        f"LIMIT {params.add(limit)}"
+    )
 
 
 def ids_sql(flt: JobFilter, params: Params, limit: int) -> str:

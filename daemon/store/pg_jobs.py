@@ -14,6 +14,7 @@ import msgspec
 from daemon.jobs import CallRecord, Job, State
 from daemon.store.base import (
     JOB_COLUMNS,
+    KEYED_COLUMNS,
     AttemptEnd,
     BacklogFull,
     Canceled,
@@ -22,6 +23,7 @@ from daemon.store.base import (
     JobNotFound,
     NewJob,
     Submitted,
+    encode_tags,
     row_to_job,
     same_job,
 )
@@ -34,7 +36,8 @@ from daemon.store.pg_nodes import CHANNEL
 
 _INSERT_KEYED = (
     "INSERT INTO jobs (id, analyzer, input, priority, idempotency_key, state, max_attempts, "
-    "created_at, source) VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8) "
+    "created_at, source, tags, batch, not_before) "
+    "VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $8, $9, $10, $11) "
     "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
 )
 _RETURNING = ", ".join(f"j.{column.strip()}" for column in JOB_COLUMNS.split(","))
@@ -64,19 +67,21 @@ async def claim(conn: Any, node: str, limit: int, skip_analyzers: Collection[str
 
 
 async def submit(conn: Any, jobs: Sequence[NewJob]) -> list[Submitted]:
-    """Insert jobs (in the caller's transaction); a repeated idempotency key, from any
-    node, returns the first job (IdempotencyConflict, undoing it all, if its analyzer
-    or input differ). NOTIFYs the nodes when any job was created."""
+    """Insert jobs (in the caller's transaction) with their tags; a repeated
+    idempotency key, from any node, returns the first job (IdempotencyConflict,
+    undoing it all, if it is another job: `same_job`). NOTIFYs the nodes when any job
+    was created."""
     now = time.time()
     out: list[Submitted] = []
-    created = 0
     plain = [job for job in jobs if job.idempotency_key is None]
+    created = list(plain)
     if plain:  # nothing to collide on: one statement for all of them
         await conn.execute(
             "INSERT INTO jobs (id, analyzer, input, priority, state, max_attempts, "
-            "created_at, source) SELECT i, a, inp, p, 'queued', m, $7, s FROM unnest("
-            "$1::text[], $2::text[], $3::text[], $4::int[], $5::int[], $6::text[]) "
-            "AS t(i, a, inp, p, m, s)",
+            "created_at, source, tags, batch, not_before) "
+            "SELECT i, a, inp, p, 'queued', m, $7, s, tg, b, nb FROM unnest("
+            "$1::text[], $2::text[], $3::text[], $4::int[], $5::int[], $6::text[], "
+            "$8::text[], $9::text[], $10::float8[]) AS t(i, a, inp, p, m, s, tg, b, nb)",
             [job.id for job in plain],
             [job.analyzer for job in plain],
             [msgspec.json.encode(job.input).decode() for job in plain],
@@ -84,8 +89,10 @@ async def submit(conn: Any, jobs: Sequence[NewJob]) -> list[Submitted]:
             [job.max_attempts for job in plain],
             [job.source for job in plain],
             now,
+            [encode_tags(job.tags) for job in plain],
+            [job.batch for job in plain],
+            [job.not_before for job in plain],
         )
-        created += len(plain)
     for job in jobs:
         if job.idempotency_key is None:
             out.append(Submitted(job.id, True))
@@ -100,15 +107,25 @@ async def submit(conn: Any, jobs: Sequence[NewJob]) -> list[Submitted]:
             job.max_attempts,
             now,
             job.source,
+            encode_tags(job.tags),
+            job.batch,
+            job.not_before,
         )
         if new_id is not None:
-            created += 1
+            created.append(job)
             out.append(Submitted(job.id, True))
             continue
         first = await conn.fetchrow(
-            "SELECT id, analyzer, input FROM jobs WHERE idempotency_key = $1", job.idempotency_key
+            f"SELECT {KEYED_COLUMNS} FROM jobs WHERE idempotency_key = $1", job.idempotency_key
         )
         out.append(same_job(job, *first))
+    tagged = [(tag, job.id) for job in created for tag in job.tags]
+    if tagged:
+        await conn.execute(
+            "INSERT INTO job_tags (tag, job_id) SELECT * FROM unnest($1::text[], $2::text[])",
+            [tag for tag, _ in tagged],
+            [job_id for _, job_id in tagged],
+        )
     if created:
         await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
     return out

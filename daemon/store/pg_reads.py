@@ -25,7 +25,7 @@ from daemon.store.calls import (
     row_to_usage,
     usage_sql,
 )
-from daemon.store.filters import JobFilter, Params, count_sql, ids_sql
+from daemon.store.filters import JobFilter, Params, count_sql, ids_sql, list_sql
 
 PG_GROUPS = {"day": "to_char(to_timestamp(at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"}
 DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
@@ -67,28 +67,11 @@ class PgReads:
         )
         return [row_to_attempt(row) for row in rows]
 
-    async def list_jobs(
-        self,
-        *,
-        state: str | None = None,
-        analyzer: str | None = None,
-        limit: int = 50,
-        before: str | None = None,
-    ) -> list[Job]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        for column, value in (("state", state), ("analyzer", analyzer), ("id <", before)):
-            if value is not None:
-                params.append(value)
-                op = "" if column.endswith("<") else " ="
-                clauses.append(f"{column}{op} ${len(params)}")
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        params.append(limit)
-        rows = await self._fetch(
-            f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ${len(params)}",
-            *params,
-        )
-        return [row_to_job(row) for row in rows]
+    async def list_jobs(self, flt: JobFilter | None = None, *, limit: int = 50) -> list[Job]:
+        """The jobs `flt` matches (None: all), newest first, at most `limit`."""
+        params = Params("numeric")
+        sql = list_sql(JOB_COLUMNS, flt or JobFilter(), params, limit)
+        return [row_to_job(row) for row in await self._fetch(sql, *params.values)]
 
     async def count_jobs(self, flt: JobFilter) -> dict[str, int]:
         """Jobs matching `flt`, by state (states with none left out)."""

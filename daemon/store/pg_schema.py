@@ -132,6 +132,19 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (scope, name, day)
     );
     """,
+    # 5: per-job metadata (SQLite's migration 6). Tags as the job shows them (a JSON
+    # list, NULL for none) and, to find a tag's jobs without a scan, one row per tag
+    # and job; a batch id, indexed with the state for a batch's progress.
+    """
+    ALTER TABLE jobs ADD COLUMN tags text, ADD COLUMN batch text;
+    CREATE INDEX jobs_batch ON jobs (batch, state) WHERE batch IS NOT NULL;
+    CREATE TABLE job_tags (
+        tag text NOT NULL,
+        job_id text NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        PRIMARY KEY (tag, job_id)
+    );
+    CREATE INDEX job_tags_job ON job_tags (job_id);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -100,6 +100,20 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX jobs_finished ON jobs (state, finished_at);
     """,
+    # 6: per-job metadata. Tags as the job shows them (a JSON list, NULL for none) and,
+    # to find a tag's jobs without a scan, one row per tag and job; a batch id, indexed
+    # with the state so a batch's progress is counted from the index alone.
+    """
+    ALTER TABLE jobs ADD COLUMN tags TEXT;
+    ALTER TABLE jobs ADD COLUMN batch TEXT;
+    CREATE INDEX jobs_batch ON jobs (batch, state) WHERE batch IS NOT NULL;
+    CREATE TABLE job_tags (
+        tag TEXT NOT NULL,
+        job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        PRIMARY KEY (tag, job_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX job_tags_job ON job_tags (job_id);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -19,7 +19,6 @@ from typing import Literal, Self
 
 import aiosqlite
 import anyio
-import msgspec
 import structlog
 
 from daemon.jobs import Job, State
@@ -43,7 +42,6 @@ from daemon.store.base import (
     TableStats,
     next_state,
     row_to_job,
-    same_job,
 )
 from daemon.store.filters import BulkAction, BulkRow, JobFilter
 from daemon.store.schema import migrate
@@ -51,14 +49,10 @@ from daemon.store.sqlite_batch import Tx
 from daemon.store.sqlite_bulk import bulk_step
 from daemon.store.sqlite_health import DiskWatch
 from daemon.store.sqlite_reads import SqliteReads, write_calls
+from daemon.store.sqlite_submit import submit_op
 
 log = structlog.get_logger("vigil.store")
 Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
-_INSERT_JOB = (
-    "INSERT INTO jobs (id, analyzer, input, priority, idempotency_key, state, max_attempts, "
-    "created_at, source) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?) "
-    "ON CONFLICT (idempotency_key) DO NOTHING"
-)
 
 
 class Store(SqliteReads, DiskWatch, anyio.AsyncContextManagerMixin):
@@ -178,7 +172,7 @@ class Store(SqliteReads, DiskWatch, anyio.AsyncContextManagerMixin):
 
     async def submit(self, jobs: Sequence[NewJob], *, max_backlog: int) -> list[Submitted]:
         """Insert jobs in one transaction; a repeated idempotency key returns the
-        first job (IdempotencyConflict if its analyzer or input differ). All or
+        first job (IdempotencyConflict if it is another job: `same_job`). All or
         nothing: over the backlog bound, nothing is inserted.
         Refused at once while the disk is nearly full or writes are failing: running
         attempts keep what room and writer time there is for their results."""
@@ -188,43 +182,7 @@ class Store(SqliteReads, DiskWatch, anyio.AsyncContextManagerMixin):
 
         def op(db: sqlite3.Connection, tx: Tx) -> list[Submitted]:
             queued = self.counts["queued"] + tx.current["queued"]
-            if queued + len(jobs) > max_backlog:
-                raise BacklogFull(queued, max_backlog)
-            now = time.time()
-            rows = {
-                job.id: (
-                    job.id,
-                    job.analyzer,
-                    msgspec.json.encode(job.input).decode(),
-                    job.priority,
-                    job.idempotency_key,
-                    job.max_attempts,
-                    now,
-                    job.source,
-                )
-                for job in jobs
-            }
-            # Jobs without a key cannot collide: one statement for all of them.
-            plain = [rows[job.id] for job in jobs if job.idempotency_key is None]
-            db.executemany(_INSERT_JOB, plain)
-            tx.move(None, "queued", len(plain))
-            out: list[Submitted] = []
-            for job in jobs:
-                if job.idempotency_key is None:
-                    out.append(Submitted(job.id, True))
-                    continue
-                cur = db.execute(_INSERT_JOB, rows[job.id])
-                if cur.rowcount == 1:
-                    tx.move(None, "queued")
-                    out.append(Submitted(job.id, True))
-                    continue
-                row = db.execute(
-                    "SELECT id, analyzer, input FROM jobs WHERE idempotency_key = ?",
-                    (job.idempotency_key,),
-                ).fetchone()
-                assert row is not None
-                out.append(same_job(job, *row))
-            return out
+            return submit_op(db, tx, jobs, queued=queued, max_backlog=max_backlog)
 
         result: list[Submitted] = await self._write(op)
         return result

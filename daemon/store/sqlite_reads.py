@@ -28,7 +28,7 @@ from daemon.store.calls import (
     spend_rows,
     usage_sql,
 )
-from daemon.store.filters import JobFilter, Params, count_sql, ids_sql
+from daemon.store.filters import JobFilter, Params, count_sql, ids_sql, list_sql
 
 
 class SqliteReads:
@@ -63,28 +63,11 @@ class SqliteReads:
             rows = await cur.fetchall()
         return [row_to_attempt(row) for row in rows]
 
-    async def list_jobs(
-        self,
-        *,
-        state: str | None = None,
-        analyzer: str | None = None,
-        limit: int = 50,
-        before: str | None = None,
-    ) -> list[Job]:
-        """Newest first; `before` is the last id of the previous page (a cursor)."""
-        clauses, params = [], []
-        for column, value in (("state", state), ("analyzer", analyzer)):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        if before is not None:
-            clauses.append("id < ?")
-            params.append(before)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        async with self._read.execute(
-            f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?",
-            (*params, limit),
-        ) as cur:
+    async def list_jobs(self, flt: JobFilter | None = None, *, limit: int = 50) -> list[Job]:
+        """The jobs `flt` matches (None: all), newest first, at most `limit`."""
+        params = Params("qmark")
+        sql = list_sql(JOB_COLUMNS, flt or JobFilter(), params, limit)
+        async with self._read.execute(sql, params.values) as cur:
             return [row_to_job(row) for row in await cur.fetchall()]
 
     async def count_jobs(self, flt: JobFilter) -> dict[str, int]:
