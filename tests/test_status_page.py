@@ -51,6 +51,24 @@ async def test_page_is_served_with_a_strict_csp(start_daemon: StartDaemon) -> No
     assert "innerHTML" not in script  # text only: nothing from /status runs as markup
 
 
+@pytest.mark.anyio
+async def test_page_keeps_to_its_csp_and_the_token_to_the_tab() -> None:
+    """No inline event handlers, no eval, no markup from data; the job browser's token
+    goes to sessionStorage and the Authorization header only, never a cookie."""
+    page = await anyio.to_thread.run_sync(load_page)
+    html = page.body.decode()
+    (script,) = re.findall(r"<script>(.*?)</script>", html, re.DOTALL)
+    assert not re.search(r"<[^>]+\son[a-z]+\s*=", html)  # onclick= and the like
+    assert not re.search(r"\beval\(|new Function|setTimeout\(\s*[\"'`]", script)
+    for markup in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write"):
+        assert markup not in script, markup
+    assert "localStorage" not in script and "document.cookie" not in script
+    assert "sessionStorage.setItem(TOKEN_KEY" in script
+    assert 'headers.Authorization = "Bearer " + sent' in script
+    assert 'api("v1/jobs?state=failed&limit=20")' in script
+    assert "JSON.stringify({ ids: [openId] })" in script  # retry one job by id
+
+
 def test_a_page_without_script_allows_none() -> None:
     """No inline block means nothing is allowed, rather than everything."""
     page = build_page(b"<!doctype html><p>hi</p>")
