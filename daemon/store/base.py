@@ -107,6 +107,24 @@ def same_job(
     return Submitted(existing_id, False)
 
 
+def job_row(job: NewJob, now: float) -> tuple[Any, ...]:
+    """A new job's values in the order both stores insert them: id, analyzer, input,
+    priority, idempotency_key, max_attempts, created_at, source, tags, batch, not_before."""
+    return (
+        job.id,
+        job.analyzer,
+        msgspec.json.encode(job.input).decode(),
+        job.priority,
+        job.idempotency_key,
+        job.max_attempts,
+        now,
+        job.source,
+        encode_tags(job.tags),
+        job.batch,
+        job.not_before,
+    )
+
+
 def encode_tags(tags: Sequence[str]) -> str | None:
     """Tags as the jobs table keeps them: a JSON list, NULL for none."""
     return msgspec.json.encode(list(tags)).decode() if tags else None

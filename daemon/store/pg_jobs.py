@@ -24,6 +24,7 @@ from daemon.store.base import (
     NewJob,
     Submitted,
     encode_tags,
+    job_row,
     row_to_job,
     same_job,
 )
@@ -97,20 +98,7 @@ async def submit(conn: Any, jobs: Sequence[NewJob]) -> list[Submitted]:
         if job.idempotency_key is None:
             out.append(Submitted(job.id, True))
             continue
-        new_id = await conn.fetchval(
-            _INSERT_KEYED,
-            job.id,
-            job.analyzer,
-            msgspec.json.encode(job.input).decode(),
-            job.priority,
-            job.idempotency_key,
-            job.max_attempts,
-            now,
-            job.source,
-            encode_tags(job.tags),
-            job.batch,
-            job.not_before,
-        )
+        new_id = await conn.fetchval(_INSERT_KEYED, *job_row(job, now))
         if new_id is not None:
             created.append(job)
             out.append(Submitted(job.id, True))

@@ -8,14 +8,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import msgspec
-
 from daemon.store.base import (
     KEYED_COLUMNS,
     BacklogFull,
     NewJob,
     Submitted,
-    encode_tags,
+    job_row,
     same_job,
 )
 from daemon.store.sqlite_batch import Tx
@@ -38,22 +36,7 @@ def submit_op(
     if queued + len(jobs) > max_backlog:
         raise BacklogFull(queued, max_backlog)
     now = time.time()
-    rows: dict[str, tuple[Any, ...]] = {
-        job.id: (
-            job.id,
-            job.analyzer,
-            msgspec.json.encode(job.input).decode(),
-            job.priority,
-            job.idempotency_key,
-            job.max_attempts,
-            now,
-            job.source,
-            encode_tags(job.tags),
-            job.batch,
-            job.not_before,
-        )
-        for job in jobs
-    }
+    rows: dict[str, tuple[Any, ...]] = {job.id: job_row(job, now) for job in jobs}
     # Jobs without a key cannot collide: one statement for all of them.
     plain = [job for job in jobs if job.idempotency_key is None]
     db.executemany(_INSERT_JOB, [rows[job.id] for job in plain])
