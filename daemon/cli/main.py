@@ -227,6 +227,32 @@ def add_common(parser: argparse.ArgumentParser, default: Any = argparse.SUPPRESS
     parser.add_argument("--socket", default=default, help="control socket ($VIGIL_SOCKET)")
 
 
+SIMULATE_LIMIT_FLAGS: tuple[tuple[str, str, float, str], ...] = (
+    ("--rpm", "requests_per_minute", 0, "requests per minute (0: no limit)"),
+    (
+        "--tpm",
+        "tokens_per_minute",
+        0,
+        "openai: tokens per minute, prompt + max_tokens (0: no limit)",
+    ),
+    (
+        "--itpm",
+        "input_tokens_per_minute",
+        0,
+        "anthropic: input tokens per minute, cache reads free",
+    ),
+    ("--otpm", "output_tokens_per_minute", 0, "anthropic: output tokens per minute (0: no limit)"),
+    ("--slice-s", "slice_s", 1.0, "limits are enforced in slices this long (60: a minute's burst)"),
+    (
+        "--overload-rate",
+        "overload_rate",
+        0.0,
+        "share answered overloaded (anthropic 529, openai 503)",
+    ),
+)
+"""`vigil simulate-api`'s limit and fault flags: (flag, SimulateConfig field, default, help)."""
+
+
 def add_simulate_parser(sub: Any) -> None:
     """`vigil simulate-api`: each flag is checked by SimulateConfig's own constraint for
     its field, so the command line takes exactly what the config file takes."""
@@ -248,44 +274,10 @@ def add_simulate_parser(sub: Any) -> None:
     )
     sim.add_argument("--latency-ms", type=field["latency_ms"], default=200.0)
     sim.add_argument("--latency-sigma", type=field["latency_sigma"], default=0.5)
-    sim.add_argument(
-        "--rpm",
-        type=field["requests_per_minute"],
-        default=0,
-        help="requests per minute (0: no limit)",
-    )
-    sim.add_argument(
-        "--tpm",
-        type=field["tokens_per_minute"],
-        default=0,
-        help="openai: tokens per minute, prompt + max_tokens (0: no limit)",
-    )
-    sim.add_argument(
-        "--itpm",
-        type=field["input_tokens_per_minute"],
-        default=0,
-        help="anthropic: input tokens per minute, cache reads free (0: no limit)",
-    )
-    sim.add_argument(
-        "--otpm",
-        type=field["output_tokens_per_minute"],
-        default=0,
-        help="anthropic: output tokens per minute (0: no limit)",
-    )
-    sim.add_argument(
-        "--slice-s",
-        type=field["slice_s"],
-        default=1.0,
-        help="limits are enforced in slices this long (60: a whole minute's burst)",
-    )
+    for flag, key, default, text in SIMULATE_LIMIT_FLAGS:
+        sim.add_argument(flag, type=field[key], default=default, help=text)
     sim.add_argument("--error-rate", type=field["error_rate"], default=0.0)
     sim.add_argument("--hang-rate", type=field["hang_rate"], default=0.0)
-    sim.add_argument(
-        "--overload-rate",
-        type=field["overload_rate"],
-        default=0.0,
-        help="share of requests turned away overloaded (anthropic 529, openai 503)",
-    )
     sim.add_argument("--seed", type=field["seed"])
     sim.set_defaults(func=cmd_simulate_api)
 
