@@ -57,7 +57,7 @@ async def _call(client: ControlClient, args: argparse.Namespace, **more: Any) ->
             raise
         would = summary(action, {**exc.details, "dry_run": True, "sample": []})
         raise UsageError(
-            f"{action} without a filter: it {would.removeprefix('would ')}; add --all (or "
+            f"{action} without a filter {would}; add --all (or "
             f"--yes) to do that, or narrow it with {FILTER_FLAGS}"
             + (" or --older-than" if action == "purge" else "")
         ) from None
