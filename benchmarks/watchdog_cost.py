@@ -1,4 +1,4 @@
-"""What the watchdog costs: now `vigil bench watchdog` (daemon/cli/bench_watchdog.py),
+"""What the watchdog costs: now `vigil bench watchdog` (daemon/bench/watchdog.py),
 which keeps this script's method (N jobs submitted while paused, timed from `resume`
 to the last result, the watchdog on and off in alternating rounds, jobs/s and the
 daemon's CPU per job, the median of each round's own on/off ratio) and runs the API

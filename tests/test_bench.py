@@ -11,9 +11,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from daemon.cli.bench_common import jsonl_lines, percentiles, write_jsonl
-from daemon.cli.bench_perf import SCENARIOS
-from daemon.cli.bench_report import Result, at_least, at_most, info
+from daemon.bench.common import jsonl_lines, percentiles, write_jsonl
+from daemon.bench.perf import SCENARIOS
+from daemon.bench.report import Result, at_least, at_most, info
 from tests.daemon_proc import run_cli
 
 

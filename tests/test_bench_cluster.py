@@ -15,8 +15,8 @@ import msgspec
 import psutil  # type: ignore[import-untyped]  # no stubs; types-psutil is not a dependency
 import pytest
 
-from daemon.cli.bench_perf import SCENARIOS
-from daemon.cli.pg_launch import unavailable
+from daemon.bench.perf import SCENARIOS
+from daemon.bench.pg_launch import unavailable
 
 SMOKE_TIMEOUT_S = 120  # the run itself takes ~35 s; the margin is for a busy machine
 

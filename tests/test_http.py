@@ -164,12 +164,39 @@ MALFORMED: list[tuple[bytes, str]] = [
 ]
 
 
+JSON_TYPE = {"Content-Type": "application/json"}
+
+
+async def test_a_change_from_another_site_is_refused(
+    daemon: DaemonProcess, client: aiohttp.ClientSession, base_url: str
+) -> None:
+    """A page on another site cannot change anything: a body that is not JSON (what a
+    form or a no-cors fetch sends) is a 415, a cross-site or foreign-origin request a
+    403, and nothing is written; the same request from the page's own origin works."""
+    body = b'{"all": true}'
+    async with client.post("/v1/jobs:cancel", data=body, headers=AUTH) as r:
+        await expect_error(r, 415, "unsupported_media_type")
+    text_plain = AUTH | {"Content-Type": "text/plain"}
+    async with client.post("/v1/jobs:purge", data=body, headers=text_plain) as r:
+        await expect_error(r, 415, "unsupported_media_type")
+    for foreign in ({"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+        async with client.post(
+            "/v1/jobs:cancel", data=body, headers=AUTH | JSON_TYPE | foreign
+        ) as r:
+            await expect_error(r, 403, "forbidden")
+        async with client.delete("/v1/jobs/some-id", headers=AUTH | foreign) as r:
+            await expect_error(r, 403, "forbidden")
+    own = {"Origin": base_url.rstrip("/"), "Sec-Fetch-Site": "same-origin"}
+    async with client.post("/v1/jobs:cancel", json={"state": "queued"}, headers=AUTH | own) as r:
+        assert r.status == 200, await r.text()
+
+
 async def test_malformed_bodies_get_400(
     daemon: DaemonProcess, client: aiohttp.ClientSession
 ) -> None:
     """Malformed JSON and wrong types get a 400 in the error shape; the daemon serves on."""
     for body, code in MALFORMED:
-        async with client.post("/v1/jobs", data=body, headers=AUTH) as r:
+        async with client.post("/v1/jobs", data=body, headers=AUTH | JSON_TYPE) as r:
             assert r.status == 400, (body[:40], await r.text())
             await expect_error(r, 400, code)
     async with client.get("/healthz") as r:

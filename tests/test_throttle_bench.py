@@ -8,11 +8,10 @@ from typing import Any
 
 import msgspec
 
-from daemon.cli.bench import SCENARIOS
-from daemon.cli.bench_outage import OutageRun, summarize_outage
-from daemon.cli.bench_run import ApiSample, AttemptRow, LogMark, Run, log_events
-from daemon.cli.bench_scenarios import ALL, api_args, daemon_config, make_job
-from daemon.cli.bench_throttle_figures import report, summarize, summarize_overloaded
+from daemon.bench.outage import OutageRun, summarize_outage
+from daemon.bench.run import ApiSample, AttemptRow, LogMark, Run, log_events
+from daemon.bench.scenarios import ALL, SCENARIOS, api_args, daemon_config, make_job
+from daemon.bench.throttle_figures import report, summarize, summarize_overloaded
 from daemon.config import parse_config
 from tests.daemon_proc import run_cli, sim_config
 

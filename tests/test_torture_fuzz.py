@@ -385,7 +385,7 @@ def check_http(answer: RawResponse, *, authed: bool, path: str, method: str) -> 
         assert body["error"]["code"] and body["error"]["message"], body
     if not authed and 200 <= answer.status < 300:
         # Nothing of /v1 without the token: no job list, job, submit or cancel answer.
-        for marker in (b"next_before", b'"job":{', b'"ids":[', b'"was":'):
+        for marker in (b'"next_before":', b'"job":{', b'"ids":[', b'"was":'):
             assert marker not in answer.body, (method, path, answer.body[:300])
     route = path.split("?")[0]
     if not authed and (route == "/v1" or route.startswith("/v1/")) and answer.status < 500:

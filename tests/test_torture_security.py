@@ -251,11 +251,15 @@ def test_request_body_limit_holds_for_chunked_bodies(start_daemon: StartDaemon) 
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(10)) + b"0\r\n\r\n"
     chunked = (
         b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/json\r\n"
         b"Connection: close\r\n\r\n" + chunks
     )
     answer = raw_http(*addr, chunked)
     assert answer.status == 413, answer
-    declared = b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n{"
+    declared = (
+        b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 999999999\r\n\r\n{"
+    )
     answer = raw_http(*addr, declared, half_close_after_s=5)
     assert answer.status == 413, answer
     assert daemon.call("status")["jobs"]["queued"] == 0

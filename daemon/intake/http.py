@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import msgspec
@@ -59,12 +60,14 @@ ERROR_STATUS: dict[str, int] = {
     "unauthorized": 401,
     "not_found": 404,
     "unknown_command": 404,
+    "forbidden": 403,
     "method_not_allowed": 405,
     "request_timeout": 408,
     "filter_required": 400,
     "invalid_state": 409,
     "idempotency_conflict": 409,
     "too_large": 413,
+    "unsupported_media_type": 415,
     "backlog_full": 429,
     "internal": 500,
     "intake_closed": 503,
@@ -198,7 +201,12 @@ def _protected(request: web.Request) -> bool:
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """/v1/* needs the bearer token while the variable named by http.token_env is set.
-    Like API keys, the token is read from the environment at use, never logged."""
+    Like API keys, the token is read from the environment at use, never logged. And a
+    change under /v1 never comes from another site's page: a browser sends it with
+    `Sec-Fetch-Site: cross-site` or a foreign `Origin`, refused here; `_body` refuses a
+    body that is not `application/json`, which no page can send cross-site unasked."""
+    if _protected(request) and request.method not in ("GET", "HEAD", "OPTIONS"):
+        _same_site(request)
     if _protected(request):
         env = request.app[RUNTIME].config.http.token_env
         token = os.environ.get(env) if env else None
@@ -214,6 +222,14 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
                     "missing or wrong bearer token (Authorization: Bearer <token>)",
                 )
     return await handler(request)
+
+
+def _same_site(request: web.Request) -> None:
+    if request.headers.get("Sec-Fetch-Site") == "cross-site":
+        raise CommandError("forbidden", "a change under /v1 from another site's page")
+    origin = request.headers.get("Origin")
+    if origin and origin != "null" and urlsplit(origin).netloc != request.host:
+        raise CommandError("forbidden", f"a change under /v1 from another origin ({origin[:80]})")
 
 
 async def _run(request: web.Request, cmd: str, args: dict[str, Any]) -> Any:
@@ -253,7 +269,12 @@ async def page(request: web.Request) -> web.Response:
 
 
 async def _body(request: web.Request) -> Any:
-    """The request body as JSON, within the size and time limits."""
+    """The request body as JSON (declared so), within the size and time limits."""
+    if request.content_type != "application/json":
+        raise CommandError(
+            "unsupported_media_type",
+            f"the body must be Content-Type: application/json, not {request.content_type!r}",
+        )
     declared, limit = request.content_length, request.app[SETTINGS].max_body_bytes
     if declared is not None and declared > limit:  # refused before any of it is read
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=declared)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import psutil  # type: ignore[import-untyped]  # no stubs; types-psutil is not a dependency
@@ -27,7 +27,12 @@ from daemon.watchdog.stuck import StuckWatch
 from daemon.watchdog.tasks import TaskRegistry
 
 if TYPE_CHECKING:
-    from daemon.runtime import Runtime
+    from collections.abc import Callable
+
+    from daemon.config import Config
+    from daemon.live import Live
+    from daemon.observe.health import Health
+    from daemon.queue import Dispatcher
 
 log = structlog.get_logger("vigil.watchdog")
 
@@ -36,8 +41,28 @@ log = structlog.get_logger("vigil.watchdog")
 EX_RESTART = 75
 
 
+class Host(Protocol):
+    """What the watchdog uses of the daemon's Runtime (daemon/runtime.py), which holds the
+    watchdog in turn: named here so that this module does not import runtime.py."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def dispatcher(self) -> Dispatcher: ...
+    @property
+    def live(self) -> Live: ...
+    @property
+    def health(self) -> Health: ...
+    @property
+    def status_sections(self) -> dict[str, Callable[[], Any]]: ...
+
+    watchdog: Watchdog | None
+
+    def request_stop(self) -> None: ...
+
+
 class Watchdog:
-    def __init__(self, rt: Runtime, config: WatchdogConfig | None = None) -> None:
+    def __init__(self, rt: Host, config: WatchdogConfig | None = None) -> None:
         self._rt = rt
         self.config = cfg = config or rt.config.watchdog
         self.restart_requested: str | None = None

@@ -25,8 +25,8 @@ import msgspec
 import psutil  # type: ignore[import-untyped]  # no stubs; types-psutil is not a dependency
 
 from daemon import __version__
-from daemon.cli.bench import cpu_model
-from daemon.cli.bench_run import BenchError, daemon, simulated_api
+from daemon.bench.run import BenchError, daemon, simulated_api
+from daemon.bench.throttle import cpu_model
 from daemon.control.client import ControlClient
 
 _LIBRARIES = ("aiohttp", "aiosqlite", "anyio", "msgspec", "structlog", "uvloop")

@@ -3,19 +3,19 @@
 none), of the learning scenario (429s before and after the daemon learned a lower limit
 from the API's headers) and of the overloaded one (529s met, nobody held back), the
 method text each result carries, and the tables printed at the end. Pure functions of
-what bench_run recorded; the outage scenario's figures live with its run
-(bench_outage.py)."""
+what run.py recorded; the outage scenario's figures live with its run
+(outage.py)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from daemon.bench.outage import OUTAGE_METHOD, outage_table
 from daemon.cli import render
-from daemon.cli.bench_outage import OUTAGE_METHOD, outage_table
 
 if TYPE_CHECKING:
-    from daemon.cli.bench_run import ApiSample, Run
-    from daemon.cli.bench_scenarios import Scenario
+    from daemon.bench.run import ApiSample, Run
+    from daemon.bench.scenarios import Scenario
 
 METHOD = (
     "The simulated API enforces each per-minute limit in one-second slices: its bucket "

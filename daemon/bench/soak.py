@@ -11,8 +11,8 @@ from typing import Any
 
 import anyio
 
-from daemon.cli.bench_common import Env, Setup, median, running
-from daemon.cli.bench_report import Result, at_most, info
+from daemon.bench.common import Env, Setup, median, running
+from daemon.bench.report import Result, at_most, info
 
 TARGET_GROWTH = 0.05
 FULL_JOBS = 200_000

@@ -16,8 +16,7 @@ import aiohttp
 import anyio
 import msgspec
 
-from daemon.cli import render
-from daemon.cli.bench_run import (
+from daemon.bench.run import (
     POLL_S,
     ApiSample,
     AttemptRow,
@@ -32,10 +31,11 @@ from daemon.cli.bench_run import (
     simulated_api,
     submit_jobs,
 )
+from daemon.cli import render
 from daemon.control.client import ControlClient
 
 if TYPE_CHECKING:
-    from daemon.cli.bench_scenarios import Scenario
+    from daemon.bench.scenarios import Scenario
 
 OUTAGE_METHOD = (
     "The daemon starts with the API down (nothing listens on its port: connection "
@@ -90,7 +90,7 @@ def _circuit(status: dict[str, Any]) -> dict[str, Any]:
 
 
 async def run_outage(s: Scenario, root: Path) -> OutageRun:
-    from daemon.cli.bench_scenarios import api_args, daemon_config, make_job
+    from daemon.bench.scenarios import api_args, daemon_config, make_job
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -167,7 +167,7 @@ def _s(value: float | None) -> float | None:
 
 
 def summarize_outage(s: Scenario, run: OutageRun, host: dict[str, Any]) -> dict[str, Any]:
-    from daemon.cli.bench_scenarios import BREAKER_FAILURES
+    from daemon.bench.scenarios import BREAKER_FAILURES
 
     rows = Counter(row.outcome for row in run.db_attempts)
     closed = [t - run.returned_at for t in run.closed_at if t >= run.returned_at]

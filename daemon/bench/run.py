@@ -1,7 +1,7 @@
 """The machinery of `vigil bench throttle`: the simulated API and the daemon as separate
 processes, jobs fed over the control socket, the API's own counters sampled while
 they run, and what the daemon wrote (its log's events, its attempt rows). What the
-numbers mean is bench_throttle_figures.py's and bench_outage.py's business; this
+numbers mean is throttle_figures.py's and outage.py's business; this
 module only runs and records."""
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""The performance benchmarks' command line: `vigil bench overhead|intake|backlog|
-soak|watchdog|status|cluster|all` (`all`: every one but `cluster`, which starts a
-PostgreSQL server of its own). Each scenario runs `vigil simulate-api` and `vigil run`
-as separate processes with a fresh state directory, prints one JSON line (its
-figures, its checks against the targets, the machine and versions, the command
-that reproduces it), and at the end one table for all.
+"""The performance benchmarks: `vigil bench overhead|intake|backlog|soak|watchdog|
+status|cluster|all` (`all`: every one but `cluster`, which starts a PostgreSQL server
+of its own; daemon/cli/bench.py parses the command line). Each scenario runs `vigil
+simulate-api` and `vigil run` as separate processes with a fresh state directory, prints
+one JSON line (its figures, its checks against the targets, the machine and versions,
+the command that reproduces it), and at the end one table for all.
 
 Exit code: 0 when every judged target is met, 1 when one is missed or a run failed.
 `--smoke` runs each scenario at a tiny size, judging nothing: the test suite uses
@@ -21,11 +21,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from daemon.cli.bench_report import Result, table
+from daemon.bench.report import Result, table
+
+if TYPE_CHECKING:
+    from daemon.bench import RunAsync
 
 
 @dataclass(frozen=True)
@@ -54,53 +57,18 @@ SCENARIOS = {
 SMOKE_ROUNDS = 1
 
 
-def add_parsers(kinds: Any) -> None:
-    from daemon.cli.main import positive_int
-
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--jobs", type=positive_int, help="jobs (default: the scenario's full size)"
-    )
-    common.add_argument(
-        "--smoke", action="store_true", help="a tiny run of each scenario; judges nothing"
-    )
-    common.add_argument("--json", action="store_true", help="print only the JSON lines")
-    common.add_argument(
-        "--keep", action="store_true", help="keep each scenario's directory (config, logs, db)"
-    )
-    for scenario in SCENARIOS.values():
-        parser = kinds.add_parser(scenario.name, help=scenario.help, parents=[common])
-        if scenario.name == "watchdog":
-            parser.add_argument("--rounds", type=positive_int, default=7, help="on/off pairs")
-        parser.set_defaults(func=run_perf, scenarios=[scenario.name])
-    every = kinds.add_parser(
-        "all", help="every performance scenario but cluster, one after another", parents=[common]
-    )
-    every.add_argument("--rounds", type=positive_int, default=7, help="watchdog: on/off pairs")
-    # `all` is the SQLite suite: `cluster` needs PostgreSQL installed, and runs alone.
-    every.set_defaults(func=run_perf, scenarios=[s for s in SCENARIOS if s != "cluster"])
-
-
 def _runner(name: str, root: Path, jobs: int, judge: bool, rounds: int) -> Awaitable[Result]:
-    from daemon.cli import (
-        bench_backlog,
-        bench_cluster,
-        bench_intake,
-        bench_overhead,
-        bench_soak,
-        bench_status,
-        bench_watchdog,
-    )
+    from daemon.bench import backlog, cluster, intake, overhead, soak, status, watchdog
 
     if name == "watchdog":
-        return bench_watchdog.run(root, jobs, judge, rounds)
+        return watchdog.run(root, jobs, judge, rounds)
     modules: dict[str, Callable[[Path, int, bool], Awaitable[Result]]] = {
-        "overhead": bench_overhead.run,
-        "intake": bench_intake.run,
-        "backlog": bench_backlog.run,
-        "soak": bench_soak.run,
-        "status": bench_status.run,
-        "cluster": bench_cluster.run,
+        "overhead": overhead.run,
+        "intake": intake.run,
+        "backlog": backlog.run,
+        "soak": soak.run,
+        "status": status.run,
+        "cluster": cluster.run,
     }
     return modules[name](root, jobs, judge)
 
@@ -119,10 +87,11 @@ def _rounds(args: argparse.Namespace) -> int:
     return SMOKE_ROUNDS if args.smoke else rounds
 
 
-def run_perf(args: argparse.Namespace) -> int:
-    from daemon.cli.bench_common import machine
-    from daemon.cli.bench_run import BenchError
-    from daemon.cli.main import run_async
+def run_perf(args: argparse.Namespace, run_async: RunAsync) -> int:
+    """`vigil bench SCENARIO|all`, its arguments parsed by daemon/cli/bench.py; each
+    scenario runs in its own event loop, started by `run_async` (the CLI's)."""
+    from daemon.bench.common import machine
+    from daemon.bench.run import BenchError
 
     host = machine()
     if not args.json:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from daemon.cli.bench_common import Setup, api_only, median, running
-from daemon.cli.bench_overhead import dispatch
-from daemon.cli.bench_report import Result, at_least, info
+from daemon.bench.common import Setup, api_only, median, running
+from daemon.bench.overhead import dispatch
+from daemon.bench.report import Result, at_least, info
 
 TARGET_RATIO = 0.98
 FULL_JOBS = 10_000

@@ -1,6 +1,6 @@
 """The nodes of `vigil bench cluster` and the scenarios that are about them: several
 daemons on one PostgreSQL database, each with its own directory, and the two scenarios
-that start their own simulated API to watch the nodes cooperate (bench_cluster.py
+that start their own simulated API to watch the nodes cooperate (cluster.py
 holds the store's own figures and the report).
 
 - takeover: two nodes with `lease_s = 3` and an API answering in ~2 s; both run
@@ -8,8 +8,8 @@ holds the store's own figures and the report).
   the other (or finished) is measured on the database.
 - shared limit: three nodes with `requests_per_minute = 3000` each against an API
   that allows 3000 RPM in all (SHARED_METHOD): utilisation and 429 share by the API's
-  own /stats, measured as `vigil bench throttle` measures them (bench_run's samples,
-  bench_throttle_figures.window), and each node's share of the attempts."""
+  own /stats, measured as `vigil bench throttle` measures them (run.py's samples,
+  throttle_figures.window), and each node's share of the attempts."""
 
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ import anyio
 import asyncpg
 import psutil  # type: ignore[import-untyped]  # no stubs; types-psutil is not a dependency
 
-from daemon.cli.bench import Scenario
-from daemon.cli.bench_common import MAX_TOKENS, Env, Setup, daemon_config, job_input, run_daemon
-from daemon.cli.bench_run import POLL_S as API_POLL_S
-from daemon.cli.bench_run import ApiSample, BenchError, api_sample, poll_until, simulated_api
-from daemon.cli.bench_throttle_figures import window
-from daemon.cli.pg_launch import Postgres
+from daemon.bench.common import MAX_TOKENS, Env, Setup, daemon_config, job_input, run_daemon
+from daemon.bench.pg_launch import Postgres
+from daemon.bench.run import POLL_S as API_POLL_S
+from daemon.bench.run import ApiSample, BenchError, api_sample, poll_until, simulated_api
+from daemon.bench.scenarios import Scenario
+from daemon.bench.throttle_figures import window
 
 TAKEOVER_LEASE_S = 3
 TAKEOVER_LATENCY_MS = 2000

@@ -14,10 +14,10 @@ from typing import Any
 
 import anyio
 
-from daemon.cli.bench_common import Env, Setup, api_only, percentiles, running
-from daemon.cli.bench_overhead import dispatch
-from daemon.cli.bench_report import Result, at_most, info
-from daemon.cli.bench_run import BenchError, child_env
+from daemon.bench.common import Env, Setup, api_only, percentiles, running
+from daemon.bench.overhead import dispatch
+from daemon.bench.report import Result, at_most, info
+from daemon.bench.run import BenchError, child_env
 from daemon.control.client import ControlClient
 
 TARGET_P99_MS = 20.0

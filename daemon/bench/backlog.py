@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import psutil  # type: ignore[import-untyped]  # no stubs; types-psutil is not a dependency
 
-from daemon.cli.bench_common import (
+from daemon.bench.common import (
     Setup,
     api_only,
     daemon_config,
@@ -26,9 +26,9 @@ from daemon.cli.bench_common import (
     run_daemon,
     write_jsonl,
 )
-from daemon.cli.bench_intake import submit_jsonl
-from daemon.cli.bench_report import Result, at_most, info
-from daemon.cli.bench_run import BenchError
+from daemon.bench.intake import submit_jsonl
+from daemon.bench.report import Result, at_most, info
+from daemon.bench.run import BenchError
 from daemon.store.sqlite import Store
 
 TARGET_RSS_MB = 100

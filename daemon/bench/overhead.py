@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from daemon.cli.bench_common import (
+from daemon.bench.common import (
     Env,
     MachineCpu,
     Setup,
@@ -25,7 +25,7 @@ from daemon.cli.bench_common import (
     raw_rate,
     running,
 )
-from daemon.cli.bench_report import Result, at_least, info
+from daemon.bench.report import Result, at_least, info
 
 TARGET_RATIO = 0.5
 FULL_JOBS = 10_000

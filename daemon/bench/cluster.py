@@ -2,7 +2,7 @@
 (pg_launch.py: a temp dir, a Unix socket, the server's default durability), beside
 SQLite in the same run.
 
-- overhead: the overhead scenario (bench_overhead.dispatch: submitted while paused,
+- overhead: the overhead scenario (overhead.dispatch: submitted while paused,
   timed from the first attempt's start to the last result committed, the daemons'
   own stamps) on SQLite, then on PostgreSQL with 1, 2 and 3 daemons, each with its
   own state directory and socket and a fresh database; jobs are submitted through
@@ -15,7 +15,7 @@ SQLite in the same run.
   filled through `PostgresStore.submit` in batches of 10,000 (the store's own path),
   growing from the smallest size to the largest.
 - takeover and shared limit: the nodes cooperating, each with its own simulated
-  API (bench_cluster_nodes.py, which also starts the nodes).
+  API (cluster_nodes.py, which also starts the nodes).
 
 Every wait is bounded; all traffic goes to 127.0.0.1 and Unix sockets."""
 
@@ -30,8 +30,8 @@ from typing import Any
 import anyio
 import asyncpg
 
-from daemon.cli.bench_backlog import PICKS, SIZES
-from daemon.cli.bench_cluster_nodes import (
+from daemon.bench.backlog import PICKS, SIZES
+from daemon.bench.cluster_nodes import (
     SHARED_JOBS,
     SHARED_SMOKE_JOBS,
     TAKEOVER_JOBS_PER_NODE,
@@ -43,7 +43,7 @@ from daemon.cli.bench_cluster_nodes import (
     shared_limit,
     takeover,
 )
-from daemon.cli.bench_common import (
+from daemon.bench.common import (
     ANALYZER,
     Env,
     Setup,
@@ -54,11 +54,11 @@ from daemon.cli.bench_common import (
     running,
     write_jsonl,
 )
-from daemon.cli.bench_intake import TARGET_SOCKET_PER_S, submit_jsonl
-from daemon.cli.bench_overhead import dispatch
-from daemon.cli.bench_report import Check, Result, at_least, at_most, info
-from daemon.cli.bench_run import BenchError, beside
-from daemon.cli.pg_launch import Postgres, postgres
+from daemon.bench.intake import TARGET_SOCKET_PER_S, submit_jsonl
+from daemon.bench.overhead import dispatch
+from daemon.bench.pg_launch import Postgres, postgres
+from daemon.bench.report import Check, Result, at_least, at_most, info
+from daemon.bench.run import BenchError, beside
 from daemon.config import StoreConfig
 from daemon.jobs import JobIds
 from daemon.store.base import NewJob
@@ -75,7 +75,7 @@ SAMPLE_S = 0.1
 
 
 async def pg_window(dsn: str) -> tuple[float, float, int]:
-    """bench_common.db_window on PostgreSQL: (first attempt started, last job finished,
+    """common.db_window on PostgreSQL: (first attempt started, last job finished,
     jobs finished)."""
     rows = await query(
         dsn,
@@ -158,7 +158,7 @@ async def _measured(
     jobs: int,
     window: Callable[[], Awaitable[tuple[float, float, int]]] | None = None,
 ) -> dict[str, Any]:
-    """bench_overhead.dispatch on these nodes, and the store commits it took a job."""
+    """overhead.dispatch on these nodes, and the store commits it took a job."""
     commits = await _commits(envs)
     measured = await dispatch(envs[0], jobs, others=envs[1:], window=window)
     measured["commits_per_job"] = round((await _commits(envs) - commits) / jobs, 2)

@@ -17,9 +17,9 @@ from typing import Any
 import anyio
 import msgspec
 
-from daemon.cli.bench_common import ANALYZER, Env, Setup, job, running, write_jsonl
-from daemon.cli.bench_report import Result, at_least, info
-from daemon.cli.bench_run import BenchError, child_env
+from daemon.bench.common import ANALYZER, Env, Setup, job, running, write_jsonl
+from daemon.bench.report import Result, at_least, info
+from daemon.bench.run import BenchError, child_env
 
 TARGET_SOCKET_PER_S = 20_000
 FULL_JOBS = 100_000

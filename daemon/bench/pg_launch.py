@@ -27,7 +27,7 @@ import anyio
 import asyncpg
 import psutil  # type: ignore[import-untyped]  # no stubs; types-psutil is not a dependency
 
-from daemon.cli.bench_run import BenchError
+from daemon.bench.run import BenchError
 
 PG_BIN = Path(os.environ.get("VIGIL_PG_BIN", "/usr/lib/postgresql/15/bin"))
 PG_USER = "postgres"  # the OS user the server runs as (when we are root), and the superuser
