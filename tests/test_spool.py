@@ -124,6 +124,34 @@ async def test_a_claimed_file_is_resumed_exactly_once_after_crashes(tmp_path: Pa
 
 
 @pytest.mark.anyio
+async def test_a_claimed_file_resubmitted_under_new_settings_keeps_its_job(
+    tmp_path: Path,
+) -> None:
+    """A file submitted before a crash, taken up again after the spool's analyzer was
+    changed: the spool finds the file's job by its key and keeps it (no resubmit, so
+    no idempotency conflict to retry forever), and the file ends done."""
+    async with open_env(tmp_path) as env:
+        processing = env.inbox / "processing"
+        processing.mkdir()
+        (processing / "a.txt").write_text("claimed before the crash")
+        async with running(env.spool()):
+            await until(lambda: env.store.counts["queued"] == 1)
+        digest = '[analyzers.digest]\nprovider = "sim"\nmodel = "m"\nprompt = "{text}"\n'
+        spool = spool_toml(env.inbox).replace('analyzer = "summarize"', 'analyzer = "digest"')
+        env.live.config = parse_config(sim_config(extra=digest + spool))
+        env.live.analyzers = build_analyzers(env.live.config)
+        async with running(env.spool()) as second:
+            await until(lambda: second.status()["in_flight"] == 1)
+            assert env.store.counts["queued"] == 1  # no second job
+            await finish_all(env.store)
+            await until(lambda: listing(env.inbox, "done") == ["a.txt"])
+        [job] = await jobs_in(env.store)
+        assert job["analyzer"] == "summarize"
+        out = msgspec.json.decode((env.inbox / "out" / "a.txt.json").read_bytes())
+        assert out["job_id"] == job["id"] and out["state"] == "succeeded"
+
+
+@pytest.mark.anyio
 async def test_a_new_file_with_a_used_name_keeps_both_outcomes(tmp_path: Path) -> None:
     """A second a.txt is a new job; it waits while the first is in flight and ends
     beside it under a suffixed name, the first outcome untouched."""
