@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -122,7 +123,7 @@ def _keep_hint(demo: Demo, state_dir: Path, temporary: bool) -> None:
     """What --keep left behind: the running daemon, how to reach it, how to stop it."""
     pid = demo.daemon.pid
     page = f"  status page: {demo.url}\n" if demo.url else ""
-    cleanup = f" && rm -r {state_dir}" if temporary else ""
+    cleanup = f" && rm -r {shlex.quote(str(state_dir))}" if temporary else ""
     print(
         f"\nThe daemon keeps running (pid {pid}), its files in {state_dir}.\n{page}"
         f"Try:\n  export VIGIL_SOCKET={demo.socket}\n"
