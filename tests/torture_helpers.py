@@ -474,9 +474,13 @@ def http_request(
     headers: dict[str, str] | None = None,
     body: bytes = b"",
 ) -> bytes:
-    """A request as bytes, with Host, Content-Length and Connection: close added."""
+    """A request as bytes, with Host, Content-Length and Connection: close added, and a
+    body declared JSON unless the headers say otherwise (as the daemon asks)."""
     lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    headers = dict(headers or {})
+    if body and not any(k.lower() == "content-type" for k in headers):
+        headers["Content-Type"] = "application/json"
+    lines += [f"{k}: {v}" for k, v in headers.items()]
     lines += [f"Content-Length: {len(body)}", "Connection: close"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
