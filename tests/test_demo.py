@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from daemon.cli.render import ProgressLine
 
 DEMO_TIMEOUT_S = 90  # the demo promises about a minute
@@ -103,6 +105,7 @@ def test_demo_shows_its_status_page_and_cleans_up(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # the normal suite keeps its twin (see README "Tests")
 def test_demo_keep_leaves_the_daemon_running_and_says_how_to_stop_it(tmp_path: Path) -> None:
     """With --keep the daemon runs on in its directory; the hint names its pid, socket,
     status page and the command that stops it and removes the directory."""

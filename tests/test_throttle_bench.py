@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 
 from daemon.bench.outage import OutageRun, summarize_outage
 from daemon.bench.run import ApiSample, AttemptRow, LogMark, Run, log_events
@@ -326,6 +327,7 @@ def test_overloaded_figures_judge_that_nobody_was_held() -> None:
     report([learned, result])  # the Anthropic rows in their tables, without error
 
 
+@pytest.mark.slow  # the normal suite keeps its twin (see README "Tests")
 def test_bench_anthropic_request_window_spans_the_jobs() -> None:
     """A tiny real run in Anthropic's dialect: requests bind, the window opens at the
     first sample and every job succeeds."""
