@@ -307,18 +307,23 @@ async def test_seeded_misbehaviour_is_reproducible() -> None:
     assert {200, 500} == set(runs[0])
 
 
+async def announced_url(capsys: pytest.CaptureFixture[str]) -> str:
+    """The URL run_standalone prints once bound (its one line)."""
+    out = ""
+    while "\n" not in out:
+        await anyio.sleep(0.01)
+        out += capsys.readouterr().out
+    prefix = "simulate-api listening on "
+    assert out.startswith(prefix), out
+    return out.removeprefix(prefix).strip()
+
+
 async def test_run_standalone_announces_and_stops(capsys: pytest.CaptureFixture[str]) -> None:
     """run_standalone prints its URL once bound, serves, and stops cleanly when cancelled."""
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_standalone, FAST, "127.0.0.1", 0)
-            out = ""
-            while "\n" not in out:
-                await anyio.sleep(0.01)
-                out += capsys.readouterr().out
-            prefix = "simulate-api listening on "
-            assert out.startswith(prefix)
-            url = out.removeprefix(prefix).strip()
+            url = await announced_url(capsys)
             async with aiohttp.ClientSession() as session:
                 status, _, _ = await post_chat(session, url, chat_body())
             tg.cancel_scope.cancel()

@@ -21,7 +21,7 @@ from daemon.simulated.server import (
     run_standalone,
     serve_simulated,
 )
-from tests.test_simulated import eventually
+from tests.test_simulated import announced_url, eventually
 from tests.test_simulated_anthropic import (
     FAST,
     RFC3339_RE,
@@ -295,11 +295,7 @@ async def test_run_standalone_announces_the_root(capsys: pytest.CaptureFixture[s
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_standalone, FAST, "127.0.0.1", 0)
-            out = ""
-            while "\n" not in out:
-                await anyio.sleep(0.01)
-                out += capsys.readouterr().out
-            url = out.removeprefix("simulate-api listening on ").strip()
+            url = await announced_url(capsys)
             assert not url.endswith("/v1")
             async with aiohttp.ClientSession(headers=VERSION) as session:
                 status, _, _ = await post(session, url, messages_body())
