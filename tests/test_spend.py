@@ -298,3 +298,17 @@ async def test_cluster_nodes_see_each_others_spend(pg_dsn: str) -> None:
         assert watcher.status()[0]["spent_usd"] == pytest.approx(0.9)
         with pytest.raises(ProviderError):
             watcher.reserve("summarize", "claude", 0.2)
+
+
+async def test_the_books_forget_days_before_this_month(store: Any) -> None:
+    """A daemon running for months keeps only this month's days in memory, and the
+    month's spend is unchanged by forgetting the last month's."""
+    clock = Clock()
+    guard = SpendGuard(store, clock=clock)
+    guard.configure(config(provider_budget="monthly_usd = 10.0"))
+    spend(guard, 0.4)  # December
+    clock.now = dt.datetime(2027, 1, 2, 12, tzinfo=dt.UTC).timestamp()
+    spend(guard, 0.2, at=clock.now)  # January
+    guard._forget_before("2027-01")  # what run() does each second
+    assert all(day >= "2027-01" for book in (guard._db, guard._local) for _, _, day in book)
+    assert guard.status()[0]["spent_usd"] == pytest.approx(0.2)

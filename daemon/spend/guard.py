@@ -233,17 +233,25 @@ class SpendGuard:
         self._db = fresh
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Keep the other nodes' spend fresh (a shared store), and count the jobs each
-        reached budget holds; a failed round is logged, not fatal."""
+        """Keep the other nodes' spend fresh (a shared store), forget days before this
+        month (the books stay a month long however long the daemon runs), and count
+        the jobs each reached budget holds; a failed round is logged, not fatal."""
         task_status.started()
         while True:
             await anyio.sleep(REFRESH_S)
+            self._forget_before(period_of("month", self.clock()))
             try:
                 if self.store.cluster is not None:
                     await self.load()
                 await self._count_held()
             except StoreError as exc:
                 log.warning("spend.refresh_failed", error=str(exc))
+
+    def _forget_before(self, month: str) -> None:
+        """Drop the days before `month` ("YYYY-MM"): no window reaches back past it."""
+        for book in (self._db, self._local):
+            for key in [key for key in book if key[2] < month]:
+                del book[key]
 
     def _held_analyzers(self, scope: str, name: str) -> list[str]:
         if scope == "analyzer":
