@@ -256,6 +256,8 @@ class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
                 if await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", REAPER_LOCK):
                     dead, taken = await pg_nodes.reap(conn, self.node, self.config.lease_s)
             if any(taken.values()):  # committed now: the dispatcher finds the jobs ready
+                self._move("running", "queued", taken["requeued"])
+                self._move("running", "failed", taken["failed"])
                 self.reaped += sum(taken.values())
                 log.warning("store.nodes_reaped", nodes=dead, **taken)
                 self.wakeup.notify()
