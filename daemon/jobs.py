@@ -85,6 +85,20 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
     cost: float | None  # None: the provider has no prices
 
 
+class Phases(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Where an attempt's time went, in milliseconds. `queue_ms` came before the attempt
+    (ready to claimed); the others add up to its duration: a concurrency slot, the
+    provider's request/token budget, a cool-down or open circuit, the API calls
+    themselves, and recording the answer (parsing, checking)."""
+
+    queue_ms: float = 0.0
+    slot_ms: float = 0.0
+    budget_ms: float = 0.0
+    cooldown_ms: float = 0.0
+    api_ms: float = 0.0
+    record_ms: float = 0.0
+
+
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     n: int
     started_at: float
@@ -96,6 +110,7 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     usage: Usage | None = None  # what the attempt's answers were billed, failed ones too
     answer: str | None = None  # a failed attempt's last model answer, cut to ANSWER_MAX_CHARS
     stop_reason: str | None = None  # why the last answer ended ("max_tokens": cut there)
+    phases: Phases | None = None  # None: an attempt recorded before phases were
 
 
 ANSWER_MAX_CHARS = 4096

@@ -15,7 +15,7 @@ import msgspec
 
 from daemon import __version__
 from daemon.errors import StartupError
-from daemon.jobs import Attempt, CallRecord, ErrorInfo, Job, State, Usage
+from daemon.jobs import Attempt, CallRecord, ErrorInfo, Job, Phases, State, Usage
 from daemon.providers.limits import SharedRates
 from daemon.providers.shared_state import SharedProviderState
 from daemon.store.calls import SpendDay as SpendDay  # the protocol's records, re-exported
@@ -175,6 +175,7 @@ class AttemptEnd(msgspec.Struct, frozen=True, kw_only=True):
     answer: str | None = None  # a failed attempt's model answer (bounded by the worker)
     calls: tuple[CallRecord, ...] = ()  # the API calls it made that were answered
     stop_reason: str | None = None  # why the last answer ended ("max_tokens": cut there)
+    phases: Phases | None = None  # where the attempt's time went
 
 
 class Canceled(msgspec.Struct, frozen=True):
@@ -269,6 +270,7 @@ class EndValues(NamedTuple):
     attempt_completion_tokens: int | None
     attempt_cached_tokens: int | None
     attempt_cache_write_tokens: int | None
+    phases_json: str | None
 
     @classmethod
     def of(cls, end: AttemptEnd) -> EndValues:
@@ -287,6 +289,7 @@ class EndValues(NamedTuple):
             usage.completion_tokens if usage else None,
             usage.cached_tokens if usage else None,
             usage.cache_write_tokens if usage else None,
+            None if end.phases is None else msgspec.json.encode(end.phases).decode(),
         )
 
 
@@ -305,8 +308,9 @@ def next_state(job: Job, end: AttemptEnd) -> State:
 ATTEMPT_COLUMNS = (
     "n, started_at, finished_at, outcome, http_status, error_type, error_message, "
     "latency_ms, prompt_tokens, completion_tokens, cost, answer, cached_tokens, "
-    "cache_write_tokens, stop_reason"
+    "cache_write_tokens, stop_reason, phases"
 )
+_phases = msgspec.json.Decoder(Phases)
 
 
 def row_to_attempt(row: Sequence[Any]) -> Attempt:
@@ -327,6 +331,7 @@ def row_to_attempt(row: Sequence[Any]) -> Attempt:
         cached,
         written,
         stop_reason,
+        phases,
     ) = row
     return Attempt(
         n=n,
@@ -339,6 +344,7 @@ def row_to_attempt(row: Sequence[Any]) -> Attempt:
         usage=usage_of(ptok, ctok, cost, cached, written),
         answer=answer,
         stop_reason=stop_reason,
+        phases=None if phases is None else _phases.decode(phases),
     )
 
 

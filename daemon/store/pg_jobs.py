@@ -127,7 +127,7 @@ async def record_ends(
     attempt's number (the fence). Returns, in order, whether each was recorded and its
     job's state otherwise."""
     now = time.time()
-    cols: list[list[Any]] = [[] for _ in range(23)]
+    cols: list[list[Any]] = [[] for _ in range(24)]
     for job, end, new in ends:
         v = EndValues.of(end)
         values = (
@@ -154,6 +154,7 @@ async def record_ends(
             v.attempt_cached_tokens,
             v.attempt_cache_write_tokens,
             end.stop_reason,
+            v.phases_json,
         )
         for col, value in zip(cols, values, strict=True):
             col.append(value)
@@ -162,9 +163,9 @@ async def record_ends(
         "$5::float8[], $6::text[], $7::text[], $8::text[], $9::int[], $10::int8[], "
         "$11::int8[], $12::float8[], $13::text[], $14::int[], $15::float8[], $16::text[], "
         "$17::int8[], $18::int8[], $19::int8[], $20::int8[], $21::int8[], $22::int8[], "
-        "$23::text[]) WITH ORDINALITY AS u(id, n, to_state, not_before, finished, "
-        "result, etype, emsg, back, ptok, ctok, cost, outcome, http, latency, answer, "
-        "aptok, actok, cached, written, acached, awritten, stop, i)), "
+        "$23::text[], $24::text[]) WITH ORDINALITY AS u(id, n, to_state, not_before, "
+        "finished, result, etype, emsg, back, ptok, ctok, cost, outcome, http, latency, "
+        "answer, aptok, actok, cached, written, acached, awritten, stop, phases, i)), "
         "m AS (UPDATE jobs j SET state = u.to_state, not_before = u.not_before, "
         "finished_at = u.finished, result = u.result, error_type = u.etype, "
         "error_message = u.emsg, attempts = j.attempts - u.back, "
@@ -176,14 +177,14 @@ async def record_ends(
         "cost = CASE WHEN u.cost IS NULL THEN j.cost ELSE coalesce(j.cost, 0) + u.cost END "
         "FROM u WHERE j.id = u.id AND j.state = 'running' AND j.attempts = u.n "
         "RETURNING j.id, u.n, u.to_state), "
-        "a AS (UPDATE attempts t SET finished_at = $24, outcome = u.outcome, "
+        "a AS (UPDATE attempts t SET finished_at = $25, outcome = u.outcome, "
         "http_status = u.http, error_type = u.etype, error_message = u.emsg, "
         "latency_ms = u.latency, prompt_tokens = u.aptok, completion_tokens = u.actok, "
         "cost = u.cost, answer = u.answer, cached_tokens = u.acached, "
-        "cache_write_tokens = u.awritten, stop_reason = u.stop "
+        "cache_write_tokens = u.awritten, stop_reason = u.stop, phases = u.phases "
         "FROM u JOIN m ON m.id = u.id AND m.n = u.n "
         "WHERE t.job_id = u.id AND t.n = u.n AND t.outcome = 'running' RETURNING 1), "
-        "w AS (SELECT pg_notify($25, '') WHERE EXISTS (SELECT 1 FROM m WHERE to_state = 'queued')) "
+        "w AS (SELECT pg_notify($26, '') WHERE EXISTS (SELECT 1 FROM m WHERE to_state = 'queued')) "
         "SELECT u.i, m.id IS NOT NULL AS moved, "
         "(SELECT state FROM jobs s WHERE s.id = u.id) AS state, "
         "(SELECT count(*) FROM a) AS recorded, (SELECT count(*) FROM w) AS woke "

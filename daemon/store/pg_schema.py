@@ -145,6 +145,64 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX job_tags_job ON job_tags (job_id);
     """,
+    # 6: results out (SQLite's migration 7): attempt phases; every job end as an event
+    # and a delivery per webhook that wants it, both written by a trigger in the
+    # transaction that ends the job. Events are read in the order of their
+    # transactions' ids, only below the oldest transaction still running (see
+    # pg_events): a sequence number alone is taken before commit, so a reader could
+    # pass one that commits later.
+    """
+    ALTER TABLE attempts ADD COLUMN phases text;
+    CREATE TABLE events (
+        seq bigserial PRIMARY KEY,
+        xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+        job_id text NOT NULL,
+        analyzer text NOT NULL,
+        state text NOT NULL,
+        at double precision NOT NULL
+    );
+    CREATE INDEX events_order ON events (xid, seq);
+    CREATE INDEX events_at ON events (at);
+    CREATE TABLE webhooks (
+        name text PRIMARY KEY,
+        events text[] NOT NULL,
+        analyzers text[] NOT NULL  -- empty: all
+    );
+    CREATE TABLE deliveries (
+        id text PRIMARY KEY DEFAULT replace(gen_random_uuid()::text, '-', ''),
+        webhook text NOT NULL,
+        seq bigint NOT NULL,
+        job_id text NOT NULL,
+        event text NOT NULL,
+        state text NOT NULL DEFAULT 'pending'
+            CHECK (state IN ('pending', 'delivered', 'dead')),
+        attempts integer NOT NULL DEFAULT 0,
+        next_at double precision NOT NULL,
+        created_at double precision NOT NULL,
+        finished_at double precision,
+        last_status integer,
+        last_error text
+    );
+    CREATE INDEX deliveries_due ON deliveries (webhook, next_at) WHERE state = 'pending';
+    CREATE INDEX deliveries_state ON deliveries (webhook, state, finished_at);
+    CREATE FUNCTION vigil_job_ended() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        s bigint;
+        t double precision := coalesce(NEW.finished_at, extract(epoch FROM clock_timestamp()));
+    BEGIN
+        INSERT INTO events (job_id, analyzer, state, at)
+            VALUES (NEW.id, NEW.analyzer, NEW.state, t) RETURNING seq INTO s;
+        INSERT INTO deliveries (webhook, seq, job_id, event, next_at, created_at)
+            SELECT w.name, s, NEW.id, 'job.' || NEW.state, t, t FROM webhooks w
+            WHERE ('job.' || NEW.state) = ANY (w.events)
+            AND (cardinality(w.analyzers) = 0 OR NEW.analyzer = ANY (w.analyzers));
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER job_ended AFTER UPDATE OF state ON jobs FOR EACH ROW
+        WHEN (NEW.state IN ('succeeded', 'failed', 'canceled')
+              AND OLD.state IS DISTINCT FROM NEW.state)
+        EXECUTE FUNCTION vigil_job_ended();
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -114,6 +114,59 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX job_tags_job ON job_tags (job_id);
     """,
+    # 7: results out. Where each attempt's time went (a JSON object of phases). Every
+    # job end as an event, in commit order (AUTOINCREMENT: a sequence number is never
+    # reused, even once retention has pruned the newest), written by a trigger, so
+    # whatever ends a job (an attempt, a cancel, recovery, a bulk action) writes it in
+    # the same transaction. The webhooks the config names (kept in step by the daemon
+    # at start and reload), and for each event one delivery per webhook that wants it,
+    # from the same trigger: a SIGKILL after the job's end loses no delivery.
+    """
+    ALTER TABLE attempts ADD COLUMN phases TEXT;
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL,
+        analyzer TEXT NOT NULL,
+        state TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE INDEX events_at ON events (at);
+    -- events and analyzers as ",a,b," lists (analyzers "" for all): matched with instr.
+    CREATE TABLE webhooks (
+        name TEXT PRIMARY KEY,
+        events TEXT NOT NULL,
+        analyzers TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE deliveries (
+        id TEXT PRIMARY KEY,
+        webhook TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        job_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending'
+            CHECK (state IN ('pending', 'delivered', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        created_at REAL NOT NULL,
+        finished_at REAL,
+        last_status INTEGER,
+        last_error TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX deliveries_due ON deliveries (webhook, next_at) WHERE state = 'pending';
+    CREATE INDEX deliveries_state ON deliveries (webhook, state, finished_at);
+    CREATE TRIGGER job_ended AFTER UPDATE OF state ON jobs
+    WHEN NEW.state IN ('succeeded', 'failed', 'canceled') AND OLD.state != NEW.state
+    BEGIN
+        INSERT INTO events (job_id, analyzer, state, at) VALUES (NEW.id, NEW.analyzer,
+            NEW.state, coalesce(NEW.finished_at, (julianday('now') - 2440587.5) * 86400.0));
+        INSERT INTO deliveries (id, webhook, seq, job_id, event, next_at, created_at)
+            SELECT lower(hex(randomblob(16))), w.name, last_insert_rowid(), NEW.id,
+                'job.' || NEW.state, e.at, e.at
+            FROM webhooks w, (SELECT at FROM events WHERE seq = last_insert_rowid()) e
+            WHERE instr(w.events, ',job.' || NEW.state || ',') > 0
+            AND (w.analyzers = '' OR instr(w.analyzers, ',' || NEW.analyzer || ',') > 0);
+    END;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

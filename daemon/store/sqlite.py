@@ -230,7 +230,7 @@ class Store(SqliteReads, DiskWatch, anyio.AsyncContextManagerMixin):
                 "UPDATE attempts SET finished_at = ?, outcome = ?, http_status = ?, "
                 "error_type = ?, error_message = ?, latency_ms = ?, prompt_tokens = ?, "
                 "completion_tokens = ?, cost = ?, answer = ?, cached_tokens = ?, "
-                "cache_write_tokens = ?, stop_reason = ? "
+                "cache_write_tokens = ?, stop_reason = ?, phases = ? "
                 "WHERE job_id = ? AND n = ? AND outcome = 'running'",
                 (
                     now,
@@ -246,6 +246,7 @@ class Store(SqliteReads, DiskWatch, anyio.AsyncContextManagerMixin):
                     v.attempt_cached_tokens,
                     v.attempt_cache_write_tokens,
                     end.stop_reason,
+                    v.phases_json,
                     job.id,
                     job.attempts,
                 ),
