@@ -22,6 +22,14 @@ from daemon.store.calls import SpendDay as SpendDay  # the protocol's records, r
 from daemon.store.calls import UsageQuery as UsageQuery
 from daemon.store.calls import UsageRow as UsageRow
 from daemon.store.filters import BulkAction, BulkRow, JobFilter
+from daemon.store.outbox import (
+    Cursor,
+    Delivery,
+    DeliveryEnd,
+    EventPage,
+    WebhookCounts,
+    WebhookRoute,
+)
 from daemon.wakeup import Wakeup
 
 PROCESS_DIED = ErrorInfo("ProcessDied", "process died during the attempt")
@@ -486,6 +494,40 @@ class JobStore(Protocol):
     async def queued_of(self, analyzers: Sequence[str]) -> dict[str, int]:
         """Queued jobs of each of these analyzers (those a reached budget holds)."""
         ...
+
+    async def events_after(self, after: Cursor, limit: int) -> EventPage:
+        """Up to `limit` job ends after `after`, in order; CursorExpired if retention
+        pruned some after it."""
+        ...
+
+    async def events_head(self) -> Cursor:
+        """The newest event's cursor (a watch from now on starts there)."""
+        ...
+
+    async def prune_events(self, before: float) -> int:
+        """One batch of the oldest events that ended before `before`, deleted."""
+        ...
+
+    async def prune_deliveries(self, state: str, before: float) -> int:
+        """One batch of `state` (delivered, dead) deliveries ended before `before`."""
+        ...
+
+    async def sync_webhooks(self, routes: Sequence[WebhookRoute]) -> None:
+        """The configured webhooks, which the trigger that ends jobs matches."""
+        ...
+
+    async def claim_deliveries(self, webhook: str, limit: int, lease_s: float) -> list[Delivery]:
+        """Up to `limit` due deliveries of `webhook`, each attempt counted and held
+        for `lease_s` (unended by then, it is due again: at-least-once)."""
+        ...
+
+    async def end_delivery(self, delivery_id: str, end: DeliveryEnd) -> None: ...
+
+    async def next_delivery_at(self, webhook: str) -> float | None: ...
+
+    async def webhook_counts(self) -> dict[str, WebhookCounts]: ...
+
+    async def retry_dead(self, webhook: str) -> int: ...
 
     def nodes(self) -> list[Node]:
         """The daemons sharing this store, as last seen (no I/O: status is synchronous)."""

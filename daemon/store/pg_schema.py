@@ -155,14 +155,18 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE attempts ADD COLUMN phases text;
     CREATE TABLE events (
         seq bigserial PRIMARY KEY,
-        xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+        xid bigint NOT NULL DEFAULT pg_current_xact_id()::text::bigint,
         job_id text NOT NULL,
         analyzer text NOT NULL,
         state text NOT NULL,
         at double precision NOT NULL
     );
     CREATE INDEX events_order ON events (xid, seq);
-    CREATE INDEX events_at ON events (at);
+    CREATE TABLE events_pruned (
+        id integer PRIMARY KEY CHECK (id = 1),
+        xid bigint NOT NULL,
+        seq bigint NOT NULL
+    );
     CREATE TABLE webhooks (
         name text PRIMARY KEY,
         events text[] NOT NULL,
@@ -184,7 +188,7 @@ MIGRATIONS: tuple[str, ...] = (
         last_error text
     );
     CREATE INDEX deliveries_due ON deliveries (webhook, next_at) WHERE state = 'pending';
-    CREATE INDEX deliveries_state ON deliveries (webhook, state, finished_at);
+    CREATE INDEX deliveries_ended ON deliveries (state, finished_at);
     CREATE FUNCTION vigil_job_ended() RETURNS trigger LANGUAGE plpgsql AS $$
     DECLARE
         s bigint;

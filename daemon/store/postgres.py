@@ -47,9 +47,10 @@ from daemon.store.base import (
 from daemon.store.filters import MOVES_TO, BulkAction, BulkRow, JobFilter
 from daemon.store.pg_batch import Batcher
 from daemon.store.pg_nodes import CHANNEL
+from daemon.store.pg_outbox import PgOutbox
 from daemon.store.pg_providers import PgProviderState
 from daemon.store.pg_rates import PgRates
-from daemon.store.pg_reads import DB_ERRORS, PgReads, reason, safe_url
+from daemon.store.pg_reads import DB_ERRORS, reason, safe_url
 from daemon.store.pg_schema import REAPER_LOCK, migrate
 from daemon.store.schema import SchemaTooNew
 from daemon.wakeup import Wakeup
@@ -66,7 +67,7 @@ STATEMENT_TIMEOUT_S = 30.0
 _LOGIN_REFUSED = (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)
 
 
-class PostgresStore(PgReads, anyio.AsyncContextManagerMixin):
+class PostgresStore(PgOutbox, anyio.AsyncContextManagerMixin):
     """Owns the node's connections and its heartbeat/reaper task for the daemon's life."""
 
     def __init__(self, config: StoreConfig) -> None:

@@ -130,7 +130,8 @@ MIGRATIONS: tuple[str, ...] = (
         state TEXT NOT NULL,
         at REAL NOT NULL
     );
-    CREATE INDEX events_at ON events (at);
+    -- The newest event retention has pruned: a cursor before it has missed some.
+    CREATE TABLE events_pruned (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
     -- events and analyzers as ",a,b," lists (analyzers "" for all): matched with instr.
     CREATE TABLE webhooks (
         name TEXT PRIMARY KEY,
@@ -153,7 +154,7 @@ MIGRATIONS: tuple[str, ...] = (
         last_error TEXT
     ) WITHOUT ROWID;
     CREATE INDEX deliveries_due ON deliveries (webhook, next_at) WHERE state = 'pending';
-    CREATE INDEX deliveries_state ON deliveries (webhook, state, finished_at);
+    CREATE INDEX deliveries_ended ON deliveries (state, finished_at);
     CREATE TRIGGER job_ended AFTER UPDATE OF state ON jobs
     WHEN NEW.state IN ('succeeded', 'failed', 'canceled') AND OLD.state != NEW.state
     BEGIN

@@ -48,14 +48,15 @@ from daemon.store.schema import migrate
 from daemon.store.sqlite_batch import Tx
 from daemon.store.sqlite_bulk import bulk_step
 from daemon.store.sqlite_health import DiskWatch
-from daemon.store.sqlite_reads import SqliteReads, write_calls
+from daemon.store.sqlite_outbox import SqliteOutbox
+from daemon.store.sqlite_reads import write_calls
 from daemon.store.sqlite_submit import submit_op
 
 log = structlog.get_logger("vigil.store")
 Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
 
 
-class Store(SqliteReads, DiskWatch, anyio.AsyncContextManagerMixin):
+class Store(SqliteOutbox, DiskWatch, anyio.AsyncContextManagerMixin):
     """Owns the database connections and the writer task for the daemon's lifetime."""
 
     def __init__(
