@@ -5,7 +5,9 @@ ending (`succeeded_days`, `failed_days`, `canceled_days`; 0 keeps them), and the
 
 Off the hot path: small batches (BATCH jobs a transaction) with a pause between them,
 so the writer's queue never waits long behind a prune. The `calls` table (spend
-history) is left alone."""
+history) is left alone. Job-end events and delivered webhook deliveries are kept
+EVENTS_KEEP_S (a stream's cursor older than that is refused), dead-lettered
+deliveries as long as failed jobs."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from daemon.live import Live
 from daemon.store.base import JobStore, StoreError
 from daemon.store.bulk import run_bulk
 from daemon.store.filters import BulkRow, JobFilter
+from daemon.store.outbox import EVENTS_KEEP_S
 
 log = structlog.get_logger("vigil.retention")
 MAX_EVERY_S = 60.0
@@ -56,6 +59,7 @@ class Retention:
         self._store = store
         self._live = live
         self.deleted_by_state: Counter[str] = Counter()
+        self.outbox_deleted: Counter[str] = Counter()  # events, deliveries
         self.last_run: float | None = None  # unix time the last round ended
         self.last_deleted = 0
         self.last_error: str | None = None
@@ -70,6 +74,8 @@ class Retention:
         return {
             "keep_s": dict(keep_for(self._live.config)),
             "deleted": {state: self.deleted_by_state[state] for state in FINISHED},
+            "events_deleted": self.outbox_deleted["events"],
+            "deliveries_deleted": self.outbox_deleted["deliveries"],
             "last_run": self.last_run,
             "last_deleted": self.last_deleted,
             "last_error": self.last_error,
@@ -89,10 +95,10 @@ class Retention:
             ages = [age for age in keep.values() if age > 0]
             await anyio.sleep(min(MAX_EVERY_S, max(1.0, min(ages) / 10)) if ages else MAX_EVERY_S)
 
-    async def prune(self, keep: dict[State, float]) -> int:
+    async def prune(self, keep: dict[State, float], now: float | None = None) -> int:
         """One round: each state's jobs finished longer ago than its age, deleted;
         counted batch by batch, so a round cut short still counts what it did."""
-        now = time.time()
+        now = time.time() if now is None else now
         gone: Counter[str] = Counter()
 
         def count(rows: Sequence[BulkRow]) -> None:
@@ -110,7 +116,20 @@ class Retention:
                     pause_s=PAUSE_S,
                     on_rows=count,
                 )
+        await self._prune_outbox(now, keep["failed"])
         self.last_run, self.last_deleted, self.last_error = time.time(), gone.total(), None
         if gone:
             log.info("retention.purged", deleted=gone.total(), by_state=dict(gone))
         return gone.total()
+
+    async def _prune_outbox(self, now: float, failed_s: float) -> None:
+        """Old events and ended deliveries, a batch at a time, until none is left."""
+        store = self._store
+        while n := await store.prune_events(now - EVENTS_KEEP_S):
+            self.outbox_deleted["events"] += n
+            await anyio.sleep(PAUSE_S)
+        ages = {"delivered": EVENTS_KEEP_S, "dead": failed_s}
+        for state, age in ages.items():
+            while age > 0 and (n := await store.prune_deliveries(state, now - age)):
+                self.outbox_deleted["deliveries"] += n
+                await anyio.sleep(PAUSE_S)

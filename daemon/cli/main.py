@@ -17,7 +17,7 @@ import anyio
 import msgspec
 
 from daemon import __version__
-from daemon.cli import bench, client_commands, debug, demo, logs, top
+from daemon.cli import bench, client_commands, debug, demo, logs, results, top
 from daemon.config import Config, ConfigError, PositiveInt, SimulateConfig, load_config
 from daemon.control.client import DaemonUnavailable, RemoteError
 from daemon.errors import StartupError
@@ -310,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     bench.add_parser(sub)
     logs.add_parser(sub)
+    results.add_parsers(sub)
     top.add_parser(sub)
     client_commands.add_parsers(sub)
     debug.add_parser(sub)

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from daemon.control import bulk
+from daemon.control import bulk, results
 from daemon.control.protocol import Args, CommandError
 from daemon.intake.submit import IntakeClosed, SubmitError, field_error
 from daemon.jobs import BatchId, Job, State, Tag, UnixTime
@@ -316,6 +316,9 @@ COMMANDS: dict[str, tuple[type[Args], Handler]] = {
     "resume": (NodeArgs, resume),
     "progress": (ProgressArgs, progress),
     "logs": (LogsArgs, logs),
+    "events": (results.EventsArgs, results.events),
+    "watch": (results.EventsArgs, results.watch),
+    "export": (results.ExportArgs, results.export),
     "drain": (NodeArgs, drain),
     "reload": (NoArgs, reload_config),
     "ping": (NoArgs, ping),

@@ -14,11 +14,12 @@ the port.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,6 +49,9 @@ BODY_TIMEOUT_S = 30.0
 SHUTDOWN_TIMEOUT_S = 2.0
 CLEANUP_DEADLINE_S = 5.0
 RETRY_AFTER_BUSY_S = 1
+MAX_STREAMS = 32
+"""Event streams (SSE) and exports open at once; each holds a request slot."""
+HEARTBEAT_S = 15.0  # an SSE comment after this long without an event, so proxies keep it
 _PROBES = frozenset({"/healthz", "/readyz"})
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -66,6 +70,7 @@ ERROR_STATUS: dict[str, int] = {
     "filter_required": 400,
     "invalid_state": 409,
     "idempotency_conflict": 409,
+    "cursor_expired": 410,
     "too_large": 413,
     "unsupported_media_type": 415,
     "backlog_full": 429,
@@ -85,6 +90,7 @@ SETTINGS = web.AppKey("settings", HttpConfig)
 @dataclass
 class _Load:
     in_flight: int = 0
+    streams: int = 0
 
 
 LOAD = web.AppKey("load", _Load)
@@ -380,6 +386,84 @@ async def usage(request: web.Request) -> web.Response:
     return _json(await _run(request, "usage", _query_args(request, params)))
 
 
+_EVENT_PARAMS: dict[str, Converter] = {
+    "after": str,
+    "analyzer": str,
+    "state": str,
+    "limit": _integer,
+    "wait": float,
+}
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Job ends after `after` (or the SSE `Last-Event-ID`): a JSON page (`wait` makes
+    it a long poll), or, to a client that accepts `text/event-stream`, a stream of
+    them, each event's `id` its cursor, so a reconnecting EventSource resumes."""
+    args = _query_args(request, _EVENT_PARAMS)
+    if "text/event-stream" not in request.headers.get("Accept", ""):
+        return _json(await _run(request, "events", args))
+    args.pop("wait", None)
+    resume = request.headers.get("Last-Event-ID")
+    if resume:
+        args["after"] = resume
+    async with _stream_slot(request):
+        items = await _run(request, "watch", {**args, "heartbeat_s": HEARTBEAT_S})
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        async with contextlib.aclosing(items):
+            async for item in items:
+                if item is None:
+                    await response.write(b": keep-alive\n\n")
+                else:
+                    data = msgspec.json.encode(item)
+                    head = f"id: {item['cursor']}\nevent: {item['event']}\ndata: ".encode()
+                    await response.write(head + data + b"\n\n")
+    return response
+
+
+async def export(request: web.Request) -> web.StreamResponse:
+    """Every matching job with its result as JSON lines, streamed (the socket's
+    `export`); a complete export ends the body, a cut-off one breaks it."""
+    now = time.time()
+
+    def when(text: str) -> float:
+        return parse_when(text, now)
+
+    params: dict[str, Converter] = {
+        "state": str,
+        "analyzer": str,
+        "since": when,
+        "until": when,
+        "tag": str,
+        "batch": str,
+    }
+    args = _query_args(request, params)
+    async with _stream_slot(request):
+        items = await _run(request, "export", args)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        async with contextlib.aclosing(items):
+            async for item in items:
+                if "job" in item:
+                    await response.write(msgspec.json.encode(item["job"]) + b"\n")
+        await response.write_eof()
+    return response
+
+
+@contextlib.asynccontextmanager
+async def _stream_slot(request: web.Request) -> AsyncIterator[None]:
+    load = request.app[LOAD]
+    if load.streams >= MAX_STREAMS:
+        raise CommandError("busy", f"more than {MAX_STREAMS} event streams and exports open")
+    load.streams += 1
+    try:
+        yield
+    finally:
+        load.streams -= 1
+
+
 async def show_job(request: web.Request) -> web.Response:
     return _json(await _run(request, "show", {"id": request.match_info["id"]}))
 
@@ -409,6 +493,8 @@ def build_app(
     app.router.add_get("/v1/jobs/{id}", show_job)
     app.router.add_delete("/v1/jobs/{id}", cancel_job)
     app.router.add_get("/v1/usage", usage)
+    app.router.add_get("/v1/events", events)
+    app.router.add_get("/v1/export", export)
     return app
 
 
