@@ -198,3 +198,30 @@ async def test_a_delivery_is_leased_retried_dead_lettered_and_requeued(store: An
         assert await store.webhook_counts() == {}
         assert await store.prune_deliveries("delivered", time.time() + 1) == 3
         assert await store.prune_deliveries("delivered", time.time() + 1) == 0
+
+
+async def test_postgres_readers_never_pass_an_end_still_committing(
+    request: pytest.FixtureRequest,
+) -> None:
+    """An end whose transaction is still open holds back the ends that committed
+    after it began: a reader going by sequence alone would pass it and never see it."""
+    import asyncpg
+
+    dsn = request.getfixturevalue("pg_dsn")
+    with anyio.fail_after(TIMEOUT_S):
+        async with PostgresStore(StoreConfig(url=dsn, node_name="reader")) as store:
+            slow, fast = [s.id for s in await store.submit([new_job(), new_job()], max_backlog=BIG)]
+            conn = await asyncpg.connect(dsn)
+            try:
+                tx = conn.transaction()
+                await tx.start()
+                await conn.execute(
+                    "UPDATE jobs SET state = 'canceled', finished_at = 1 WHERE id = $1", slow
+                )
+                await store.cancel(fast)  # commits while the first is still open
+                assert (await store.events_after(Cursor(), 10)).events == []
+                await tx.commit()
+            finally:
+                await conn.close()
+            got = [e.job_id for e in (await store.events_after(Cursor(), 10)).events]
+            assert got == [slow, fast]
