@@ -1,0 +1,129 @@
+"""`vigil bench export`: a million finished jobs, each with a result, written out by
+`vigil export --jsonl` as a user runs it. The daemon's RSS is sampled throughout: an
+export reads, sends and forgets a page at a time, so it must stay within the backlog
+bench's target however many jobs there are.
+
+The jobs are made with the daemon's own store code (submitted in batches, then marked
+succeeded with a result of RESULT_CHARS in one statement; the trigger writes their
+events as for any end) before the daemon starts."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from daemon.bench.backlog import TARGET_RSS_MB
+from daemon.bench.common import Setup, api_only, daemon_config, run_daemon
+from daemon.bench.report import Result, at_most, info
+from daemon.bench.run import BenchError, child_env
+from daemon.jobs import JobIds
+from daemon.store.base import NewJob
+from daemon.store.sqlite import Store
+
+RESULT_CHARS = 400
+BATCH = 5000
+SAMPLE_S = 0.25
+
+
+async def _fill(db_path: Path, jobs: int) -> float:
+    started = time.perf_counter()
+    ids = JobIds()
+    async with Store(db_path, synchronous="NORMAL") as store:
+        for first in range(0, jobs, BATCH):
+            batch = [
+                NewJob(
+                    id=ids.new(),
+                    analyzer="bench",
+                    input={"text": f"document {i}"},
+                    priority=0,
+                    idempotency_key=None,
+                    max_attempts=3,
+                    source="bench",
+                )
+                for i in range(first, min(jobs, first + BATCH))
+            ]
+            await store.submit(batch, max_backlog=jobs)
+    result = msgspec.json.encode({"summary": "x" * RESULT_CHARS}).decode()
+
+    def finish() -> None:
+        with sqlite3.connect(db_path) as db:
+            db.execute(
+                "UPDATE jobs SET state = 'succeeded', attempts = 1, started_at = created_at, "
+                "finished_at = created_at + 1, result = ?",
+                (result,),
+            )
+
+    await anyio.to_thread.run_sync(finish)
+    return time.perf_counter() - started
+
+
+def _lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for _ in f)
+
+
+async def run(root: Path, jobs: int, judge: bool) -> Result:
+    state = root / "state"
+    await anyio.Path(state).mkdir(parents=True, exist_ok=True)
+    fill_s = await _fill(state / "vigil.db", jobs)
+    out = root / "export.jsonl"
+    async with api_only(root) as url:
+        config = root / "vigil.toml"
+        await anyio.Path(config).write_text(daemon_config(url, Setup(http=False)))
+        async with run_daemon(root, config, url, http=False) as env:
+            start_rss = env.daemon.memory_info().rss / 2**20
+            peak = start_rss
+            command = [sys.executable, "-m", "daemon", "export", "--jsonl", str(out)]
+            cli_env = {**child_env(), "VIGIL_SOCKET": str(env.socket)}
+
+            async def sample() -> None:
+                nonlocal peak
+                while True:
+                    peak = max(peak, env.daemon.memory_info().rss / 2**20)
+                    await anyio.sleep(SAMPLE_S)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sample)
+                started = time.perf_counter()
+                with anyio.fail_after(1800):
+                    done = await anyio.run_process(
+                        command, env=cli_env, stdout=subprocess.DEVNULL, check=False
+                    )
+                export_s = time.perf_counter() - started
+                tg.cancel_scope.cancel()
+            end_rss = env.daemon.memory_info().rss / 2**20
+    if done.returncode != 0:
+        raise BenchError(f"vigil export exited {done.returncode}: {done.stderr.decode()[-500:]}")
+    written = await anyio.to_thread.run_sync(_lines, out)
+    if written != jobs:
+        raise BenchError(f"the export has {written} lines, expected {jobs}")
+    figures: dict[str, Any] = {
+        "jobs": jobs,
+        "result_chars": RESULT_CHARS,
+        "fill_s": round(fill_s, 1),
+        "export_s": round(export_s, 2),
+        "export_per_s": round(jobs / export_s, 1),
+        "file_mb": round(out.stat().st_size / 2**20, 1),
+        "rss_mb_at_start": round(start_rss, 1),
+        "rss_mb_peak": round(peak, 1),
+        "rss_mb_after": round(end_rss, 1),
+    }
+    await anyio.Path(out).unlink()
+    return Result(
+        "export",
+        f"{jobs:,} finished jobs written out by vigil export --jsonl: RSS, rate",
+        figures,
+        [
+            at_most("RSS peak while exporting", figures["rss_mb_peak"], "MB", TARGET_RSS_MB,
+                    judge),
+            info("RSS growth while exporting", round(peak - start_rss, 1), "MB"),
+            info("export through vigil export --jsonl", figures["export_per_s"], "jobs/s"),
+        ],
+    )  # fmt: skip
