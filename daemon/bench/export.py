@@ -99,6 +99,7 @@ async def run(root: Path, jobs: int, judge: bool) -> Result:
                 export_s = time.perf_counter() - started
                 tg.cancel_scope.cancel()
             end_rss = env.daemon.memory_info().rss / 2**20
+            peak = max(peak, end_rss)
     if done.returncode != 0:
         raise BenchError(f"vigil export exited {done.returncode}: {done.stderr.decode()[-500:]}")
     written = await anyio.to_thread.run_sync(_lines, out)
