@@ -53,6 +53,13 @@ def test_backlog_smoke() -> None:
     assert all(row["claim_64_ms"]["n"] == 20 for row in figures["pick"].values())
 
 
+def test_export_smoke() -> None:
+    """Every job comes out (the scenario checks the file's lines), RSS sampled."""
+    figures = _one_result("export")["figures"]
+    assert figures["jobs"] == SCENARIOS["export"].smoke
+    assert figures["rss_mb_peak"] >= figures["rss_mb_at_start"] > 0
+
+
 def test_soak_smoke() -> None:
     """Samples carry RSS, fds, tasks and loop lag; every job finishes."""
     figures = _one_result("soak")["figures"]
