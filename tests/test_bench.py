@@ -60,6 +60,13 @@ def test_export_smoke() -> None:
     assert figures["rss_mb_peak"] >= figures["rss_mb_at_start"] > 0
 
 
+def test_retention_smoke() -> None:
+    """Every job and its event is pruned while the loop lag is sampled."""
+    figures = _one_result("retention")["figures"]
+    assert figures["jobs"] == figures["events_deleted"] == SCENARIOS["retention"].smoke
+    assert figures["samples"] >= 1 and figures["loop_lag_p99_ms_worst"] >= 0
+
+
 def test_soak_smoke() -> None:
     """Samples carry RSS, fds, tasks and loop lag; every job finishes."""
     figures = _one_result("soak")["figures"]

@@ -3,13 +3,11 @@
 export reads, sends and forgets a page at a time, so it must stay within the backlog
 bench's target however many jobs there are.
 
-The jobs are made with the daemon's own store code (submitted in batches, then marked
-succeeded with a result of RESULT_CHARS in one statement; the trigger writes their
-events as for any end) before the daemon starts."""
+The jobs are made before the daemon starts (`bench.fill`), each with a result of
+RESULT_CHARS."""
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,51 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import msgspec
 
 from daemon.bench.backlog import TARGET_RSS_MB
 from daemon.bench.common import Setup, api_only, daemon_config, run_daemon
+from daemon.bench.fill import finished_jobs
 from daemon.bench.report import Result, at_most, info
 from daemon.bench.run import BenchError, child_env
-from daemon.jobs import JobIds
-from daemon.store.base import NewJob
-from daemon.store.sqlite import Store
 
 RESULT_CHARS = 400
-BATCH = 5000
 SAMPLE_S = 0.25
-
-
-async def _fill(db_path: Path, jobs: int) -> float:
-    started = time.perf_counter()
-    ids = JobIds()
-    async with Store(db_path, synchronous="NORMAL") as store:
-        for first in range(0, jobs, BATCH):
-            batch = [
-                NewJob(
-                    id=ids.new(),
-                    analyzer="bench",
-                    input={"text": f"document {i}"},
-                    priority=0,
-                    idempotency_key=None,
-                    max_attempts=3,
-                    source="bench",
-                )
-                for i in range(first, min(jobs, first + BATCH))
-            ]
-            await store.submit(batch, max_backlog=jobs)
-    result = msgspec.json.encode({"summary": "x" * RESULT_CHARS}).decode()
-
-    def finish() -> None:
-        with sqlite3.connect(db_path) as db:
-            db.execute(
-                "UPDATE jobs SET state = 'succeeded', attempts = 1, started_at = created_at, "
-                "finished_at = created_at + 1, result = ?",
-                (result,),
-            )
-
-    await anyio.to_thread.run_sync(finish)
-    return time.perf_counter() - started
 
 
 def _lines(path: Path) -> int:
@@ -72,7 +34,7 @@ def _lines(path: Path) -> int:
 async def run(root: Path, jobs: int, judge: bool) -> Result:
     state = root / "state"
     await anyio.Path(state).mkdir(parents=True, exist_ok=True)
-    fill_s = await _fill(state / "vigil.db", jobs)
+    fill_s = await finished_jobs(state / "vigil.db", jobs, RESULT_CHARS)
     out = root / "export.jsonl"
     async with api_only(root) as url:
         config = root / "vigil.toml"

@@ -1,9 +1,10 @@
-"""The performance benchmarks: `vigil bench overhead|intake|backlog|export|soak|
-watchdog|status|cluster|all` (`all`: every one but `cluster`, which starts a PostgreSQL
-server of its own; daemon/cli/bench.py parses the command line). Each scenario runs `vigil
-simulate-api` and `vigil run` as separate processes with a fresh state directory, prints
-one JSON line (its figures, its checks against the targets, the machine and versions,
-the command that reproduces it), and at the end one table for all.
+"""The performance benchmarks: `vigil bench overhead|intake|backlog|export|
+retention|soak|watchdog|status|cluster|all` (`all`: every one but `cluster`, which
+starts a PostgreSQL server of its own; daemon/cli/bench.py parses the command line).
+Each scenario runs `vigil simulate-api` and `vigil run` as separate processes with a
+fresh state directory, prints one JSON line (its figures, its checks against the
+targets, the machine and versions, the command that reproduces it), and at the end one
+table for all.
 
 Exit code: 0 when every judged target is met, 1 when one is missed or a run failed.
 `--smoke` runs each scenario at a tiny size, judging nothing: the test suite uses
@@ -48,6 +49,8 @@ SCENARIOS = {
         Scenario("backlog", "1 M queued: RSS, restart to ready, time to pick", 1_000_000, 2_000),
         Scenario("export", "1 M finished jobs out through vigil export: RSS, rate", 1_000_000,
                  2_000),
+        Scenario("retention", "1 M finished jobs pruned while serving: time, loop lag",
+                 1_000_000, 2_000),
         Scenario("soak", "continuous processing: RSS growth, fds, tasks, loop lag", 200_000,
                  600),
         Scenario("watchdog", "overhead with the watchdog on and off", 10_000, 150),
@@ -60,7 +63,17 @@ SMOKE_ROUNDS = 1
 
 
 def _runner(name: str, root: Path, jobs: int, judge: bool, rounds: int) -> Awaitable[Result]:
-    from daemon.bench import backlog, cluster, export, intake, overhead, soak, status, watchdog
+    from daemon.bench import (
+        backlog,
+        cluster,
+        export,
+        intake,
+        overhead,
+        retention,
+        soak,
+        status,
+        watchdog,
+    )
 
     if name == "watchdog":
         return watchdog.run(root, jobs, judge, rounds)
@@ -69,6 +82,7 @@ def _runner(name: str, root: Path, jobs: int, judge: bool, rounds: int) -> Await
         "intake": intake.run,
         "backlog": backlog.run,
         "export": export.run,
+        "retention": retention.run,
         "soak": soak.run,
         "status": status.run,
         "cluster": cluster.run,

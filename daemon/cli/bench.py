@@ -1,7 +1,8 @@
 """`vigil bench`'s command line: `vigil bench throttle` and the performance scenarios
-(`overhead|intake|backlog|export|soak|watchdog|status|cluster|all`). The benchmarks themselves
-live in daemon/bench/ (throttle.py, perf.py and what they run), loaded only when a
-bench runs; building this parser loads their scenario tables and nothing heavier."""
+(`overhead|intake|backlog|export|retention|soak|watchdog|status|cluster|all`). The
+benchmarks themselves live in daemon/bench/ (throttle.py, perf.py and what they run),
+loaded only when a bench runs; building this parser loads their scenario tables and
+nothing heavier."""
 
 from __future__ import annotations
 
