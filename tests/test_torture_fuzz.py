@@ -141,8 +141,9 @@ def nested(depth: int, kind: str) -> bytes:
 
 
 # Commands a fuzz case may call with generated args: not the ones that wait on purpose
-# (`logs` may follow forever, `debug_memory` traces for seconds) or close intake.
-FUZZ_COMMANDS = sorted(set(COMMANDS) - {"logs", "debug_memory", "drain"})
+# (`logs` may follow forever, `watch` and `export` stream, `debug_memory` traces for
+# seconds) or close intake.
+FUZZ_COMMANDS = sorted(set(COMMANDS) - {"logs", "watch", "export", "debug_memory", "drain"})
 job_objects = st.fixed_dictionaries(
     {"analyzer": st.sampled_from(["summarize", "classify", "nope"]) | st.text(max_size=5)},
     optional={

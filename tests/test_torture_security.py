@@ -409,7 +409,8 @@ def test_canary_secrets_appear_nowhere(start_daemon: StartDaemon, tmp_path: Path
     with echoing_api() as api:
         config = daemon_config(
             openai_provider("api", api.url, api_key_env="CANARY_API_KEY", breaker_failures=0)
-            + analyzer("summarize", "api", max_attempts=2),
+            # Three 429s end the echo-429 job (each waits out a one-second cool-down).
+            + analyzer("summarize", "api", max_attempts=2, max_rate_limited=3),
             http_listen="127.0.0.1:0",
         ).replace('format = "json"', 'format = "json"\nlevel = "debug"')
         env = {"CANARY_API_KEY": CANARY_KEY, "VIGIL_HTTP_TOKEN": CANARY_TOKEN}
