@@ -1,6 +1,6 @@
 """Assembles the daemon in dependency order and runs it until told to stop.
 
-store -> providers -> runtime -> task group {dispatcher, control socket, signals}.
+store -> providers -> runtime -> task group {dispatcher, webhooks, control socket, signals}.
 Shutdown is one ordered, bounded, logged sequence, here and nowhere else: stop
 intake, drain running attempts for `shutdown_grace_s`, requeue the rest, close the
 services, let the store commit what is pending and checkpoint."""
@@ -46,6 +46,8 @@ from daemon.store.base import JobStore
 from daemon.store.open import open_store
 from daemon.watchdog.introspect import log_stacks
 from daemon.watchdog.service import EX_RESTART, Watchdog
+from daemon.webhooks.secrets import read_secrets, routes
+from daemon.webhooks.sender import WebhookSender
 from daemon.worker import Worker
 
 log = structlog.get_logger("vigil.app")
@@ -147,12 +149,15 @@ async def run_daemon(
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     started = time.monotonic()
     requeued: int | None = None  # stays None when a second signal cut the drain short
+    secrets = read_secrets(config.webhooks)  # a missing key: ConfigError, exit 78
     async with (
         _state_lock(config.state_dir),
         open_store(config) as store,
     ):
         if any(store.recovered.values()):
             log.warning("store.recovered", **store.recovered)
+        # Before any job ends here: the trigger that writes deliveries matches these.
+        await store.sync_webhooks(routes(config))
         async with AsyncExitStack() as stack:
             providers, simulated = await _open_providers(config, stack)
             rt = _build_runtime(config, store, providers)
@@ -162,6 +167,10 @@ async def run_daemon(
             if store.cluster is not None:
                 store.cluster.on_command = functools.partial(obey, rt)
             rt.simulated = simulated
+            sender = rt.webhooks = WebhookSender(
+                store, config.webhooks, secrets, rt.status_sections
+            )
+            sender.follow(rt.dispatcher)
             rt.config_path = config_path
             if log_ring is not None:
                 rt.log_ring = log_ring
@@ -177,6 +186,9 @@ async def run_daemon(
                 await tg.start(spend.run, name="spend.refresh")
                 await tg.start(rt.dispatcher.run)
                 await tg.start(Retention(store, rt.live, rt.status_sections).run, name="retention")
+                # Sends until the final cancel: deliveries of jobs ending in the drain go
+                # out too; in-flight POSTs are then cut off, never waited for.
+                await tg.start(sender.run, name="webhooks")
                 if store.provider_state is not None:
                     sync = ProviderSync(providers, store.provider_state, config.store.node)
                     await tg.start(sync.run, name="providers.sync")

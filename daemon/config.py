@@ -13,7 +13,7 @@ import socket
 import string
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -230,6 +230,28 @@ class StoreConfig(Base, frozen=True):
         return self.node_name or socket.gethostname()
 
 
+EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
+
+
+class WebhookConfig(Base, frozen=True):
+    """Job ends POSTed to `url`, signed with the key in $`secret_env` (README
+    "Webhooks"); `analyzers` [] means all. A failed delivery is retried with backoff
+    and jitter (`backoff_base_s` doubling up to `backoff_max_s`) up to `max_attempts`,
+    then dead-lettered until `vigil webhooks retry NAME`."""
+
+    url: str
+    secret_env: EnvName
+    events: Annotated[list[str], Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["job.succeeded", "job.failed", "job.canceled"]
+    )
+    analyzers: list[str] = []
+    timeout_s: Annotated[float, Meta(gt=0, le=300)] = 10.0
+    max_attempts: Annotated[int, Meta(ge=1, le=1000)] = 20
+    max_concurrency: Annotated[int, Meta(ge=1, le=256)] = 8
+    backoff_base_s: Annotated[float, Meta(ge=0.01, le=3600)] = 2.0
+    backoff_max_s: Annotated[float, Meta(ge=0.01, le=86_400)] = 3600.0
+
+
 class Config(Base, frozen=True):
     daemon: DaemonConfig = DaemonConfig()
     store: StoreConfig = StoreConfig()
@@ -241,6 +263,7 @@ class Config(Base, frozen=True):
     providers: dict[Name, ProviderConfig] = {}
     analyzers: dict[Name, AnalyzerConfig] = {}
     intake: IntakeConfig = IntakeConfig()
+    webhooks: dict[Name, WebhookConfig] = {}
 
     @property
     def state_dir(self) -> Path:
@@ -340,7 +363,13 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         raise ConfigError(f"{file}: {exc}") from None
 
 
-def redacted(config: Config) -> dict[str, object]:
-    """The config as plain data for the start log line; it holds no secrets by design
-    (keys live in the environment), but the variable names are all it shows."""
-    return msgspec.to_builtins(config)  # type: ignore[no-any-return]
+def redacted(config: Config) -> dict[str, Any]:
+    """The config as plain data for the start log line and the reload summary; it
+    holds no secrets by design (keys live in the environment: only the variable names
+    show), and a webhook URL's query, which may carry a token, shows as `?[redacted]`."""
+    from daemon.webhooks.urls import display_url
+
+    data: dict[str, Any] = msgspec.to_builtins(config)
+    for hook in data.get("webhooks", {}).values():
+        hook["url"] = display_url(hook["url"])
+    return data

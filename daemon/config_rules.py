@@ -11,6 +11,7 @@ from daemon.config import (
     Config,
     ProviderConfig,
     SpoolConfig,
+    WebhookConfig,
     parse_listen,
     template_fields,
 )
@@ -117,6 +118,32 @@ def config_problems(config: Config) -> list[str]:
     spool = config.intake.spool
     if spool is not None:
         problems.extend(_check_spool(config, spool))
+    for name, hook in config.webhooks.items():
+        problems.extend(_check_webhook(config, name, hook))
+    return problems
+
+
+def _check_webhook(config: Config, name: str, hook: WebhookConfig) -> list[str]:
+    """A URL the sender can POST to; events Vigil emits; analyzers that exist."""
+    from daemon.store.outbox import EVENT_KINDS
+    from daemon.webhooks.urls import url_problem
+
+    path = f"$.webhooks.{name}"
+    problems: list[str] = []
+    if (problem := url_problem(hook.url)) is not None:
+        problems.append(f"{path}.url: {problem}")
+    valid = ", ".join(f'"{kind}"' for kind in EVENT_KINDS)
+    for event in hook.events:
+        if event not in EVENT_KINDS:
+            problems.append(f'{path}.events: unknown event "{event}"; expected some of {valid}')
+    for seen in {e for e in hook.events if hook.events.count(e) > 1}:
+        problems.append(f'{path}.events: "{seen}" is listed twice')
+    for analyzer in hook.analyzers:
+        if analyzer not in config.analyzers:
+            known = ", ".join(sorted(config.analyzers)) or "none configured"
+            problems.append(f"{path}.analyzers: no analyzer named {analyzer!r} (known: {known})")
+    if hook.backoff_max_s < hook.backoff_base_s:
+        problems.append(f"{path}.backoff_max_s: below backoff_base_s ({hook.backoff_base_s})")
     return problems
 
 

@@ -4,7 +4,8 @@ while running, and name what needs a restart.
 A config that fails to parse or validate changes nothing: the daemon keeps running
 on the old one and says why. What is applied: the log level, queue limits and
 concurrency, analyzers (templates, handlers, attempts, timeouts), provider limits
-and timeouts, base URLs, the spool's settings, the simulated API's behaviour. What
+and timeouts, base URLs, the spool's settings, the simulated API's behaviour, the
+webhooks (added, removed, changed; their signing keys read again). What
 needs a restart: anything that owns an open resource (state dir, socket, HTTP
 listener, the spool's directory, a spool added or removed, providers added or
 removed, a provider's kind, pool size or key variable). The reply names each key the
@@ -13,7 +14,7 @@ file changed, from and to, and whether it waits for a restart."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import msgspec
@@ -27,10 +28,13 @@ from daemon.config import (
     ProviderConfig,
     SpoolConfig,
     load_config,
+    redacted,
 )
 from daemon.config_rules import config_problems
 from daemon.observe.logs import set_level
 from daemon.runtime import Runtime
+from daemon.store.base import StoreError
+from daemon.webhooks.secrets import read_secrets, routes
 
 log = structlog.get_logger("vigil.reload")
 
@@ -135,7 +139,7 @@ def _plan(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
         raise ReloadError("; ".join(problems) + " (parts that need a restart were kept)")
     changed = [
         field
-        for field in ("log", "queue", "providers", "analyzers", "intake")
+        for field in ("log", "queue", "providers", "analyzers", "intake", "webhooks")
         if getattr(old, field) != getattr(planned, field)
     ]
     return planned, changed, restart
@@ -168,10 +172,10 @@ def _lookup(data: Any, path: tuple[str, ...]) -> Any:
 def describe(old: Config, new: Config, planned: Config) -> list[Change]:
     """What the file changed, key by key; a change the plan did not take (it runs on
     the old value) needs a restart. The values are the config's own: variable names,
-    never the secrets in them."""
+    never the secrets in them (nor a webhook URL's query)."""
     found: list[tuple[tuple[str, ...], Any, Any]] = []
-    _differences(msgspec.to_builtins(old), msgspec.to_builtins(new), (), found)
-    running = msgspec.to_builtins(planned)
+    _differences(redacted(old), redacted(new), (), found)
+    running = redacted(planned)
     return [
         Change(
             key=".".join(path),
@@ -183,14 +187,28 @@ def describe(old: Config, new: Config, planned: Config) -> list[Change]:
     ]
 
 
-def _prepare(
-    old: Config, path: str | None
-) -> tuple[Config, list[str], list[str], list[Change], dict[str, Analyzer]]:
+class _Prepared(NamedTuple):
+    planned: Config
+    changed: list[str]
+    restart: list[str]
+    changes: list[Change]
+    analyzers: dict[str, Analyzer]
+    secrets: dict[str, bytes]  # each webhook's signing key
+
+
+def _prepare(old: Config, path: str | None) -> _Prepared:
     """Read, plan and build in one trip to a thread: the file, the checks (a group
     lookup may ask NSS) and the handlers' imports all block."""
     new = load_config(path)
     planned, changed, restart = _plan(old, new)
-    return planned, changed, restart, describe(old, new, planned), build_analyzers(planned)
+    return _Prepared(
+        planned,
+        changed,
+        restart,
+        describe(old, new, planned),
+        build_analyzers(planned),
+        read_secrets(planned.webhooks),
+    )
 
 
 async def reload(rt: Runtime) -> ReloadResult:
@@ -202,10 +220,12 @@ async def reload(rt: Runtime) -> ReloadResult:
         systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         try:
-            planned, changed, restart, changes, analyzers = await anyio.to_thread.run_sync(
+            planned, changed, restart, changes, analyzers, secrets = await anyio.to_thread.run_sync(
                 _prepare, rt.config, rt.config_path
             )
-        except (ConfigError, ReloadError) as exc:
+            # The one write: refused, it leaves everything as it was.
+            await rt.store.sync_webhooks(routes(planned))
+        except (ConfigError, ReloadError, StoreError) as exc:
             log.error("reload.failed", error=str(exc), config=rt.config_path)
             raise ReloadError(str(exc)) from None
         except Exception as exc:  # anything else: the old config keeps running all the same
@@ -223,6 +243,8 @@ async def reload(rt: Runtime) -> ReloadResult:
             simulated = rt.simulated.get(name)
             if simulated is not None:
                 simulated.configure(cfg.simulate)
+        if rt.webhooks is not None:
+            rt.webhooks.configure(planned.webhooks, secrets)
         rt.live.reloaded.notify()
         log.info(
             "reload.done",

@@ -28,6 +28,7 @@ from daemon.wakeup import Wakeup
 if TYPE_CHECKING:
     from daemon.spend.guard import SpendGuard
     from daemon.watchdog.service import Watchdog
+    from daemon.webhooks.sender import WebhookSender
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Runtime:
     simulated: dict[str, SimulatedAPI] = field(default_factory=dict)
     watchdog: Watchdog | None = None  # set by app.py; the debug commands use it
     spend: SpendGuard | None = None  # the budgets (app.py); status, reload and metrics read it
+    webhooks: WebhookSender | None = None  # the sender (app.py); reload and commands use it
     # Components add their own part of `status` here (watchdog, http, spool...).
     status_sections: dict[str, Callable[[], Any]] = field(default_factory=dict)
 

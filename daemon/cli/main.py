@@ -17,7 +17,7 @@ import anyio
 import msgspec
 
 from daemon import __version__
-from daemon.cli import bench, client_commands, debug, demo, logs, results, top
+from daemon.cli import bench, client_commands, debug, demo, logs, results, top, webhooks
 from daemon.config import Config, ConfigError, PositiveInt, SimulateConfig, load_config
 from daemon.control.client import DaemonUnavailable, RemoteError
 from daemon.errors import StartupError
@@ -108,6 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     path = required_config_path(args)
     config = load_config(path)
+    _check_secrets(path, config)
     if not config.analyzers and not args.allow_empty:
         raise ConfigNotUsable(
             f"{path} configures no analyzers, so no job could run: refusing to start. "
@@ -126,9 +127,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _secrets(config: Config) -> list[str]:
+    from daemon.webhooks.secrets import secret_values
+
     names = [p.api_key_env for p in config.providers.values() if p.api_key_env]
     names += [config.http.token_env, config.store.password_env, "PGPASSWORD"]
-    return [os.environ[n] for n in names if n and os.environ.get(n)]
+    return [os.environ[n] for n in names if n and os.environ.get(n)] + secret_values(config)
+
+
+def _check_secrets(path: str, config: Config) -> None:
+    """The webhooks' signing keys are set (a ConfigError naming each variable that is
+    not: exit 78), as `vigil run` needs them to start."""
+    from daemon.webhooks.secrets import read_secrets
+
+    try:
+        read_secrets(config.webhooks)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -138,10 +152,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     path = required_config_path(args, args.file)
     config = load_config(path)
+    _check_secrets(path, config)
     analyzers = build_analyzers(config)
     print(
         f"{path}: ok — {len(config.providers)} provider(s), "
-        f"{len(config.analyzers)} analyzer(s); state in {config.state_dir}, "
+        f"{len(config.analyzers)} analyzer(s), {len(config.webhooks)} webhook(s); "
+        f"state in {config.state_dir}, "
         f"socket {config.socket_path}"
     )
     if analyzers:
@@ -314,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_parser(sub)
     client_commands.add_parsers(sub)
     debug.add_parser(sub)
+    webhooks.add_parser(sub)
     return parser
 
 

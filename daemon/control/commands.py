@@ -29,6 +29,7 @@ from daemon.store.base import (
 )
 from daemon.store.filters import JobFilter
 from daemon.watchdog.introspect import task_report, thread_report
+from daemon.webhooks import commands as webhooks
 
 
 class NoArgs(Args, frozen=True):
@@ -300,7 +301,9 @@ async def debug_memory(rt: Runtime, args: DebugMemoryArgs) -> Any:
 
 
 # Commands that change something: the control socket logs who asked (peer uid, pid).
-MUTATING = frozenset({"submit", "retry", "cancel", "purge", "pause", "resume", "drain", "reload"})
+MUTATING = frozenset(
+    {"submit", "retry", "cancel", "purge", "pause", "resume", "drain", "reload", "webhooks_retry"}
+)
 
 Handler = Callable[[Runtime, Any], Awaitable[Any]]
 COMMANDS: dict[str, tuple[type[Args], Handler]] = {
@@ -325,6 +328,8 @@ COMMANDS: dict[str, tuple[type[Args], Handler]] = {
     "debug_tasks": (DebugTasksArgs, debug_tasks),
     "debug_stacks": (NoArgs, debug_stacks),
     "debug_memory": (DebugMemoryArgs, debug_memory),
+    "webhooks": (webhooks.ListArgs, webhooks.list_webhooks),
+    "webhooks_retry": (webhooks.RetryArgs, webhooks.retry),
 }
 
 

@@ -164,3 +164,53 @@ def retention_metrics(data: Any) -> Iterator[Metric]:
         if isinstance(state, str) and value is not None:
             family.add_metric([state], value)
     yield family
+
+
+# The webhook sender's status rows (`status["webhooks"]`, by name): each gauge's figure.
+WEBHOOK_GAUGES = {
+    "pending": ("vigil_webhook_pending", "Deliveries waiting to go out (the store's, all nodes)."),
+    "dead": (
+        "vigil_webhook_dead",
+        "Dead-lettered deliveries (`vigil webhooks retry NAME` sends them again).",
+    ),
+    "oldest_pending_age_s": (
+        "vigil_webhook_oldest_pending_seconds",
+        "Age of the oldest delivery still waiting to go out (0 when none waits).",
+    ),
+    "in_flight": ("vigil_webhook_in_flight", "Deliveries being POSTed now by this daemon."),
+}
+
+
+def webhook_metrics(data: Any) -> Iterator[Metric]:
+    """Per webhook (label `webhook`): pending, dead, oldest pending age and in-flight
+    gauges, delivery attempts by outcome and dead-letterings since start."""
+    gauges = {
+        key: GaugeMetricFamily(name, text, labels=["webhook"])
+        for key, (name, text) in WEBHOOK_GAUGES.items()
+    }
+    attempts = CounterMetricFamily(
+        "vigil_webhook_deliveries",
+        "Delivery attempts by outcome: delivered (a 2xx) or failed (any other answer, a "
+        "timeout, a refused connection).",
+        labels=["webhook", "outcome"],
+    )
+    dead_lettered = CounterMetricFamily(
+        "vigil_webhook_dead_lettered",
+        "Deliveries dead-lettered after their last attempt failed.",
+        labels=["webhook"],
+    )
+    rows = data if isinstance(data, Mapping) else {}
+    for name, row in rows.items():
+        if not isinstance(name, str) or not isinstance(row, Mapping):
+            continue
+        for key, family in gauges.items():
+            value = 0.0 if key == "oldest_pending_age_s" and row.get(key) is None else row.get(key)
+            if (figure := number(value)) is not None:
+                family.add_metric([name], figure)
+        for outcome in ("delivered", "failed"):
+            if (figure := number(row.get(outcome))) is not None:
+                attempts.add_metric([name, outcome], figure)
+        if (figure := number(row.get("dead_lettered"))) is not None:
+            dead_lettered.add_metric([name], figure)
+    yield from gauges.values()
+    yield from (attempts, dead_lettered)
