@@ -26,6 +26,7 @@ from daemon.providers.base import (
     OutputInvalid,
     ProviderError,
 )
+from daemon.providers.phases import PhaseTimes
 
 log = structlog.get_logger("vigil.spend")
 
@@ -33,7 +34,9 @@ log = structlog.get_logger("vigil.spend")
 class Provider(Protocol):
     name: str
 
-    async def complete(self, request: ChatRequest) -> Completion: ...
+    async def complete(
+        self, request: ChatRequest, times: PhaseTimes | None = None
+    ) -> Completion: ...
 
     def available(self) -> bool: ...
 
@@ -73,7 +76,8 @@ def parse_json_output(content: str, required_keys: list[str]) -> dict[str, Any]:
 
 class Calls:
     """The LLM calls of one attempt: sends them through the spend guard (when there
-    is one), and adds up their usage and cost, keeping a record of each."""
+    is one), and adds up their usage and cost, keeping a record of each, and what
+    they waited for and took (`times`, the attempt's phases)."""
 
     def __init__(
         self,
@@ -92,6 +96,7 @@ class Calls:
         self.http_status: int | None = None
         self.answer: str | None = None  # the last answer's text, kept if the attempt fails
         self.stop_reason: str | None = None  # why the last answer ended
+        self.times = PhaseTimes()
 
     async def complete(self, provider: str, request: ChatRequest) -> str:
         target = self._providers.get(provider)
@@ -106,7 +111,7 @@ class Calls:
         hold = guard.reserve(analyzer, provider, worst) if guard is not None else None
         record = None
         try:
-            completion = await target.complete(request)
+            completion = await target.complete(request, self.times)
             cost = None if price is None else cost_usd(completion, price)
             if price is not None and not (completion.prompt_tokens or completion.completion_tokens):
                 # No usage reported: charged what it may have cost, never less.

@@ -87,9 +87,12 @@ class CallRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 class Phases(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Where an attempt's time went, in milliseconds. `queue_ms` came before the attempt
-    (ready to claimed); the others add up to its duration: a concurrency slot, the
-    provider's request/token budget, a cool-down or open circuit, the API calls
-    themselves, and recording the answer (parsing, checking)."""
+    (ready, the later of created and not_before, to claimed); the others add up to its
+    duration (claimed to its end): a concurrency slot (the worker's start included), the
+    provider's request/token budget (a slot held by callers waiting for it included), a
+    429 cool-down or the breaker's probe, the API calls themselves, and the rest
+    (parsing, checking, a handler's own code, recording). Measured by daemon/worker.py
+    and the provider (daemon/providers/phases.py)."""
 
     queue_ms: float = 0.0
     slot_ms: float = 0.0

@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -30,6 +31,21 @@ RECORD_RETRY_MAX_S = 1.0  # also how long a stop may wait for a retrying record
 T = TypeVar("T")
 
 
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """When the dispatcher got a batch of jobs from the store, on both clocks: the
+    attempts start there (the store stamps `started_at` in the claim), so their phases
+    are measured from it. `at` is unix time, as the store's stamps; `mono` monotonic."""
+
+    at: float
+    mono: float
+
+
+# The claim of the attempt a task runs, set by the dispatcher in that task (each task
+# has its own context): `execute` takes only the job, and so may any other caller's.
+CLAIMED: ContextVar[Claimed | None] = ContextVar("vigil_claimed", default=None)
+
+
 @dataclass(eq=False)
 class ActiveAttempt:
     """One running attempt, as observers (cancel, drain, the watchdog's stuck
@@ -44,6 +60,7 @@ class ActiveAttempt:
     started: float = field(default_factory=anyio.current_time)
     task: asyncio.Task[Any] | None = None
     abandoned: bool = False  # its end was recorded by `abandon`; the task may linger
+    claimed: Claimed | None = None  # when its batch came from the store (its phases)
     interrupted: str | None = None  # stopped to be given back uncounted, for this reason
 
 
@@ -159,8 +176,9 @@ class Dispatcher:
                     log.error("queue.claim_failed", error=str(exc))
                     await anyio.sleep(POLL_S)
                     continue
+                claimed = Claimed(time.time(), time.monotonic()) if jobs else None
                 for job in jobs:
-                    entry = ActiveAttempt(job)
+                    entry = ActiveAttempt(job, claimed=claimed)
                     self.active[job.id] = entry
                     tg.start_soon(self._run_one, entry, name=f"job {job.id}")
                 if not jobs:
@@ -219,6 +237,7 @@ class Dispatcher:
     async def _run_one(self, entry: ActiveAttempt) -> None:
         job, scope = entry.job, entry.scope
         entry.task = asyncio.current_task()
+        CLAIMED.set(entry.claimed)
         _observe(self.on_claim, job)
         try:
             with scope:
@@ -281,6 +300,7 @@ class Dispatcher:
                 error=ErrorInfo("RecordFailed", f"the outcome could not be stored: {exc}"[:1000]),
                 http_status=end.http_status,
                 latency_ms=end.latency_ms,
+                phases=end.phases,
             )
             return failed, await self._until_written(job, lambda: self._store.finish(job, failed))
 

@@ -13,9 +13,10 @@ import structlog
 
 from daemon.analyzers import Analyzer, Calls, Provider
 from daemon.backoff import backoff_s
-from daemon.jobs import ANSWER_MAX_CHARS, ErrorInfo, Job
+from daemon.jobs import ANSWER_MAX_CHARS, ErrorInfo, Job, Phases
 from daemon.live import Live
 from daemon.providers.base import OutputInvalid, ProviderError
+from daemon.queue import CLAIMED, Claimed
 from daemon.store.base import AttemptEnd
 
 if TYPE_CHECKING:
@@ -47,8 +48,10 @@ class Worker:
         self._guard = guard
 
     async def attempt(self, job: Job) -> AttemptEnd:
-        """Never raises but for cancellation: every failure becomes an AttemptEnd."""
+        """Never raises but for cancellation: every failure becomes an AttemptEnd, and
+        every AttemptEnd carries the attempt's phases."""
         started = time.monotonic()
+        claim = CLAIMED.get() or Claimed(time.time(), started)  # called outside a dispatcher
         analyzer = self._live.analyzers.get(job.analyzer)
         structlog.contextvars.bind_contextvars(
             job_id=job.id, analyzer=job.analyzer, attempt=job.attempts
@@ -58,6 +61,7 @@ class Worker:
             if analyzer is None:
                 return self._failed(
                     job,
+                    claim,
                     started,
                     calls,
                     ErrorInfo(
@@ -76,6 +80,7 @@ class Worker:
             except TimeoutError:
                 return self._failed(
                     job,
+                    claim,
                     started,
                     calls,
                     ErrorInfo("Timeout", f"attempt exceeded {analyzer.config.timeout_s:g} s"),
@@ -84,11 +89,12 @@ class Worker:
                 )
             except ProviderError as exc:
                 if exc.kind in NOT_ATTEMPTED and not calls.records:
-                    return self._deferred(analyzer, exc)
+                    return self._deferred(job, claim, started, calls, analyzer, exc)
                 if exc.kind in TURNED_AWAY:
-                    return self._rate_limited(job, analyzer, started, calls, exc)
+                    return self._rate_limited(job, analyzer, claim, started, calls, exc)
                 return self._failed(
                     job,
+                    claim,
                     started,
                     calls,
                     ErrorInfo(exc.kind, str(exc)),
@@ -99,6 +105,7 @@ class Worker:
             except OutputInvalid as exc:
                 return self._failed(
                     job,
+                    claim,
                     started,
                     calls,
                     ErrorInfo("OutputInvalid", str(exc)),
@@ -109,6 +116,7 @@ class Worker:
                 log.warning("job.handler_error", exc_info=True)
                 return self._failed(
                     job,
+                    claim,
                     started,
                     calls,
                     ErrorInfo(type(exc).__name__, str(exc)[:1000]),
@@ -120,12 +128,14 @@ class Worker:
             except (TypeError, msgspec.EncodeError) as exc:
                 return self._failed(
                     job,
+                    claim,
                     started,
                     calls,
                     ErrorInfo("BadResult", f"result is not JSON-encodable: {exc}"),
                     retryable=False,
                 )
-            latency_ms = (time.monotonic() - started) * 1000
+            now = time.monotonic()
+            latency_ms = (now - started) * 1000
             log.info("job.attempt", outcome="succeeded", latency_ms=round(latency_ms, 1))
             return AttemptEnd(
                 outcome="succeeded",
@@ -135,6 +145,7 @@ class Worker:
                 latency_ms=latency_ms,
                 stop_reason=calls.stop_reason,
                 calls=tuple(calls.records),
+                phases=phases_of(job, claim, started, calls, now),
             )
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "analyzer", "attempt")
@@ -162,7 +173,14 @@ class Worker:
         return self._guard.held(analyzer.name, cfg.provider, least)
 
     @staticmethod
-    def _deferred(analyzer: Analyzer, exc: ProviderError) -> AttemptEnd:
+    def _deferred(
+        job: Job,
+        claim: Claimed,
+        started: float,
+        calls: Calls,
+        analyzer: Analyzer,
+        exc: ProviderError,
+    ) -> AttemptEnd:
         """No request was made: the provider is paused or its circuit open. The job
         waits it out without spending an attempt. A prompt analyzer's job is ready again
         at once: the dispatcher claims none of its jobs while the provider refuses
@@ -176,10 +194,17 @@ class Worker:
             outcome="deferred",
             error=ErrorInfo(exc.kind, str(exc)),
             retry_at=time.time() + wait_s,
+            phases=phases_of(job, claim, started, calls, time.monotonic()),
         )
 
     def _rate_limited(
-        self, job: Job, analyzer: Analyzer, started: float, calls: Calls, exc: ProviderError
+        self,
+        job: Job,
+        analyzer: Analyzer,
+        claim: Claimed,
+        started: float,
+        calls: Calls,
+        exc: ProviderError,
     ) -> AttemptEnd:
         """A 429 or an overloaded API: the request was not processed, so no attempt is
         spent; the job's own count of them is bounded by `max_rate_limited` instead,
@@ -192,7 +217,9 @@ class Worker:
                 f"{exc} (turned away {count} times: analyzers.{job.analyzer}.max_rate_limited"
                 f" is {limit})",
             )
-            return self._failed(job, started, calls, error, retryable=False, status=exc.status)
+            return self._failed(
+                job, claim, started, calls, error, retryable=False, status=exc.status
+            )
         queue = self._live.config.queue
         retry_in = backoff_s(
             count,
@@ -201,7 +228,8 @@ class Worker:
             hint_s=exc.retry_after_s,
             rng=self._rng,
         )
-        latency_ms = (time.monotonic() - started) * 1000
+        now = time.monotonic()
+        latency_ms = (now - started) * 1000
         log.info(
             "job.attempt",
             outcome="rate_limited",
@@ -217,12 +245,14 @@ class Worker:
             http_status=exc.status,
             latency_ms=latency_ms,
             retry_at=time.time() + retry_in,
+            phases=phases_of(job, claim, started, calls, now),
             **_spent(calls),
         )
 
     def _failed(
         self,
         job: Job,
+        claim: Claimed,
         started: float,
         calls: Calls,
         error: ErrorInfo,
@@ -232,7 +262,8 @@ class Worker:
         hint_s: float | None = None,
         outcome: str = "error",
     ) -> AttemptEnd:
-        latency_ms = (time.monotonic() - started) * 1000
+        now = time.monotonic()
+        latency_ms = (now - started) * 1000
         retry_at = None
         retry_in = None
         if retryable and job.attempts < job.max_attempts:
@@ -261,8 +292,31 @@ class Worker:
             http_status=status,
             latency_ms=latency_ms,
             retry_at=retry_at,
+            phases=phases_of(job, claim, started, calls, now),
             **_spent(calls),
         )
+
+
+def phases_of(job: Job, claim: Claimed, started: float, calls: Calls, now: float) -> Phases:
+    """Where the attempt's time went, from its claim (when the store stamped its
+    `started_at`) to `now`, its end handed to the store. The wait between the claim and
+    the worker's start is the slot's (a batch's tasks start one after another); what
+    neither a wait nor a request took (parsing, checking, a handler's own code) is the
+    record's, so the five add up to the attempt's duration. `queue_ms` came before:
+    ready (created, or its retry due) to claimed. In ms to 10 µs; the differences of
+    two clocks read a hair apart are kept from going below zero."""
+    times = calls.times
+    slot_s = started - claim.mono + times.slot_s
+    record_s = now - claim.mono - slot_s - times.budget_s - times.cooldown_s - times.api_s
+    queue_s = claim.at - max(job.created_at, job.not_before)
+    return Phases(
+        queue_ms=round(queue_s * 1000, 2) if queue_s > 0 else 0.0,
+        slot_ms=round(slot_s * 1000, 2),  # a monotonic difference: never negative
+        budget_ms=round(times.budget_s * 1000, 2),
+        cooldown_ms=round(times.cooldown_s * 1000, 2),
+        api_ms=round(times.api_s * 1000, 2),
+        record_ms=round(record_s * 1000, 2) if record_s > 0 else 0.0,
+    )
 
 
 def _spent(calls: Calls) -> dict[str, Any]:

@@ -43,6 +43,12 @@ monthly_usd = 1000.0
 [analyzers.summarize.budget]
 daily_usd = 0.01
 """
+# A webhook nobody listens on: its series (pending, dead, ...) are exposed all the same.
+WEBHOOK = """
+[webhooks.hook]
+url = "http://127.0.0.1:9/hook"
+secret_env = "VIGIL_WEBHOOK_SECRET"
+"""
 BUDGET_ROW = {
     "scope": "provider",
     "name": "sim",
@@ -452,7 +458,10 @@ async def test_alert_rules_name_only_exposed_series(start_daemon: StartDaemon) -
     """Every vigil_ series alerts.yml names is in a real scrape (after a job ran and with
     budgets configured, so the labelled ones have samples), and so is each label an expr
     matches or groups by: a rule on a misspelt series or label would never fire."""
-    proc = start_daemon(sim_config(http_listen="127.0.0.1:0", extra=PRICED_BUDGETS))
+    proc = start_daemon(
+        sim_config(http_listen="127.0.0.1:0", extra=PRICED_BUDGETS + WEBHOOK),
+        env={"VIGIL_WEBHOOK_SECRET": "metrics-test-secret-0123"},
+    )
     await proc.acall("submit", jobs=[CLASSIFY])  # summarize's budget would hold a JOB
     await proc.wait_for_status(lambda s: s["queue"]["finished"] == 1)
     m = Families((await scrape(proc))[1])

@@ -51,6 +51,7 @@ ENDED = ("succeeded", "failed", "canceled")
 VERIFY = """\
 import hashlib, hmac, time
 
+
 def verify(secret: bytes, header: str, body: bytes, max_age_s: int = 300) -> bool:
     fields = dict(part.split("=", 1) for part in header.split(","))
     mac = hmac.new(secret, f"{fields['t']}.".encode() + body, hashlib.sha256).hexdigest()

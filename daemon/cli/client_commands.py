@@ -134,6 +134,7 @@ async def show(client: ControlClient, args: argparse.Namespace) -> int:
             for a in data["attempts"]
         ],
     )
+    render.phases_table(data["attempts"])
     for a in data["attempts"]:
         if a.get("answer") is not None:
             print(f"\nattempt {a['n']} answered:\n{a['answer']}")

@@ -340,3 +340,68 @@ def nodes_table(data: Mapping[str, Any], out: TextIO) -> None:
         ],
         out,
     )
+
+
+PHASE_KEYS = ("queue_ms", "slot_ms", "budget_ms", "cooldown_ms", "api_ms", "record_ms")
+# The timeline's letter per phase within an attempt (the queue came before it).
+PHASE_MARKS = (
+    ("slot_ms", "s"),
+    ("budget_ms", "b"),
+    ("cooldown_ms", "c"),
+    ("api_ms", "a"),
+    ("record_ms", "r"),
+)
+TIMELINE_WIDTH = 20
+
+
+def millis(ms: float) -> str:
+    """A duration short enough for a narrow column: "0", "0.4ms", "812ms", "3.4s",
+    "12m03s", "5h07m"."""
+    if ms < 0.05:
+        return "0"
+    if ms < 10:
+        return f"{ms:.1f}ms"
+    if ms < 999.5:
+        return f"{ms:.0f}ms"
+    if ms < 59_950:
+        return f"{ms / 1000:.1f}s"
+    seconds = round(ms / 1000)
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+def timeline(phases: Mapping[str, Any], width: int = TIMELINE_WIDTH) -> str:
+    """The attempt's duration as `width` letters, each phase's share of it (largest
+    remainders round, so the letters always fill the width): "bbbbbbbbbbbbbbbbaaar"."""
+    shares = [(mark, float(phases.get(key) or 0.0)) for key, mark in PHASE_MARKS]
+    total = sum(ms for _, ms in shares)
+    if total <= 0:
+        return ""
+    exact = [(mark, ms * width / total) for mark, ms in shares]
+    cells = [int(n) for _, n in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: exact[i][1] - cells[i], reverse=True)
+    for i in by_remainder[: width - sum(cells)]:
+        cells[i] += 1
+    return "".join(mark * n for (mark, _), n in zip(exact, cells, strict=True))
+
+
+def phase_cells(n: Any, phases: Mapping[str, Any]) -> list[Any]:
+    """One attempt's row of `phases_table`."""
+    return [n, *(millis(float(phases.get(key) or 0.0)) for key in PHASE_KEYS), timeline(phases)]
+
+
+def phases_table(attempts: Sequence[Mapping[str, Any]], out: TextIO = sys.stdout) -> None:
+    """Where each attempt's time went (`vigil show`); nothing when no attempt has
+    phases (recorded before they were, or still running)."""
+    rows = [
+        phase_cells(a["n"], a["phases"]) for a in attempts if isinstance(a.get("phases"), Mapping)
+    ]
+    if not rows:
+        return
+    # The queue came before the attempt; the timeline is the attempt's own duration.
+    print(
+        "\nwhere the time went (timeline: s slot, b budget, c cool-down, a API, r record):",
+        file=out,
+    )
+    table(["n", "queue", "slot", "budget", "cooldown", "api", "record", "timeline"], rows, out)

@@ -3,8 +3,8 @@
 Most figures already live in the runtime's state (store counts, provider stats,
 health, the watchdog's status section), so they are read at scrape time by a
 custom collector rather than mirrored into counters all over the code. Only what
-must be seen at the moment it happens (attempt durations, queue waits, finished
-totals) is observed, through the dispatcher's `on_claim`/`on_finish` hooks.
+must be seen at the moment it happens (attempt durations and phases, queue waits,
+finished totals) is observed, through the dispatcher's `on_claim`/`on_finish` hooks.
 
 A scrape reads the runtime on the event loop (one consistent snapshot, no locks);
 the psutil sample and the text rendering run in a worker thread.
@@ -13,7 +13,9 @@ the psutil sample and the text rendering run in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,12 +27,14 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
     SummaryMetricFamily,
 )
+from prometheus_client.utils import floatToGoString
 
 from daemon import __version__
-from daemon.jobs import STATES, TERMINAL, Job, State
+from daemon.jobs import STATES, TERMINAL, Job, Phases, State
 from daemon.observe.section_metrics import (
     budget_metrics,
     lag_bounds_ms,
@@ -38,6 +42,7 @@ from daemon.observe.section_metrics import (
     lookup,
     retention_metrics,
     watchdog_metrics,
+    webhook_metrics,
 )
 from daemon.providers.limits import BUDGETS
 from daemon.runtime import Runtime, provider_status
@@ -49,6 +54,10 @@ if TYPE_CHECKING:
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 WAIT_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
+# An attempt's phases run from microseconds (a slot free at once) to minutes (a budget).
+PHASE_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+PHASES = ("slot", "budget", "cooldown", "api", "record")
+"""The phases within an attempt (the queue wait before it has its own histogram)."""
 CIRCUIT_STATES = ("closed", "half_open", "open")
 
 
@@ -105,6 +114,7 @@ class RuntimeCollector:
         yield from self._store()
         yield from self._budgets()
         yield from self._retention()
+        yield from self._webhooks()
         yield from self._watchdog()
         yield from self._process()
 
@@ -326,6 +336,11 @@ class RuntimeCollector:
         if section is not None:
             yield from retention_metrics(section())
 
+    def _webhooks(self) -> Iterator[Metric]:
+        section = self._rt.status_sections.get("webhooks")
+        if section is not None:
+            yield from webhook_metrics(section())
+
     def _watchdog(self) -> Iterator[Metric]:
         section = self._rt.status_sections.get("watchdog")
         if section is not None:
@@ -349,6 +364,50 @@ class RuntimeCollector:
         yield CounterMetricFamily(
             "vigil_process_cpu_seconds", "CPU time, user and system.", sample.cpu_seconds
         )
+
+
+class PhaseHistograms:
+    """`vigil_attempt_phase_seconds`: a histogram per provider and phase within an
+    attempt. Five observations an attempt, on the hot path: kept as plain counts (a
+    bisect and two additions each, on the loop, which is also where scrapes collect)
+    rather than prometheus_client's locked children, which cost four times as much."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        # provider -> per phase (PHASES order): counts per bucket (the last: +Inf), sum
+        self._counts: dict[str, tuple[list[int], ...]] = {}
+        self._sums: dict[str, list[float]] = {}
+
+    def observe(self, provider: str, phases: Phases) -> None:
+        counts = self._counts.get(provider)
+        if counts is None:
+            counts = tuple([0] * (len(self._bounds) + 1) for _ in PHASES)
+            self._counts[provider] = counts
+            self._sums[provider] = [0.0] * len(PHASES)
+        sums, bounds = self._sums[provider], self._bounds
+        for i, ms in enumerate(
+            (phases.slot_ms, phases.budget_ms, phases.cooldown_ms, phases.api_ms, phases.record_ms)
+        ):
+            seconds = ms / 1000
+            counts[i][bisect_left(bounds, seconds)] += 1
+            sums[i] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "vigil_attempt_phase_seconds",
+            "Where attempts' time went, by provider (the analyzer's; a handler's calls to "
+            "others count under it) and phase: waiting for a concurrency slot, for the "
+            "request/token budget, for a 429 cool-down or the breaker's probe, the API "
+            "requests, and the rest (parsing, checking, recording); they add up to the "
+            "attempt's run time.",
+            labels=["provider", "phase"],
+        )
+        names = [*map(floatToGoString, self._bounds), "+Inf"]
+        for provider, counts in sorted(self._counts.items()):
+            for phase, row, total in zip(PHASES, counts, self._sums[provider], strict=True):
+                buckets = list(zip(names, map(float, itertools.accumulate(row)), strict=True))
+                family.add_metric([provider, phase], buckets, total)
+        yield family
 
 
 class _Snapshot:
@@ -397,6 +456,9 @@ class Metrics:
             buckets=WAIT_BUCKETS_S,
             registry=self.registry,
         )
+        self.phases = PhaseHistograms(PHASE_BUCKETS_S)
+        self.registry.register(self.phases)
+        self._live = rt.live
         self.http_requests = Counter(
             "vigil_http_requests",
             "HTTP API requests by route, method and status.",
@@ -415,8 +477,21 @@ class Metrics:
         self.attempts.labels(job.analyzer, end.outcome).inc()
         if end.latency_ms is not None:
             self.duration.labels(job.analyzer).observe(end.latency_ms / 1000)
+        if end.phases is not None:
+            self._observe_phases(job, end, end.phases)
         if new is not None and new in TERMINAL:
             self.finished.labels(job.analyzer, new).inc()
+
+    def _observe_phases(self, job: Job, end: AttemptEnd, phases: Phases) -> None:
+        """One attempt's phases, under its analyzer's provider: a prompt analyzer's
+        calls all go there, and a handler's `ctx.complete` goes there unless told
+        otherwise. A handler with no provider of its own: that of its first answered
+        call ("none" when it made none)."""
+        analyzer = self._live.analyzers.get(job.analyzer)
+        provider = analyzer.config.provider if analyzer is not None else ""
+        if not provider:
+            provider = end.calls[0].provider if end.calls else "none"
+        self.phases.observe(provider, phases)
 
     def canceled(self, canceled: Canceled) -> None:
         self.finished.labels(canceled.analyzer, "canceled").inc()

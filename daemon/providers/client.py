@@ -24,6 +24,7 @@ from daemon.providers.breaker import CircuitBreaker
 from daemon.providers.dialect import Dialect, Fault
 from daemon.providers.limits import Cost, ProviderLimits, Reservation
 from daemon.providers.openai import OpenAIDialect
+from daemon.providers.phases import PhaseTimes
 from daemon.providers.ratelimit_headers import RateLimitHeaders, retry_after_s
 from daemon.providers.stats import LatencyWindow, ProviderStats, StatusCounter
 
@@ -182,8 +183,9 @@ class ApiProvider(anyio.AsyncContextManagerMixin):
             self.pause_changes += 1  # lifted for every node
         return None
 
-    async def complete(self, request: ChatRequest) -> Completion:
-        """One throttled call; raises ProviderError on every kind of failure."""
+    async def complete(self, request: ChatRequest, times: PhaseTimes | None = None) -> Completion:
+        """One throttled call; raises ProviderError on every kind of failure. Its waits
+        and its request's time are added to `times` (the attempt's phases)."""
         if self.paused_reason:
             raise self._paused()
         headers = self._headers()  # a missing key pauses before taking budget
@@ -193,16 +195,22 @@ class ApiProvider(anyio.AsyncContextManagerMixin):
             # A cached prefix costs the input budget nothing: book what it did not cover
             # last time (a miss is charged in full when its answer says so).
             cost = Cost(max(1, cost.input_tokens - self._cached_hint), cost.output_tokens)
-        probe = await self.breaker.admit()  # an open circuit fails here, before any budget
+        asked = time.monotonic()
+        try:  # an open circuit fails here, before any budget; a probe's verdict is awaited
+            probe = await self.breaker.admit()
+        finally:
+            if times is not None:
+                times.cooldown_s += time.monotonic() - asked
         verdict = "released"  # what the breaker is told: released, succeeded or a failure
         try:
-            async with self.limits.slot(cost) as reservation:
+            async with self.limits.slot(cost, times) as reservation:
                 try:
                     self.breaker.recheck(probe)
                 except ProviderError:
                     self.limits.give_back(reservation)  # never sent
                     raise
                 self.stats.in_flight += 1
+                sent = time.monotonic()
                 try:
                     reply = await self._send(dialect, request, headers)
                 except ProviderError as exc:
@@ -212,6 +220,8 @@ class ApiProvider(anyio.AsyncContextManagerMixin):
                     raise
                 finally:
                     self.stats.in_flight -= 1
+                    if times is not None:
+                        times.api_s += time.monotonic() - sent
             rate_limits = self._observe(dialect, reply.headers, reservation)
             if reply.status == 200:
                 verdict = "succeeded"

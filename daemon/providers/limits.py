@@ -28,6 +28,7 @@ import structlog
 from daemon.providers.adaptive import AdaptiveConcurrency
 from daemon.providers.base import ProviderError
 from daemon.providers.bucket import Ticket, TokenBucket
+from daemon.providers.phases import PhaseTimes
 from daemon.providers.ratelimit_headers import RateLimitHeaders
 
 log = structlog.get_logger("vigil.provider")
@@ -124,6 +125,7 @@ class ProviderLimits:
         )
         self.requests, self.tokens, self.input_tokens, self.output_tokens = self.buckets
         self.cooldown_until = 0.0
+        self.cooldown_from = 0.0  # when the cool-down in force (or the last one) began
         self.cooldowns = 0
         self._pace = anyio.Lock()  # FIFO: callers take their place in time one at a time
         self.waiting = 0  # callers holding a concurrency slot, waiting for budget or cool-down
@@ -161,8 +163,11 @@ class ProviderLimits:
 
     def cool_down(self, seconds: float) -> None:
         """Pause every caller of this provider for `seconds` (a 429 said so)."""
-        until = self._clock() + max(0.0, seconds)
+        now = self._clock()
+        until = now + max(0.0, seconds)
         if until > self.cooldown_until:
+            if self.cooldown_until <= now:  # a new cool-down, not an extension
+                self.cooldown_from = now
             self.cooldown_until = until
             self.cooldowns += 1
 
@@ -199,25 +204,61 @@ class ProviderLimits:
                 )
 
     @asynccontextmanager
-    async def slot(self, cost: Cost) -> AsyncIterator[Reservation]:
-        """Hold a concurrency slot and budget for one request."""
+    async def slot(self, cost: Cost, times: PhaseTimes | None = None) -> AsyncIterator[Reservation]:
+        """Hold a concurrency slot and budget for one request; what the waits took is
+        added to `times` (`_waited`), a wait cut short by cancellation included."""
         self._check_size(cost)
-        async with self.concurrency:
-            self.waiting += 1
-            try:
-                if (
-                    self.requests.per_minute
-                    or self.tokens.per_minute
-                    or self.input_tokens.per_minute
-                    or self.output_tokens.per_minute
-                ):
-                    async with self._pace:
+        clock = self._clock
+        asked = clock()
+        behind_budget = self.waiting > 0  # slot holders wait for budget: so does this one
+        try:
+            async with self.concurrency:
+                got_slot = clock()
+                self.waiting += 1
+                try:
+                    if (
+                        self.requests.per_minute
+                        or self.tokens.per_minute
+                        or self.input_tokens.per_minute
+                        or self.output_tokens.per_minute
+                    ):
+                        async with self._pace:
+                            tickets = await self._take_place(cost)
+                    else:  # no budget to take places in: only a cool-down to wait out
                         tickets = await self._take_place(cost)
-                else:  # no budget to take places in: only a cool-down to wait out
-                    tickets = await self._take_place(cost)
-            finally:
-                self.waiting -= 1
-            yield Reservation(tickets, cost, self.adaptive.epoch)
+                finally:
+                    self.waiting -= 1
+                    if times is not None:
+                        ready = clock()
+                        if behind_budget or self.cooldown_until > asked:
+                            self._waited(times, asked, got_slot, ready, behind_budget)
+                        else:  # the common case, kept cheap: no cool-down in the way
+                            times.slot_s += got_slot - asked
+                            times.budget_s += ready - got_slot
+                        times = None
+                yield Reservation(tickets, cost, self.adaptive.epoch)
+        finally:
+            if times is not None:  # cancelled while waiting for the slot
+                now = clock()
+                self._waited(times, asked, now, now, behind_budget)
+
+    def _waited(
+        self, times: PhaseTimes, asked: float, got_slot: float, ready: float, behind_budget: bool
+    ) -> None:
+        """Split one request's wait by cause. Time under a cool-down is the cool-down's,
+        wherever it was spent (in line behind the caller sleeping it out, or for a slot
+        such callers hold). The rest of the wait for a slot is the budget's when callers
+        holding slots were waiting for budget as it began (a rate limit keeps the slots
+        full, not the API), else the slot's; the rest after the slot, the budget's."""
+        start, end = self.cooldown_from, self.cooldown_until
+        cooled = max(0.0, min(got_slot, end) - max(asked, start))
+        cooled_after = max(0.0, min(ready, end) - max(got_slot, start))
+        times.cooldown_s += cooled + cooled_after
+        if behind_budget:
+            times.budget_s += got_slot - asked - cooled
+        else:
+            times.slot_s += got_slot - asked - cooled
+        times.budget_s += ready - got_slot - cooled_after
 
     async def _book_shared(self, cost: Cost) -> float:
         """The cluster's place in time for this request (0 with no shared budgets). A
