@@ -225,3 +225,47 @@ async def test_postgres_readers_never_pass_an_end_still_committing(
                 await conn.close()
             got = [e.job_id for e in (await store.events_after(Cursor(), 10)).events]
             assert got == [slow, fast]
+
+
+async def test_a_bulk_cancel_is_an_end_for_each_job(store: Any) -> None:
+    """A bulk cancel's jobs each end: an event and the deliveries that want it."""
+    from daemon.store.filters import JobFilter
+
+    with anyio.fail_after(TIMEOUT_S):
+        await store.sync_webhooks([WebhookRoute("crm", ("job.canceled",), ())])
+        ids = [s.id for s in await store.submit([new_job() for _ in range(3)], max_backlog=BIG)]
+        rows = await store.bulk_step(
+            "cancel", JobFilter(states=("queued",)), limit=10, max_backlog=BIG
+        )
+        assert len(rows) == 3
+        events = await all_events(store)
+        assert sorted(e.job_id for e in events) == sorted(ids)
+        assert {e.event for e in events} == {"job.canceled"}
+        assert len(await store.claim_deliveries("crm", 10, 30)) == 3
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_recovery_at_start_ends_a_job_on_its_last_attempt_with_its_deliveries(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A daemon that died mid-attempt on a job's last attempt: the restart fails the
+    job (an end), with its event and the delivery of the webhooks configured when it
+    died (the store keeps them), before the new config is synced."""
+
+    def opened() -> Any:
+        if backend == "sqlite":
+            return Store(tmp_path / "vigil.db", synchronous="NORMAL")
+        dsn = request.getfixturevalue("pg_dsn")
+        return PostgresStore(StoreConfig(url=dsn, node_name="node-a"))
+
+    with anyio.fail_after(TIMEOUT_S):
+        async with opened() as store:
+            await store.sync_webhooks([WebhookRoute("crm", ("job.failed",), ())])
+            [sub] = await store.submit([new_job(max_attempts=1)], max_backlog=BIG)
+            await store.claim(1)  # and the process dies here
+        async with opened() as again:
+            assert again.recovered == {"requeued": 0, "failed": 1}
+            [event] = (await again.events_after(Cursor(), 10)).events
+            assert (event.job_id, event.event) == (sub.id, "job.failed")
+            [delivery] = await again.claim_deliveries("crm", 10, 30)
+            assert delivery.job_id == sub.id

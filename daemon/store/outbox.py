@@ -114,10 +114,17 @@ class WebhookCounts(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def route_lists(route: WebhookRoute) -> tuple[str, str]:
-    """SQLite's form of a route's lists: ",a,b," (analyzers "" for all), for instr()."""
+    """SQLite's form of a route's lists: ",a,b," (analyzers "" for all)."""
     events = "," + ",".join(route.events) + ","
     analyzers = "," + ",".join(route.analyzers) + "," if route.analyzers else ""
     return events, analyzers
+
+
+def route_of(name: str, events: str, analyzers: str) -> WebhookRoute:
+    """A route from its SQLite row (`route_lists`' form)."""
+    return WebhookRoute(
+        name, tuple(e for e in events.split(",") if e), tuple(a for a in analyzers.split(",") if a)
+    )
 
 
 def event_of(

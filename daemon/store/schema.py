@@ -116,11 +116,13 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 7: results out. Where each attempt's time went (a JSON object of phases). Every
     # job end as an event, in commit order (AUTOINCREMENT: a sequence number is never
-    # reused, even once retention has pruned the newest), written by a trigger, so
-    # whatever ends a job (an attempt, a cancel, recovery, a bulk action) writes it in
-    # the same transaction. The webhooks the config names (kept in step by the daemon
-    # at start and reload), and for each event one delivery per webhook that wants it,
-    # from the same trigger: a SIGKILL after the job's end loses no delivery.
+    # reused, even once retention has pruned the newest), and for each one delivery per
+    # webhook that wants it, written with the end in its transaction (`write_ends`: a
+    # SIGKILL after the job's end loses no delivery). The webhooks the config names,
+    # kept in step by the daemon at start and reload, and read at open, so the ends
+    # that start-up recovery makes have theirs too. (PostgreSQL writes them from a
+    # trigger; SQLite runs a trigger's program per row at several times these inserts'
+    # cost, so its store writes them itself, where it ends jobs.)
     """
     ALTER TABLE attempts ADD COLUMN phases TEXT;
     CREATE TABLE events (
@@ -132,7 +134,7 @@ MIGRATIONS: tuple[str, ...] = (
     );
     -- The newest event retention has pruned: a cursor before it has missed some.
     CREATE TABLE events_pruned (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
-    -- events and analyzers as ",a,b," lists (analyzers "" for all): matched with instr.
+    -- events and analyzers as ",a,b," lists (analyzers "" for all).
     CREATE TABLE webhooks (
         name TEXT PRIMARY KEY,
         events TEXT NOT NULL,
@@ -155,18 +157,6 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX deliveries_due ON deliveries (webhook, next_at) WHERE state = 'pending';
     CREATE INDEX deliveries_ended ON deliveries (state, finished_at);
-    CREATE TRIGGER job_ended AFTER UPDATE OF state ON jobs
-    WHEN NEW.state IN ('succeeded', 'failed', 'canceled') AND OLD.state != NEW.state
-    BEGIN
-        INSERT INTO events (job_id, analyzer, state, at) VALUES (NEW.id, NEW.analyzer,
-            NEW.state, coalesce(NEW.finished_at, (julianday('now') - 2440587.5) * 86400.0));
-        INSERT INTO deliveries (id, webhook, seq, job_id, event, next_at, created_at)
-            SELECT lower(hex(randomblob(16))), w.name, last_insert_rowid(), NEW.id,
-                'job.' || NEW.state, e.at, e.at
-            FROM webhooks w, (SELECT at FROM events WHERE seq = last_insert_rowid()) e
-            WHERE instr(w.events, ',job.' || NEW.state || ',') > 0
-            AND (w.analyzers = '' OR instr(w.analyzers, ',' || NEW.analyzer || ',') > 0);
-    END;
     """,
 )
 

@@ -44,11 +44,12 @@ from daemon.store.base import (
     row_to_job,
 )
 from daemon.store.filters import BulkAction, BulkRow, JobFilter
+from daemon.store.outbox import WebhookRoute
 from daemon.store.schema import migrate
 from daemon.store.sqlite_batch import Tx
 from daemon.store.sqlite_bulk import bulk_step
 from daemon.store.sqlite_health import DiskWatch
-from daemon.store.sqlite_outbox import SqliteOutbox
+from daemon.store.sqlite_outbox import SqliteOutbox, read_routes, write_ends
 from daemon.store.sqlite_reads import write_calls
 from daemon.store.sqlite_submit import submit_op
 
@@ -137,32 +138,14 @@ class Store(SqliteOutbox, DiskWatch, anyio.AsyncContextManagerMixin):
         await reader.execute("PRAGMA query_only = ON")
         await migrate(db)
         self._db, self._reader = db, reader
-        self.recovered = await self._recover(db)
+        # Before the writer starts, in aiosqlite's thread (as the writer's batches run).
+        self.routes = await db._execute(read_routes, db._conn)  # type: ignore[no-untyped-call]
+        self.recovered = await db._execute(  # type: ignore[no-untyped-call]
+            _recover, db._conn, self.routes
+        )
         await self._load_counts(db)
 
     # -- start-up ---------------------------------------------------------------
-
-    async def _recover(self, db: aiosqlite.Connection) -> dict[str, int]:
-        """Attempts cut off by a dead process count; their jobs retry or dead-letter."""
-        now = time.time()
-        await db.execute("BEGIN IMMEDIATE")
-        await db.execute(
-            "UPDATE attempts SET outcome = 'crashed', finished_at = ?, error_type = ?, "
-            "error_message = ? WHERE outcome = 'running'",
-            (now, PROCESS_DIED.type, PROCESS_DIED.message),
-        )
-        failed = await db.execute(
-            "UPDATE jobs SET state = 'failed', finished_at = ?, error_type = ?, "
-            "error_message = ? WHERE state = 'running' AND attempts >= max_attempts",
-            (now, PROCESS_DIED.type, PROCESS_DIED.message),
-        )
-        requeued = await db.execute(
-            "UPDATE jobs SET state = 'queued', not_before = 0, error_type = ?, "
-            "error_message = ? WHERE state = 'running'",
-            (PROCESS_DIED.type, PROCESS_DIED.message),
-        )
-        await db.execute("COMMIT")
-        return {"requeued": requeued.rowcount, "failed": failed.rowcount}
 
     async def _load_counts(self, db: aiosqlite.Connection) -> None:
         async with db.execute("SELECT state, count(*) FROM jobs GROUP BY state") as cur:
@@ -284,6 +267,8 @@ class Store(SqliteOutbox, DiskWatch, anyio.AsyncContextManagerMixin):
             )
             if cur.rowcount != 1:
                 return None
+            if new != "queued":
+                write_ends(db, [(job.id, job.analyzer, new, now)], self.routes)
             tx.move("running", new)
             return new
 
@@ -342,6 +327,7 @@ class Store(SqliteOutbox, DiskWatch, anyio.AsyncContextManagerMixin):
                 "UPDATE jobs SET state = 'canceled', finished_at = ? WHERE id = ?",
                 (now, job_id),
             )
+            write_ends(db, [(job_id, analyzer, "canceled", now)], self.routes)
             db.execute(
                 "UPDATE attempts SET outcome = 'canceled', finished_at = ? "
                 "WHERE job_id = ? AND outcome = 'running'",
@@ -424,10 +410,42 @@ class Store(SqliteOutbox, DiskWatch, anyio.AsyncContextManagerMixin):
                 limit=limit,
                 queued=queued,
                 max_backlog=max_backlog,
+                routes=self.routes,
             )
 
         result: list[BulkRow] = await self._write(op)
         return result
+
+
+def _recover(db: sqlite3.Connection, routes: tuple[WebhookRoute, ...]) -> dict[str, int]:
+    """Attempts cut off by a dead process count; their jobs retry or dead-letter (an
+    end, with its event and deliveries)."""
+    now = time.time()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(
+            "UPDATE attempts SET outcome = 'crashed', finished_at = ?, error_type = ?, "
+            "error_message = ? WHERE outcome = 'running'",
+            (now, PROCESS_DIED.type, PROCESS_DIED.message),
+        )
+        failed = db.execute(
+            "UPDATE jobs SET state = 'failed', finished_at = ?, error_type = ?, "
+            "error_message = ? WHERE state = 'running' AND attempts >= max_attempts "
+            "RETURNING id, analyzer",
+            (now, PROCESS_DIED.type, PROCESS_DIED.message),
+        ).fetchall()
+        write_ends(db, [(jid, analyzer, "failed", now) for jid, analyzer in failed], routes)
+        requeued = db.execute(
+            "UPDATE jobs SET state = 'queued', not_before = 0, error_type = ?, "
+            "error_message = ? WHERE state = 'running'",
+            (PROCESS_DIED.type, PROCESS_DIED.message),
+        ).rowcount
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return {"requeued": requeued, "failed": len(failed)}
 
 
 def _state_of(db: sqlite3.Connection, job_id: str) -> tuple[State, str]:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Sequence
 
 from daemon.store.base import BacklogFull
 from daemon.store.filters import MOVES_TO, BulkAction, BulkRow, JobFilter, Params, pick_sql
+from daemon.store.outbox import WebhookRoute
 from daemon.store.sqlite_batch import Tx
+from daemon.store.sqlite_outbox import write_ends
 
 
 def bulk_step(
@@ -20,9 +23,11 @@ def bulk_step(
     limit: int,
     queued: int,
     max_backlog: int,
+    routes: Sequence[WebhookRoute],
 ) -> list[BulkRow]:
     """Up to `limit` matching jobs changed (`queued`: the queue's size now, for the
-    backlog bound of a retry); their counter moves go on `tx`."""
+    backlog bound of a retry; a cancel is each job's end, matched against `routes`);
+    their counter moves go on `tx`."""
     params = Params("qmark")
     sql = pick_sql(flt, params, limit=limit)
     rows = [BulkRow(*row) for row in db.execute(sql, params.values)]
@@ -37,6 +42,7 @@ def bulk_step(
             "UPDATE jobs SET state = 'canceled', finished_at = ? WHERE id = ?",
             [(now, row.id) for row in rows],
         )
+        write_ends(db, [(row.id, row.analyzer, "canceled", now) for row in rows], routes)
         db.executemany(
             "UPDATE attempts SET outcome = 'canceled', finished_at = ? "
             "WHERE job_id = ? AND outcome = 'running'",

@@ -1,9 +1,11 @@
-"""The SQLite store's part of results out (see `store.outbox`): events read on the
-reader connection, deliveries claimed and ended through the writer (a mixin: the store
-owns both connections)."""
+"""The SQLite store's part of results out (see `store.outbox`): each job end written
+as an event with its deliveries, in the writer's transaction that ends the job
+(`write_ends`); events read on the reader connection; deliveries claimed and ended
+through the writer (a mixin: the store owns both connections)."""
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -24,6 +26,7 @@ from daemon.store.outbox import (
     delivery_of,
     event_of,
     route_lists,
+    route_of,
 )
 from daemon.store.sqlite_batch import Tx, WriteOp
 from daemon.store.sqlite_reads import SqliteReads
@@ -33,7 +36,39 @@ _EVENT_COLUMNS = "e.seq, e.job_id, e.analyzer, e.state, e.at, " + ", ".join(
 )
 
 
+# A job's end: its id, analyzer, the state it ended in, when.
+End = tuple[str, str, str, float]
+
+
+def write_ends(db: sqlite3.Connection, ends: Sequence[End], routes: Sequence[WebhookRoute]) -> None:
+    """Each end as an event, and a delivery for every webhook that wants it, inside
+    the writer's transaction that ends the jobs: whatever ends a job calls this."""
+    for job_id, analyzer, state, at in ends:
+        seq = db.execute(
+            "INSERT INTO events (job_id, analyzer, state, at) VALUES (?, ?, ?, ?)",
+            (job_id, analyzer, state, at),
+        ).lastrowid
+        if not routes:
+            continue
+        event = f"job.{state}"
+        db.executemany(
+            "INSERT INTO deliveries (id, webhook, seq, job_id, event, next_at, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (secrets.token_hex(16), r.name, seq, job_id, event, at, at)
+                for r in routes
+                if event in r.events and (not r.analyzers or analyzer in r.analyzers)
+            ],
+        )
+
+
+def read_routes(db: sqlite3.Connection) -> tuple[WebhookRoute, ...]:
+    return tuple(route_of(*row) for row in db.execute("SELECT * FROM webhooks"))
+
+
 class SqliteOutbox(SqliteReads):
+    routes: tuple[WebhookRoute, ...]  # the configured webhooks (read at open, kept in step)
+
     if TYPE_CHECKING:  # the store's writer (BatchWriter)
 
         async def _write(self, op: WriteOp) -> Any: ...
@@ -106,7 +141,8 @@ class SqliteOutbox(SqliteReads):
         return result
 
     async def sync_webhooks(self, routes: Sequence[WebhookRoute]) -> None:
-        """The configured webhooks, as the trigger matches job ends against them."""
+        """The configured webhooks, which the ends written from now on are matched
+        against (kept in the database for the ends start-up recovery makes)."""
 
         def op(db: sqlite3.Connection, tx: Tx) -> None:
             db.execute("DELETE FROM webhooks")
@@ -116,6 +152,7 @@ class SqliteOutbox(SqliteReads):
             )
 
         await self._write(op)
+        self.routes = tuple(routes)
 
     async def claim_deliveries(self, webhook: str, limit: int, lease_s: float) -> list[Delivery]:
         """Up to `limit` due deliveries of `webhook`, oldest first, each attempt
