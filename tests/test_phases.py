@@ -29,6 +29,7 @@ from daemon.providers.limits import Cost, ProviderLimits
 from daemon.providers.phases import PhaseTimes
 from daemon.queue import Claimed
 from daemon.simulated.server import serve_simulated
+from daemon.store.base import PHASES
 from daemon.worker import phases_of
 from tests.daemon_proc import DaemonProcess, daemon_config, db_rows, run_cli
 from tests.scripted_api import ScriptedAPI
@@ -86,7 +87,8 @@ def attempts(proc: DaemonProcess) -> list[dict[str, Any]]:
             "outcome": outcome,
             "duration_ms": (finished - started) * 1000,
             "since_created_ms": (started - created) * 1000,
-            "phases": json.loads(phases) if phases is not None else None,
+            # Stored as a bare list, in the order of the Phases fields.
+            "phases": dict(zip(PHASES, json.loads(phases), strict=True)) if phases else None,
         }
         for job_id, n, outcome, started, finished, phases, created in rows
     ]
