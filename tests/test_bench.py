@@ -60,6 +60,14 @@ def test_export_smoke() -> None:
     assert figures["rss_mb_peak"] >= figures["rss_mb_at_start"] > 0
 
 
+def test_webhook_smoke() -> None:
+    """With a webhook every job's delivery comes in; both sides are measured."""
+    figures = _one_result("webhook")["figures"]
+    assert figures["jobs"] == SCENARIOS["webhook"].smoke
+    assert len(figures["on"]) == len(figures["off"]) == 1
+    assert figures["on"][0]["succeeded"] == figures["off"][0]["succeeded"] == figures["jobs"]
+
+
 def test_retention_smoke() -> None:
     """Every job and its event is pruned while the loop lag is sampled."""
     figures = _one_result("retention")["figures"]

@@ -72,6 +72,7 @@ class Setup:
     http: bool = True
     latency_ms: float = 0.0
     synchronous: str = "FULL"  # the default: every commit survives power loss
+    extra: str = ""  # more config sections (`vigil bench webhook`: a webhook)
 
 
 def daemon_config(url: str, setup: Setup) -> str:
@@ -104,7 +105,7 @@ model = "bench-model"
 prompt = "{{text}}"
 max_tokens = {MAX_TOKENS}
 max_attempts = 3
-"""
+{setup.extra}"""
 
 
 def job_input(i: int) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""The performance benchmarks: `vigil bench overhead|intake|backlog|export|
-retention|soak|watchdog|status|cluster|all` (`all`: every one but `cluster`, which
+"""The performance benchmarks: `vigil bench overhead|webhook|intake|backlog|
+export|retention|soak|watchdog|status|cluster|all` (`all`: every one but `cluster`, which
 starts a PostgreSQL server of its own; daemon/cli/bench.py parses the command line).
 Each scenario runs `vigil simulate-api` and `vigil run` as separate processes with a
 fresh state directory, prints one JSON line (its figures, its checks against the
@@ -44,6 +44,8 @@ SCENARIOS = {
     s.name: s
     for s in (
         Scenario("overhead", "end-to-end jobs/s against the raw loopback rate", 10_000, 200),
+        Scenario("webhook", "what one webhook costs a job: overhead with and without",
+                 10_000, 200),
         Scenario("intake", "accepted jobs/s: vigil submit --jsonl and POST /v1/jobs", 100_000,
                  2_000),
         Scenario("backlog", "1 M queued: RSS, restart to ready, time to pick", 1_000_000, 2_000),
@@ -73,6 +75,7 @@ def _runner(name: str, root: Path, jobs: int, judge: bool, rounds: int) -> Await
         soak,
         status,
         watchdog,
+        webhook,
     )
 
     if name == "watchdog":
@@ -83,6 +86,7 @@ def _runner(name: str, root: Path, jobs: int, judge: bool, rounds: int) -> Await
         "backlog": backlog.run,
         "export": export.run,
         "retention": retention.run,
+        "webhook": webhook.run,
         "soak": soak.run,
         "status": status.run,
         "cluster": cluster.run,

@@ -1,5 +1,5 @@
 """`vigil bench`'s command line: `vigil bench throttle` and the performance scenarios
-(`overhead|intake|backlog|export|retention|soak|watchdog|status|cluster|all`). The
+(`overhead|webhook|intake|backlog|export|retention|soak|watchdog|status|cluster|all`). The
 benchmarks themselves live in daemon/bench/ (throttle.py, perf.py and what they run),
 loaded only when a bench runs; building this parser loads their scenario tables and
 nothing heavier."""
