@@ -310,13 +310,18 @@ def phases_of(job: Job, claim: Claimed, started: float, calls: Calls, now: float
     record_s = now - claim.mono - slot_s - times.budget_s - times.cooldown_s - times.api_s
     queue_s = claim.at - max(job.created_at, job.not_before)
     return Phases(
-        queue_ms=round(queue_s * 1000, 2) if queue_s > 0 else 0.0,
-        slot_ms=round(slot_s * 1000, 2),  # a monotonic difference: never negative
-        budget_ms=round(times.budget_s * 1000, 2),
-        cooldown_ms=round(times.cooldown_s * 1000, 2),
-        api_ms=round(times.api_s * 1000, 2),
-        record_ms=round(record_s * 1000, 2) if record_s > 0 else 0.0,
+        queue_ms=_ms(queue_s) if queue_s > 0 else 0.0,
+        slot_ms=_ms(slot_s),  # a monotonic difference: never negative
+        budget_ms=_ms(times.budget_s),
+        cooldown_ms=_ms(times.cooldown_s),
+        api_ms=_ms(times.api_s),
+        record_ms=_ms(record_s) if record_s > 0 else 0.0,
     )
+
+
+def _ms(seconds: float) -> float:
+    """Milliseconds to 10 µs (a non-negative time; round() costs twice as much)."""
+    return int(seconds * 100_000 + 0.5) / 100
 
 
 def _spent(calls: Calls) -> dict[str, Any]:

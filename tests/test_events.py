@@ -287,7 +287,7 @@ class _Rt:
 @pytest.mark.anyio
 async def test_an_expired_cursor_is_refused_as_such(tmp_path: Path) -> None:
     """Past what retention kept: `cursor_expired` (HTTP 410), saying how to start
-    again; the beginning ("0") still reads what is kept."""
+    again; the beginning ("0") still reads what is kept (the newest is never pruned)."""
     from daemon.intake.http import ERROR_STATUS
 
     async with Store(tmp_path / "v.db", synchronous="NORMAL") as store:
@@ -296,12 +296,13 @@ async def test_an_expired_cursor_is_refused_as_such(tmp_path: Path) -> None:
             await store.finish(job, AttemptEnd(outcome="succeeded", result=1))
         rt = cast(Runtime, _Rt(store))
         page = await events(rt, EventsArgs(after="0", limit=1))
-        assert await store.prune_events(time.time() + 1) == 3
+        assert await store.prune_events(time.time() + 1) == 2
         with pytest.raises(CommandError) as caught:
             await events(rt, EventsArgs(after=page["cursor"]))
         assert caught.value.code == "cursor_expired" and ERROR_STATUS["cursor_expired"] == 410
         assert "start again without a cursor" in caught.value.message
-        assert (await events(rt, EventsArgs(after="0")))["events"] == []
+        [kept] = (await events(rt, EventsArgs(after="0")))["events"]
+        assert kept["cursor"] == "3"
 
 
 @pytest.mark.anyio
@@ -321,7 +322,7 @@ async def test_retention_prunes_old_events_and_ended_deliveries(tmp_path: Path) 
         retention = Retention(store, live)
         keep = keep_for(config)
         await retention.prune(keep, now=time.time() + EVENTS_KEEP_S + 1)
-        assert retention.outbox_deleted == {"events": 3, "deliveries": 1}
+        assert retention.outbox_deleted == {"events": 2, "deliveries": 1}  # the newest stays
         counts = (await store.webhook_counts())["crm"]
         assert (counts.pending, counts.dead) == (1, 1)
         await retention.prune(keep, now=time.time() + keep["failed"] + 1)

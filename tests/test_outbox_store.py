@@ -120,6 +120,12 @@ async def test_pruned_events_expire_older_cursors(store: Any) -> None:
         assert [e.job_id for e in kept][:1] == [third.job_id] and len(kept) == 2
         assert len(await all_events(store, Cursor.parse(second.cursor))) == 2
         assert await store.prune_events(0.0) == 0
+        # However old, the newest event stays: its sequence number is never given again.
+        assert await store.prune_events(time.time() + 1) == 1
+        [newest] = await all_events(store)
+        [later] = await ended(store, 1)
+        [after] = (await store.events_after(Cursor.parse(newest.cursor), 10)).events
+        assert after.job_id == later and Cursor.parse(after.cursor) > Cursor.parse(newest.cursor)
 
 
 async def test_cursor_text_round_trips_and_garbage_is_refused() -> None:

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
@@ -85,6 +86,28 @@ class Redactor:
                 except RecursionError:
                     event[key] = "[too deeply nested]"
         return event
+
+
+class UtcStamper:
+    """`timestamp` as `2026-12-05T22:40:46.470488Z`, always with microseconds (so the
+    stamps sort as text, as the ring's `since` compares them). structlog's TimeStamper
+    goes through a datetime for every line; the seconds' part is formatted here once a
+    second: half the cost, on a line every attempt writes."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, logger: Any, name: str, event_dict: EventDict) -> EventDict:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event_dict["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        return event_dict
 
 
 class RingRenderer:
@@ -261,7 +284,7 @@ def configure_logging(
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        UtcStamper(),
     ]
     # Last before rendering: a traceback (its messages, its frames' locals) is
     # scrubbed too.

@@ -19,7 +19,7 @@ import msgspec
 from daemon.jobs import Job
 
 EVENT_KINDS = ("job.succeeded", "job.failed", "job.canceled")
-EVENTS_KEEP_S = 7 * 86_400.0  # retention prunes older events (and delivered deliveries)
+EVENTS_KEEP_S = 7 * 86_400.0  # older events (but the newest) and delivered deliveries go
 PRUNE_BATCH = 500
 DELIVERY_COLUMNS = "id, webhook, job_id, event, attempts, created_at"
 

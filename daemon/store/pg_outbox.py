@@ -68,11 +68,13 @@ class PgOutbox(PgReads):
 
     async def prune_events(self, before: float) -> int:
         """One batch of the oldest events that ended before `before` (a prefix in
-        order, so the horizon a cursor is checked against is exact)."""
+        order, so the horizon a cursor is checked against is exact); the newest stays,
+        as on SQLite."""
         async with self._tx() as conn:
             rows = await conn.fetch(
                 f"SELECT xid, seq, at FROM events WHERE xid < {_SETTLED} "
-                "ORDER BY xid, seq LIMIT $1",
+                "AND (xid, seq) < (SELECT xid, seq FROM events ORDER BY xid DESC, seq DESC "
+                "LIMIT 1) ORDER BY xid, seq LIMIT $1",
                 PRUNE_BATCH,
             )
             last = None

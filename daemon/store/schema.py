@@ -115,8 +115,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX job_tags_job ON job_tags (job_id);
     """,
     # 7: results out. Where each attempt's time went (a JSON object of phases). Every
-    # job end as an event, in commit order (AUTOINCREMENT: a sequence number is never
-    # reused, even once retention has pruned the newest), and for each one delivery per
+    # job end as an event, in commit order (retention never prunes the newest, so a
+    # sequence number is never reused), and for each one delivery per
     # webhook that wants it, written with the end in its transaction (`write_ends`: a
     # SIGKILL after the job's end loses no delivery). The webhooks the config names,
     # kept in step by the daemon at start and reload, and read at open, so the ends
@@ -126,7 +126,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE attempts ADD COLUMN phases TEXT;
     CREATE TABLE events (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        seq INTEGER PRIMARY KEY,
         job_id TEXT NOT NULL,
         analyzer TEXT NOT NULL,
         state TEXT NOT NULL,

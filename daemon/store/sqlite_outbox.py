@@ -93,19 +93,20 @@ class SqliteOutbox(SqliteReads):
 
     async def events_head(self) -> Cursor:
         """The newest event's cursor (a watch "from now" starts there)."""
-        async with self._read.execute(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
-        ) as cur:
+        async with self._read.execute("SELECT max(seq) FROM events") as cur:
             row = await cur.fetchone()
-        return Cursor(0, row[0] if row else 0)
+        return Cursor(0, row[0] if row and row[0] is not None else 0)
 
     async def prune_events(self, before: float) -> int:
         """One batch of the oldest events, those that ended before `before`, deleted
-        (a prefix in order, so the horizon a cursor is checked against is exact)."""
+        (a prefix in order, so the horizon a cursor is checked against is exact). The
+        newest stays: a sequence number is never given out twice."""
 
         def op(db: sqlite3.Connection, tx: Tx) -> int:
             rows = db.execute(
-                "SELECT seq, at FROM events ORDER BY seq LIMIT ?", (PRUNE_BATCH,)
+                "SELECT seq, at FROM events WHERE seq < (SELECT max(seq) FROM events) "
+                "ORDER BY seq LIMIT ?",
+                (PRUNE_BATCH,),
             ).fetchall()
             last = None
             for seq, at in rows:
