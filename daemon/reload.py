@@ -243,6 +243,9 @@ async def reload(rt: Runtime) -> ReloadResult:
             simulated = rt.simulated.get(name)
             if simulated is not None:
                 simulated.configure(cfg.simulate)
+        if rt.log_writer is not None and rt.log_writer.redactor is not None:
+            # A webhook added, or pointed at another variable: its key is masked too.
+            rt.log_writer.redactor.learn(key.decode() for key in secrets.values())
         if rt.webhooks is not None:
             rt.webhooks.configure(planned.webhooks, secrets)
         rt.live.reloaded.notify()

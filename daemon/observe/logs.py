@@ -40,8 +40,17 @@ class Redactor:
     the structure hid (an object's repr)."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self.secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
-        self._encoded = [(s.encode(), REDACTED.encode()) for s in self.secrets]
+        self.secrets: list[str] = []
+        self._encoded: list[tuple[bytes, bytes]] = []
+        self.learn(secrets)
+
+    def learn(self, secrets: Iterable[str]) -> None:
+        """Mask these too (a reload that names a new webhook key). The lists are
+        replaced whole, never changed in place: another thread may be scrubbing."""
+        known = {*self.secrets, *(s for s in secrets if len(s) >= 6)}
+        ordered = sorted(known, key=len, reverse=True)
+        self._encoded = [(s.encode(), REDACTED.encode()) for s in ordered]
+        self.secrets = ordered
 
     def text(self, value: str) -> str:
         for secret in self.secrets:
@@ -166,6 +175,7 @@ class LineWriter:
         self._flush_pending = False  # a flush is queued on the loop
         self.failed_writes = 0  # stdout gone (EPIPE, closed): those lines are dropped
         self.dropped_lines = 0  # by failed writes, or past MAX_WAITING_LINES
+        self.redactor: Redactor | None = None  # what scrubs the lines (a reload adds keys)
 
     def msg(self, message: str) -> None:
         with self._lines_lock:
@@ -290,6 +300,7 @@ def configure_logging(
     # scrubbed too.
     redact = Redactor(secrets)
     writer = LineWriter(out)
+    writer.redactor = redact
     renderer = RingRenderer(
         ring, structlog.dev.ConsoleRenderer(colors=False) if console else None, redact
     )
