@@ -163,6 +163,7 @@ def test_long_poll_filters_and_bad_cursors(start_daemon: StartDaemon) -> None:
     poll.join(40)
     status, got = answer[0]
     assert status == 200 and [e["job_id"] for e in got["events"]] == [jid]
+    assert "input" not in got["events"][0]["job"]  # large, and the client's own
     daemon.call("submit", jobs=[{"analyzer": "classify", "input": {"text": "t", "audience": "a"}}])
     daemon.wait_all_terminal()
     _, only = get_json(f"{url}/v1/events?after=0&analyzer=classify")

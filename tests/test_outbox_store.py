@@ -275,3 +275,25 @@ async def test_recovery_at_start_ends_a_job_on_its_last_attempt_with_its_deliver
             assert (event.job_id, event.event) == (sub.id, "job.failed")
             [delivery] = await again.claim_deliveries("crm", 10, 30)
             assert delivery.job_id == sub.id
+
+
+async def test_an_export_walking_the_ids_reads_what_the_listing_does(store: Any) -> None:
+    """An export's pages read along the ids (`walk`): the same jobs, in the same
+    order, as the filter's own listing."""
+    import msgspec
+
+    from daemon.store.filters import JobFilter
+
+    with anyio.fail_after(TIMEOUT_S):
+        await ended(store, 5)
+        await ended(store, 7, FAILED)
+        await ended(store, 3)
+        flt = JobFilter(states=("failed",), analyzer="summarize")
+        listed = [job.id for job in await store.list_jobs(flt, limit=100)]
+        walked: list[str] = []
+        page = await store.list_jobs(flt, limit=3)
+        while page:
+            walked += [job.id for job in page]
+            flt = msgspec.structs.replace(flt, before=page[-1].id)
+            page = await store.list_jobs(flt, limit=3, walk=True)
+        assert walked == listed and len(listed) == 7

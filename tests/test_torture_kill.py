@@ -82,6 +82,16 @@ def kill_loop(
     assert stored == submitter.acked, "a job was lost, duplicated or renamed"
     assert final["succeeded"] + final["failed"] == jobs, final
     assert not ledger_problems(db)
+    # Every job's end was written as an event with it, whatever the kills cut: each
+    # job's last event says how it ended (the stream a consumer resumes misses none).
+    last_events = dict(
+        db_rows(
+            db,
+            "SELECT job_id, state FROM events "
+            "WHERE seq IN (SELECT max(seq) FROM events GROUP BY job_id)",
+        )
+    )
+    assert last_events == dict(db_rows(db, "SELECT id, state FROM jobs")), "an end has no event"
     attempt_rows = db_rows(db, "SELECT count(*) FROM attempts")[0][0]
     crashed = db_rows(db, "SELECT count(*) FROM attempts WHERE outcome = 'crashed'")[0][0]
     counted = db_rows(db, "SELECT sum(attempts) FROM jobs")[0][0]

@@ -135,11 +135,24 @@ def test_body_is_the_api_view_of_the_job_without_its_input() -> None:
 
 
 def test_status_shows_the_url_without_its_query() -> None:
-    """A query may carry a token: status and logs show the rest of the URL."""
+    """A query, or the path past its first segment, may carry a token (Slack's and
+    Discord's do): status and logs show the host and the first segment."""
     assert display_url("https://crm.internal:8443/hooks/vigil?token=abc") == (
-        "https://crm.internal:8443/hooks/vigil?[redacted]"
+        "https://crm.internal:8443/hooks/…?[redacted]"
+    )
+    assert display_url("https://hooks.slack.com/services/T0/B0/XyZsecret") == (
+        "https://hooks.slack.com/services/…"
     )
     assert display_url("http://[::1]/h") == "http://[::1]/h"
+
+
+def test_a_receivers_words_are_stored_without_control_characters() -> None:
+    """PostgreSQL refuses a NUL in text: an answer carrying one must not leave the
+    delivery's end unrecordable (it would be sent again and again)."""
+    from daemon.webhooks.post import _answer_error
+
+    error = _answer_error(500, b"bad\x00gateway\r\nnext")
+    assert error == "HTTP 500: bad gateway next"
 
 
 def test_metrics_come_from_the_status_section() -> None:

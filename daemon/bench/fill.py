@@ -1,6 +1,7 @@
 """Finished jobs made fast for the benchmarks that need many (`export`, `retention`):
 submitted in batches with the daemon's own store code, then marked succeeded with a
-result in one statement, so the trigger writes their events as for any end."""
+result in one statement, each end written as an event by the store's own `write_ends`
+(as the daemon writes them)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from daemon.bench.common import ANALYZER
 from daemon.jobs import JobIds
 from daemon.store.base import NewJob
 from daemon.store.sqlite import Store
+from daemon.store.sqlite_outbox import write_ends
 
 BATCH = 5000
 
@@ -46,11 +48,13 @@ async def finished_jobs(
 
     def finish() -> None:
         with sqlite3.connect(db_path) as db:
-            db.execute(
+            ends = db.execute(
                 "UPDATE jobs SET state = 'succeeded', attempts = 1, started_at = created_at, "
-                f"finished_at = {ended}, result = ?",
+                f"finished_at = {ended}, result = ? RETURNING id, analyzer, finished_at",
                 (result,),
-            )
+            ).fetchall()
+            ends.sort()  # ids are time-ordered: the events in the order the jobs were made
+            write_ends(db, [(jid, analyzer, "succeeded", at) for jid, analyzer, at in ends], ())
 
     await anyio.to_thread.run_sync(finish)
     return time.perf_counter() - started

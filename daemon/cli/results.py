@@ -43,6 +43,10 @@ def event_line(event: dict[str, Any]) -> str:
     )
 
 
+def _show(event: dict[str, Any], jsonl: bool) -> None:
+    print(_encode(event).decode() if jsonl else event_line(event), flush=True)
+
+
 async def _watch(path: Path, args: argparse.Namespace) -> int:
     query: dict[str, Any] = {"analyzer": args.analyzer, "state": args.state}
     after = args.after
@@ -51,12 +55,15 @@ async def _watch(path: Path, args: argparse.Namespace) -> int:
         try:
             async with ControlClient(path) as client:
                 if after is None:  # from now on: fix "now" once, so a reconnect misses nothing
-                    after = (await client.call("events", limit=1))["cursor"]
+                    first = await client.call("events", **query)  # ends since "now" included
+                    for event in first["events"]:
+                        _show(event, args.jsonl)
+                    after = first["cursor"]
                 if announced:
                     print(f"vigil watch: reconnected, from {after}", file=sys.stderr, flush=True)
                     announced = False
                 async for event in client.stream("watch", after=after, **query):
-                    print(_encode(event).decode() if args.jsonl else event_line(event), flush=True)
+                    _show(event, args.jsonl)
                     after = event["cursor"]
         except DaemonUnavailable as exc:
             if not announced:
@@ -103,9 +110,12 @@ async def _export(path: Path, args: argparse.Namespace) -> int:
 
 
 def _private(path: Path) -> IO[bytes]:
-    """A new file only its owner can read: an export holds every input and result."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # an old partial file keeps its mode through O_CREAT
+    """A new file only its owner can read (an export holds every input and result),
+    never through a link planted where it goes: a partial file left by an earlier
+    run is removed (unlink does not follow links) and the file made anew."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     return os.fdopen(fd, "wb")
 
 

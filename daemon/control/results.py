@@ -17,7 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from daemon.control.protocol import Args, CommandError
-from daemon.jobs import BatchId, State, Tag, UnixTime
+from daemon.jobs import BatchId, Job, State, Tag, UnixTime
 from daemon.runtime import Runtime
 from daemon.store.filters import JobFilter
 from daemon.store.outbox import Cursor, CursorError, CursorExpired, EventPage, JobEvent
@@ -83,9 +83,24 @@ class _Reader:
         return matched, len(got.events) == limit
 
 
-def event_data(event: JobEvent) -> dict[str, Any]:
-    data: dict[str, Any] = msgspec.to_builtins(event)
+def job_view(job: Job) -> dict[str, Any]:
+    """The job as the API shows it, without its input: what goes out to other systems
+    (events, webhooks). An input can be large (queue.max_input_bytes, a page of events
+    a hundred of them) and is the client's own; a reader that needs it asks the API."""
+    data: dict[str, Any] = msgspec.to_builtins(job)
+    del data["input"]
     return data
+
+
+def event_data(event: JobEvent) -> dict[str, Any]:
+    return {
+        "cursor": event.cursor,
+        "event": event.event,
+        "job_id": event.job_id,
+        "analyzer": event.analyzer,
+        "at": event.at,
+        "job": None if event.job is None else job_view(event.job),
+    }
 
 
 async def events(rt: Runtime, args: EventsArgs) -> Any:
@@ -157,5 +172,5 @@ async def _pages(rt: Runtime, flt: JobFilter, page: list[Any]) -> AsyncIterator[
         if len(page) < EXPORT_PAGE:
             break
         flt = msgspec.structs.replace(flt, before=page[-1].id)
-        page = await rt.store.list_jobs(flt, limit=EXPORT_PAGE)
+        page = await rt.store.list_jobs(flt, limit=EXPORT_PAGE, walk=True)
     yield {"done": True, "jobs": sent}

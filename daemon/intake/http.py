@@ -19,7 +19,7 @@ import hmac
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -411,15 +411,38 @@ async def events(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
-        await response.prepare(request)
-        async with contextlib.aclosing(items):
+        return await _stream(request, response, items, _sse)
+
+
+def _sse(item: Any) -> bytes:
+    if item is None:
+        return b": keep-alive\n\n"
+    head = f"id: {item['cursor']}\nevent: {item['event']}\ndata: ".encode()
+    return head + msgspec.json.encode(item) + b"\n\n"
+
+
+async def _stream(
+    request: web.Request,
+    response: web.StreamResponse,
+    items: AsyncGenerator[Any],
+    render: Callable[[Any], bytes | None],
+) -> web.StreamResponse:
+    """Each item as `render` makes it (None: nothing). Once the answer has begun, a
+    failure (the store, a cursor retention passed meanwhile) can only cut it: the
+    connection is closed, so the client sees a broken stream, never an error answer
+    inside the body, and never a cut-off export that looks complete."""
+    await response.prepare(request)
+    async with contextlib.aclosing(items):
+        try:
             async for item in items:
-                if item is None:
-                    await response.write(b": keep-alive\n\n")
-                else:
-                    data = msgspec.json.encode(item)
-                    head = f"id: {item['cursor']}\nevent: {item['event']}\ndata: ".encode()
-                    await response.write(head + data + b"\n\n")
+                if (chunk := render(item)) is not None:
+                    await response.write(chunk)
+        except Exception as exc:
+            log.warning("http.stream_cut", path=request.path, error=f"{type(exc).__name__}: {exc}")
+            if request.transport is not None:
+                request.transport.close()
+            return response
+    await response.write_eof()
     return response
 
 
@@ -443,13 +466,11 @@ async def export(request: web.Request) -> web.StreamResponse:
     async with _stream_slot(request):
         items = await _run(request, "export", args)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
-        async with contextlib.aclosing(items):
-            async for item in items:
-                if "job" in item:
-                    await response.write(msgspec.json.encode(item["job"]) + b"\n")
-        await response.write_eof()
-    return response
+        return await _stream(request, response, items, _job_line)
+
+
+def _job_line(item: Any) -> bytes | None:
+    return msgspec.json.encode(item["job"]) + b"\n" if "job" in item else None
 
 
 @contextlib.asynccontextmanager

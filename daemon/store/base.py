@@ -322,7 +322,9 @@ ATTEMPT_COLUMNS = (
 # Phases are stored as a bare list, [queue, slot, budget, cooldown, api, record] in ms:
 # a third of the object's bytes, on every attempt's row.
 _encode_phases = msgspec.json.Encoder().encode
-_decode_phases = msgspec.json.Decoder(tuple[float, float, float, float, float, float]).decode
+# (An object: a row written by an earlier build.)
+_Stored = tuple[float, float, float, float, float, float] | Phases
+_decode_phases = msgspec.json.Decoder(_Stored).decode
 PHASES = Phases.__struct_fields__
 
 
@@ -357,10 +359,15 @@ def row_to_attempt(row: Sequence[Any]) -> Attempt:
         usage=usage_of(ptok, ctok, cost, cached, written),
         answer=answer,
         stop_reason=stop_reason,
-        phases=None
-        if phases is None
-        else Phases(**dict(zip(PHASES, _decode_phases(phases), strict=True))),
+        phases=None if phases is None else _phases_of(phases),
     )
+
+
+def _phases_of(text: str) -> Phases:
+    stored = _decode_phases(text)
+    if isinstance(stored, Phases):
+        return stored
+    return Phases(**dict(zip(PHASES, stored, strict=True)))
 
 
 class TableStats(msgspec.Struct, frozen=True):
@@ -488,8 +495,11 @@ class JobStore(Protocol):
 
     async def attempts(self, job_id: str) -> list[Attempt]: ...
 
-    async def list_jobs(self, flt: JobFilter | None = None, *, limit: int = 50) -> list[Job]:
-        """The jobs `flt` matches (None: all), newest first, at most `limit`."""
+    async def list_jobs(
+        self, flt: JobFilter | None = None, *, limit: int = 50, walk: bool = False
+    ) -> list[Job]:
+        """The jobs `flt` matches (None: all), newest first, at most `limit`; `walk`:
+        read along the ids (a reader paging through every match: an export)."""
         ...
 
     async def states_of(self, job_ids: Sequence[str]) -> dict[str, State]: ...

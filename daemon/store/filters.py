@@ -87,11 +87,13 @@ class Params:
         return f"{find}(lower({column}), {self.add(text.lower())}) > 0"
 
 
-def where(flt: JobFilter, params: Params) -> str:
-    """The filter as a WHERE clause ("" when it matches everything)."""
+def where(flt: JobFilter, params: Params, *, walk: bool = False) -> str:
+    """The filter as a WHERE clause ("" when it matches everything). `walk`: SQLite
+    reads along the ids, checking the rest (`+column` keeps it off their indexes)."""
     clauses: list[str] = []
+    plus = "+" if walk else ""
     if flt.states is not None:
-        clauses.append(params.one_of("state", flt.states))
+        clauses.append(params.one_of(f"{plus}state", flt.states))
     if flt.ids is not None:
         clauses.append(params.one_of("id", flt.ids))
     if flt.tag is not None:
@@ -99,13 +101,13 @@ def where(flt: JobFilter, params: Params) -> str:
     if flt.id_contains is not None:
         clauses.append(params.contains("id", flt.id_contains))
     for column, op, value in (
-        ("analyzer", "=", flt.analyzer),
-        ("batch", "=", flt.batch),
-        ("error_type", "=", flt.error_type),
-        ("created_at", ">=", flt.since),
-        ("created_at", "<", flt.until),
+        (f"{plus}analyzer", "=", flt.analyzer),
+        (f"{plus}batch", "=", flt.batch),
+        (f"{plus}error_type", "=", flt.error_type),
+        (f"{plus}created_at", ">=", flt.since),
+        (f"{plus}created_at", "<", flt.until),
         ("id", "<", flt.before),
-        ("finished_at", "<=", flt.finished_before),
+        (f"{plus}finished_at", "<=", flt.finished_before),
     ):
         if value is not None:
             clauses.append(f"{column} {op} {params.add(value)}")
@@ -125,10 +127,15 @@ def count_sql(flt: JobFilter, params: Params) -> str:
     return f"SELECT state, count(*) FROM jobs {where(flt, params)} GROUP BY state"
 
 
-def list_sql(columns: str, flt: JobFilter, params: Params, limit: int) -> str:
-    """`columns` of the first `limit` matching jobs, newest first (the listings)."""
+def list_sql(
+    columns: str, flt: JobFilter, params: Params, limit: int, *, walk: bool = False
+) -> str:
+    """`columns` of the first `limit` matching jobs, newest first (the listings).
+    `walk`: along the ids (see `where`), for a reader that pages through all of them:
+    each page then costs what it skips, where an index on the filter would read (and
+    sort) every match older than the page again, page after page."""
     return (
-        f"SELECT {columns} FROM jobs {where(flt, params)} ORDER BY id DESC "
+        f"SELECT {columns} FROM jobs {where(flt, params, walk=walk)} ORDER BY id DESC "
         f"LIMIT {params.add(limit)}"
     )
 

@@ -67,8 +67,11 @@ class PgReads:
         )
         return [row_to_attempt(row) for row in rows]
 
-    async def list_jobs(self, flt: JobFilter | None = None, *, limit: int = 50) -> list[Job]:
-        """The jobs `flt` matches (None: all), newest first, at most `limit`."""
+    async def list_jobs(
+        self, flt: JobFilter | None = None, *, limit: int = 50, walk: bool = False
+    ) -> list[Job]:
+        """The jobs `flt` matches (None: all), newest first, at most `limit` (`walk`:
+        SQLite's; PostgreSQL's indexes on (state, id) serve a paging reader)."""
         params = Params("numeric")
         sql = list_sql(JOB_COLUMNS, flt or JobFilter(), params, limit)
         return [row_to_job(row) for row in await self._fetch(sql, *params.values)]

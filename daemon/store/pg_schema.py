@@ -207,6 +207,12 @@ MIGRATIONS: tuple[str, ...] = (
               AND OLD.state IS DISTINCT FROM NEW.state)
         EXECUTE FUNCTION vigil_job_ended();
     """,
+    # 7: the counts of pending and dead deliveries per webhook (status, every few
+    # seconds) read an index, not rows.
+    """
+    CREATE INDEX deliveries_open ON deliveries (state, webhook, created_at)
+        WHERE state IN ('pending', 'dead');
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -158,6 +158,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX deliveries_due ON deliveries (webhook, next_at) WHERE state = 'pending';
     CREATE INDEX deliveries_ended ON deliveries (state, finished_at);
     """,
+    # 8: a database migrated by an earlier build of 7 has a trigger that writes every
+    # end a second time (the store writes them itself); and the counts of pending and
+    # dead deliveries per webhook (status, every few seconds) read an index, not rows.
+    """
+    DROP TRIGGER IF EXISTS job_ended;
+    CREATE INDEX deliveries_open ON deliveries (state, webhook, created_at)
+        WHERE state IN ('pending', 'dead');
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

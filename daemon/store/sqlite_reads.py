@@ -63,10 +63,12 @@ class SqliteReads:
             rows = await cur.fetchall()
         return [row_to_attempt(row) for row in rows]
 
-    async def list_jobs(self, flt: JobFilter | None = None, *, limit: int = 50) -> list[Job]:
+    async def list_jobs(
+        self, flt: JobFilter | None = None, *, limit: int = 50, walk: bool = False
+    ) -> list[Job]:
         """The jobs `flt` matches (None: all), newest first, at most `limit`."""
         params = Params("qmark")
-        sql = list_sql(JOB_COLUMNS, flt or JobFilter(), params, limit)
+        sql = list_sql(JOB_COLUMNS, flt or JobFilter(), params, limit, walk=walk)
         async with self._read.execute(sql, params.values) as cur:
             return [row_to_job(row) for row in await cur.fetchall()]
 

@@ -7,20 +7,13 @@ out, after a receiver was down that long): the event still goes out with its id.
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 
-from daemon.control.commands import job_data
+from daemon.control.results import job_view
 from daemon.jobs import Job
 from daemon.store.outbox import Delivery
 
-OMITTED = frozenset({"input"})
 _encoder = msgspec.json.Encoder()
-
-
-def job_view(job: Job) -> dict[str, Any]:
-    return {key: value for key, value in job_data(job).items() if key not in OMITTED}
 
 
 def render(delivery: Delivery, job: Job | None) -> bytes:

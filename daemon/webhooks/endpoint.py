@@ -33,7 +33,7 @@ from daemon.webhooks.urls import display_url
 log = structlog.get_logger("vigil.webhooks")
 USER_AGENT = f"vigil/{__version__}"
 POLL_S = 1.0  # jobs ended where no wake-up reaches (a bulk cancel, another node): found this soon
-COALESCE_S = 0.05  # after a wake-up: job ends that come together are claimed together
+COALESCE_S = 0.05  # after a job's end: ends that come together are claimed together
 LEASE_MARGIN_S = 5.0  # a claim outlives its POST's timeout by this much
 RECORD_S = 5.0  # the bound on recording an attempt's end
 RELEASE_S = 1.0  # the bound on giving back an interrupted one at shutdown
@@ -70,12 +70,19 @@ class Endpoint:
         self.last_error: str | None = None
         self.last_delivered_at: float | None = None
         self._failures = 0  # in a row
+        self._ended = False  # woken by a job's end (not a slot freed): wait for company
         self._held_until = 0.0  # monotonic clock
         self._rng = random.Random()
 
     def configure(self, config: WebhookConfig, secret: bytes) -> None:
         """A reload's settings: the next claim and the next POST use them."""
         self.config, self._secret = config, secret
+        self.wake.notify()
+
+    def job_ended(self) -> None:
+        """A job ended here: its deliveries are committed; claim them shortly, with the
+        ends that come with it."""
+        self._ended = True
         self.wake.notify()
 
     def kick(self) -> None:
@@ -142,7 +149,11 @@ class Endpoint:
         await self._wait(POLL_S if due is None or due <= now else min(POLL_S, due - now))
 
     async def _wait(self, timeout_s: float) -> None:
-        if await self.wake.wait(timeout_s):
+        """Until woken or `timeout_s`. Only a job's end waits COALESCE_S more, for the
+        ends that come with it; a freed slot claims at once (a fast receiver is fed
+        as fast as it answers)."""
+        if await self.wake.wait(timeout_s) and self._ended:
+            self._ended = False
             await anyio.sleep(COALESCE_S)
 
     async def _deliver(self, delivery: Delivery) -> None:

@@ -74,4 +74,10 @@ def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
 
 
 def _clip(text: str) -> str:
+    """A receiver's words, fit to store and log: no control characters (PostgreSQL
+    refuses a NUL in text, and the delivery's end would never be recorded), cut short."""
+    text = text.translate(_CONTROLS)
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
+_CONTROLS = dict.fromkeys([*range(0x20), 0x7F], " ")

@@ -61,7 +61,7 @@ class WebhookSender:
 
     def job_ended(self) -> None:
         for endpoint in self.endpoints.values():
-            endpoint.wake.notify()
+            endpoint.job_ended()
 
     def kick(self, name: str) -> None:
         """`vigil webhooks retry NAME` requeued its dead deliveries: send them now."""

@@ -32,8 +32,9 @@ def url_problem(url: str) -> str | None:
 
 
 def display_url(url: str) -> str:
-    """The URL for status and logs: scheme, host, port and path; a query (which may
-    carry a token) shows as `?[redacted]`."""
+    """The URL for status and logs: scheme, host, port and the path's first segment;
+    the rest of the path and a query show as `/…` and `?[redacted]`, since services
+    put the secret there (Slack's /services/T/B/<token>, Discord's .../<id>/<token>)."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -44,4 +45,6 @@ def display_url(url: str) -> str:
         host = f"[{host}]"
     port_text = f":{port}" if port else ""
     query = "?[redacted]" if parts.query else ""
-    return f"{parts.scheme}://{host}{port_text}{parts.path}{query}"
+    first, more, _ = parts.path.lstrip("/").partition("/")
+    path = f"/{first}" + ("/…" if more else "") if first else parts.path
+    return f"{parts.scheme}://{host}{port_text}{path}{query}"
