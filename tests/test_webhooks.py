@@ -641,3 +641,19 @@ def _failed(proc: DaemonProcess, name: str) -> bool:
 
 async def _reload(proc: DaemonProcess) -> dict[str, Any]:
     return await anyio.to_thread.run_sync(lambda: proc.request("reload"))
+
+
+def test_vigil_status_prints_a_line_per_webhook() -> None:
+    """The human status shows each webhook's backlog, and its last error while
+    deliveries wait."""
+    import io
+
+    from daemon.cli.render import sections
+
+    out = io.StringIO()
+    hook = {"pending": 3, "dead": 1, "delivered": 1204, "oldest_pending_age_s": 12.5}
+    sections({"webhooks": {"crm": {**hook, "last_status": 500, "last_error": "HTTP 500"}}}, out)
+    assert (
+        "webhook crm: 3 pending (oldest 12.5 s), 1 dead, 1,204 delivered, last 500: HTTP 500"
+        in (out.getvalue())
+    )

@@ -206,6 +206,27 @@ def sections(data: Mapping[str, Any], out: TextIO = sys.stdout) -> None:
                 f"{k} {_brief(v)}" for k, v in value.items() if not isinstance(v, list)
             )
             print(f"\n{section}: {line}", file=out)
+    webhooks = data.get("webhooks")
+    if isinstance(webhooks, Mapping) and webhooks:
+        print(file=out)
+        for name, hook in webhooks.items():
+            if isinstance(hook, Mapping):
+                print(f"webhook {name}: {webhook_line(hook)}", file=out)
+
+
+def webhook_line(hook: Mapping[str, Any]) -> str:
+    """`3 pending (oldest 12 s), 0 dead, 1,204 delivered, last 204`."""
+    age = hook.get("oldest_pending_age_s")
+    oldest = f" (oldest {_brief(age)} s)" if hook.get("pending") and age is not None else ""
+    last = hook.get("last_status")
+    error = hook.get("last_error")
+    tail = f", last {last}" if last is not None else ""
+    if error and hook.get("pending"):
+        tail += f": {short(error, 60)}"
+    return (
+        f"{hook.get('pending', 0)} pending{oldest}, {hook.get('dead', 0)} dead, "
+        f"{hook.get('delivered', 0):,} delivered{tail}"
+    )
 
 
 def _brief(value: Any) -> str:
