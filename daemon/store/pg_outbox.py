@@ -35,25 +35,35 @@ _RETURNED = ", ".join(f"d.{c}" for c in DELIVERY_COLUMNS.split(", "))
 _SETTLED = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 
 
+def _check_horizon(after: Cursor, xid: int | None, seq: int | None) -> None:
+    """CursorExpired if retention pruned events after `after` (the beginning reads
+    what is kept)."""
+    if xid is not None and seq is not None and after != Cursor() and after < Cursor(xid, seq):
+        raise CursorExpired(str(after), str(Cursor(xid, seq)))
+
+
 class PgOutbox(PgReads):
     _tx: Callable[..., AbstractAsyncContextManager[Any]]  # the store's write transaction
 
     async def events_after(self, after: Cursor, limit: int) -> EventPage:
-        """Up to `limit` job ends after `after`, in order, each with its job."""
+        """Up to `limit` job ends after `after`, in order, each with its job; the
+        horizon read with the page too (one statement, one snapshot), as on SQLite."""
         pruned = await self._fetch("SELECT xid, seq FROM events_pruned WHERE id = 1")
-        if pruned and after != Cursor() and after < Cursor(pruned[0][0], pruned[0][1]):
-            raise CursorExpired(str(after), str(Cursor(pruned[0][0], pruned[0][1])))
+        _check_horizon(after, pruned[0][0] if pruned else None, pruned[0][1] if pruned else None)
         rows = await self._fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM events e LEFT JOIN jobs j ON j.id = e.job_id "
+            f"SELECT {_EVENT_COLUMNS}, p.xid, p.seq FROM events e "
+            "LEFT JOIN jobs j ON j.id = e.job_id LEFT JOIN events_pruned p ON p.id = 1 "
             f"WHERE (e.xid, e.seq) > ($1, $2) AND e.xid < {_SETTLED} "
             "ORDER BY e.xid, e.seq LIMIT $3",
             after.xid,
             after.seq,
             limit,
         )
+        if rows:
+            _check_horizon(after, rows[0][-2], rows[0][-1])
         events = [
             event_of(
-                Cursor(r[0], r[1]), r[2], r[3], r[4], r[5], row_to_job(r[6:]) if r[6] else None
+                Cursor(r[0], r[1]), r[2], r[3], r[4], r[5], row_to_job(r[6:-2]) if r[6] else None
             )
             for r in rows
         ]

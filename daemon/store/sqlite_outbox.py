@@ -66,6 +66,13 @@ def read_routes(db: sqlite3.Connection) -> tuple[WebhookRoute, ...]:
     return tuple(route_of(*row) for row in db.execute("SELECT * FROM webhooks"))
 
 
+def _check_horizon(after: Cursor, pruned: int | None) -> None:
+    """CursorExpired if retention pruned events after `after` (the beginning, 0,
+    reads what is kept)."""
+    if pruned is not None and 0 < after.seq < pruned:
+        raise CursorExpired(str(after), str(Cursor(0, pruned)))
+
+
 class SqliteOutbox(SqliteReads):
     routes: tuple[WebhookRoute, ...]  # the configured webhooks (read at open, kept in step)
 
@@ -74,19 +81,23 @@ class SqliteOutbox(SqliteReads):
         async def _write(self, op: WriteOp) -> Any: ...
 
     async def events_after(self, after: Cursor, limit: int) -> EventPage:
-        """Up to `limit` job ends after `after`, oldest first, each with its job."""
+        """Up to `limit` job ends after `after`, oldest first, each with its job. The
+        horizon is read with the page too (one statement, one snapshot): a prune between
+        a check and the read cannot let a cursor skip what it deleted."""
         async with self._read.execute("SELECT seq FROM events_pruned WHERE id = 1") as cur:
             pruned = await cur.fetchone()
-        if pruned is not None and 0 < after.seq < pruned[0]:
-            raise CursorExpired(str(after), str(Cursor(0, pruned[0])))
+        _check_horizon(after, pruned[0] if pruned else None)
         async with self._read.execute(
-            f"SELECT {_EVENT_COLUMNS} FROM events e LEFT JOIN jobs j ON j.id = e.job_id "
+            f"SELECT {_EVENT_COLUMNS}, (SELECT seq FROM events_pruned WHERE id = 1) "
+            "FROM events e LEFT JOIN jobs j ON j.id = e.job_id "
             "WHERE e.seq > ? ORDER BY e.seq LIMIT ?",
             (after.seq, limit),
         ) as cur:
-            rows = await cur.fetchall()
+            rows = list(await cur.fetchall())
+        if rows:
+            _check_horizon(after, rows[0][-1])
         events = [
-            event_of(Cursor(0, r[0]), r[1], r[2], r[3], r[4], row_to_job(r[5:]) if r[5] else None)
+            event_of(Cursor(0, r[0]), r[1], r[2], r[3], r[4], row_to_job(r[5:-1]) if r[5] else None)
             for r in rows
         ]
         return EventPage(events, events[-1].cursor if events else str(after))
