@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +55,21 @@ def start_daemon(tmp_path: Path) -> Iterator[Any]:
     yield start
     for proc in started:
         proc.kill()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """An open store of each backend: a fresh SQLite file, or a fresh database on the
+    session's throwaway PostgreSQL server. The contract is the same (a test module
+    may define its own `store` for one backend)."""
+    from daemon.config import StoreConfig
+    from daemon.store.postgres import PostgresStore
+    from daemon.store.sqlite import Store
+
+    if request.param == "sqlite":
+        async with Store(tmp_path / "vigil.db", synchronous="NORMAL") as opened:
+            yield opened
+        return
+    dsn = request.getfixturevalue("pg_dsn")
+    async with PostgresStore(StoreConfig(url=dsn, node_name="test-node")) as pg:
+        yield pg

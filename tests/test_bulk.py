@@ -2,7 +2,6 @@
 real SQLite file, a real PostgreSQL database): filters, batches, exact counts."""
 
 # The `store` fixture (both backends) is test_store's, imported: its uses shadow it.
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from daemon.retention import DAY_S, keep_for
 from daemon.store.base import AttemptEnd, BacklogFull, IdempotencyConflict, NewJob, Submitted
 from daemon.store.bulk import run_bulk
 from daemon.store.filters import JobFilter
-from tests.test_store import BIG, TIMEOUT_S, claim_one, counts, db_counts, get, store  # noqa: F401
+from tests.test_store import BIG, TIMEOUT_S, claim_one, counts, db_counts, get
 
 pytestmark = pytest.mark.anyio
 IDS = JobIds()

@@ -3,7 +3,6 @@ the store's contract on both backends, the filters, the schema migration, and th
 socket and CLI against a real daemon."""
 
 # The `store` fixture (both backends) is test_store's, imported: its uses shadow it.
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ from daemon.store.filters import JobFilter
 from daemon.store.schema import MIGRATIONS, migrate
 from daemon.store.sqlite import Store
 from tests.daemon_proc import DaemonProcess, db_rows, run_cli, sim_config
-from tests.test_store import BIG, TIMEOUT_S, claim_one, counts, get, store  # noqa: F401
+from tests.test_store import BIG, TIMEOUT_S, claim_one, counts, get
 
 IDS = JobIds()
 StartDaemon = Callable[..., DaemonProcess]

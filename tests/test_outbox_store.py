@@ -7,7 +7,6 @@ requeued and pruned."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +25,6 @@ pytestmark = pytest.mark.anyio
 TIMEOUT_S = 20
 OK = AttemptEnd(outcome="succeeded", result={"ok": 1}, latency_ms=1)
 FAILED = AttemptEnd(outcome="error", error=ErrorInfo("Boom", "no"), latency_ms=1)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    if request.param == "sqlite":
-        async with Store(tmp_path / "vigil.db", synchronous="NORMAL") as opened:
-            yield opened
-        return
-    dsn = request.getfixturevalue("pg_dsn")
-    async with PostgresStore(StoreConfig(url=dsn, node_name="test-node")) as pg:
-        yield pg
 
 
 async def ended(store: Any, n: int, end: AttemptEnd = OK) -> list[str]:

@@ -22,12 +22,10 @@ from daemon.providers.client import ApiProvider
 from daemon.spend.guard import SpendGuard
 from daemon.spend.pricing import worst_cost_usd
 from daemon.store.base import AttemptEnd
-from tests import test_store
 from tests.test_anthropic import anthropic_provider, message
 from tests.test_store import claim_one, new_job, submit_one
 
 pytestmark = pytest.mark.anyio
-store = test_store.store  # an open store of each backend (the fixture)
 PRICE = PriceConfig(prompt_per_mtok=1000.0, completion_per_mtok=2000.0)  # easy figures
 NOON = dt.datetime(2026, 12, 5, 12, tzinfo=dt.UTC).timestamp()
 

@@ -19,7 +19,6 @@ import anyio
 import msgspec
 import pytest
 
-from daemon.config import StoreConfig
 from daemon.jobs import ErrorInfo, Job, JobIds, Usage
 from daemon.queue import Dispatcher
 from daemon.store.base import (
@@ -32,7 +31,6 @@ from daemon.store.base import (
     StoreError,
     Submitted,
 )
-from daemon.store.postgres import PostgresStore
 from daemon.store.schema import SCHEMA_VERSION, SchemaTooNew, migrate
 from daemon.store.sqlite import Store
 from daemon.store.sqlite_batch import _is_fatal
@@ -100,19 +98,6 @@ async def claim_one(store: Store) -> Job:
     """Claim exactly one job."""
     [job] = await store.claim(1)
     return job
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    """An open store of each backend: a fresh SQLite file, or a fresh database on the
-    session's throwaway PostgreSQL server. The contract is the same."""
-    if request.param == "sqlite":
-        async with Store(tmp_path / "vigil.db", synchronous="NORMAL") as opened:
-            yield opened
-        return
-    dsn = request.getfixturevalue("pg_dsn")
-    async with PostgresStore(StoreConfig(url=dsn, node_name="test-node")) as pg:
-        yield pg
 
 
 @pytest.fixture

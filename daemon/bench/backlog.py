@@ -23,6 +23,7 @@ from daemon.bench.common import (
     api_only,
     daemon_config,
     percentiles,
+    rss_peak,
     run_daemon,
     write_jsonl,
 )
@@ -44,21 +45,11 @@ async def _fill(root: Path, config: Path, url: str, jobs: int) -> dict[str, Any]
     """Feed `jobs` through the CLI, paused, sampling the daemon's RSS meanwhile."""
     path = root / "backlog.jsonl"
     await anyio.to_thread.run_sync(write_jsonl, path, jobs)
-    peak = 0.0
     async with run_daemon(root, config, url, http=False) as env:
         await env.client.call("pause")
         start_rss = env.daemon.memory_info().rss / 2**20
-
-        async def sample() -> None:
-            nonlocal peak
-            while True:
-                peak = max(peak, env.daemon.memory_info().rss / 2**20)
-                await anyio.sleep(SAMPLE_S)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(sample)
+        async with rss_peak(env.daemon, SAMPLE_S) as peak:
             fill_s = await submit_jsonl(env, path)
-            tg.cancel_scope.cancel()
         queued = (await env.counts())["queued"]
         if queued != jobs:
             raise BenchError(f"{queued} jobs queued after the fill, expected {jobs}")
@@ -68,7 +59,7 @@ async def _fill(root: Path, config: Path, url: str, jobs: int) -> dict[str, Any]
         "fill_s": round(fill_s, 2),
         "fill_per_s": round(jobs / fill_s, 1),
         "rss_mb_at_start": round(start_rss, 1),
-        "rss_mb_peak_while_filling": round(max(peak, rss), 1),
+        "rss_mb_peak_while_filling": round(max(peak.mb, rss), 1),
         "rss_mb_after_fill": round(rss, 1),
     }
 

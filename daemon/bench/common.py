@@ -300,6 +300,31 @@ async def _http_url(client: ControlClient) -> str:
     raise BenchError("the daemon's HTTP API did not come up")
 
 
+@dataclass
+class RssPeak:
+    mb: float
+
+
+@asynccontextmanager
+async def rss_peak(process: psutil.Process, every_s: float) -> AsyncIterator[RssPeak]:
+    """The process's RSS sampled every `every_s` while the block runs; `mb` is the
+    most seen, on entry and on exit included."""
+    peak = RssPeak(process.memory_info().rss / 2**20)
+
+    async def sample() -> None:
+        while True:
+            peak.mb = max(peak.mb, process.memory_info().rss / 2**20)
+            await anyio.sleep(every_s)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sample)
+        try:
+            yield peak
+        finally:
+            tg.cancel_scope.cancel()
+    peak.mb = max(peak.mb, process.memory_info().rss / 2**20)
+
+
 async def raw_rate(api_url: str, requests: int, concurrency: int) -> dict[str, Any]:
     """The yardstick: an aiohttp client sending the daemon's own request bodies to
     the same simulated API as fast as `concurrency` connections allow."""

@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 
 from daemon.bench.backlog import TARGET_RSS_MB
-from daemon.bench.common import Setup, api_only, daemon_config, run_daemon
+from daemon.bench.common import Setup, api_only, daemon_config, rss_peak, run_daemon
 from daemon.bench.fill import finished_jobs
 from daemon.bench.report import Result, at_most, info
 from daemon.bench.run import BenchError, child_env
@@ -41,27 +41,17 @@ async def run(root: Path, jobs: int, judge: bool) -> Result:
         await anyio.Path(config).write_text(daemon_config(url, Setup(http=False)))
         async with run_daemon(root, config, url, http=False) as env:
             start_rss = env.daemon.memory_info().rss / 2**20
-            peak = start_rss
             command = [sys.executable, "-m", "daemon", "export", "--jsonl", str(out)]
             cli_env = {**child_env(), "VIGIL_SOCKET": str(env.socket)}
-
-            async def sample() -> None:
-                nonlocal peak
-                while True:
-                    peak = max(peak, env.daemon.memory_info().rss / 2**20)
-                    await anyio.sleep(SAMPLE_S)
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(sample)
+            async with rss_peak(env.daemon, SAMPLE_S) as peak_rss:
                 started = time.perf_counter()
                 with anyio.fail_after(1800):
                     done = await anyio.run_process(
                         command, env=cli_env, stdout=subprocess.DEVNULL, check=False
                     )
                 export_s = time.perf_counter() - started
-                tg.cancel_scope.cancel()
             end_rss = env.daemon.memory_info().rss / 2**20
-            peak = max(peak, end_rss)
+            peak = max(peak_rss.mb, end_rss)
     if done.returncode != 0:
         raise BenchError(f"vigil export exited {done.returncode}: {done.stderr.decode()[-500:]}")
     written = await anyio.to_thread.run_sync(_lines, out)
