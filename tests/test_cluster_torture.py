@@ -84,6 +84,13 @@ def cluster_kill_loop(
     assert len(submitter.acked) == jobs
     assert stored == submitter.acked, "a job was lost, duplicated or renamed"
     assert not ledger_problems_in(query)
+    # Every job's end was written with it (whichever node ended it, whatever the kills
+    # cut): no job's state differs from its last event's.
+    unmatched = query(
+        "SELECT count(*) FROM jobs j WHERE j.state IS DISTINCT FROM (SELECT e.state "
+        "FROM events e WHERE e.job_id = j.id ORDER BY e.xid DESC, e.seq DESC LIMIT 1)"
+    )
+    assert unmatched == ["0"], unmatched
     attempt_rows = int(query("SELECT count(*) FROM attempts")[0])
     crashed = int(query("SELECT count(*) FROM attempts WHERE outcome = 'crashed'")[0])
     # Every request follows a committed attempt row, so the API cannot have seen more.

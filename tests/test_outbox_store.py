@@ -201,6 +201,8 @@ async def test_postgres_readers_never_pass_an_end_still_committing(
     after it began: a reader going by sequence alone would pass it and never see it."""
     import asyncpg
 
+    from daemon.store import pg_jobs
+
     dsn = request.getfixturevalue("pg_dsn")
     with anyio.fail_after(TIMEOUT_S):
         async with PostgresStore(StoreConfig(url=dsn, node_name="reader")) as store:
@@ -209,9 +211,7 @@ async def test_postgres_readers_never_pass_an_end_still_committing(
             try:
                 tx = conn.transaction()
                 await tx.start()
-                await conn.execute(
-                    "UPDATE jobs SET state = 'canceled', finished_at = 1 WHERE id = $1", slow
-                )
+                await pg_jobs.cancel(conn, slow)  # as the store cancels: the end with it
                 await store.cancel(fast)  # commits while the first is still open
                 assert (await store.events_after(Cursor(), 10)).events == []
                 await tx.commit()

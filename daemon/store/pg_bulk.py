@@ -9,6 +9,7 @@ from typing import Any
 from daemon.store.base import BacklogFull
 from daemon.store.filters import BulkAction, BulkRow, JobFilter, Params, pick_sql
 from daemon.store.pg_nodes import CHANNEL
+from daemon.store.pg_outbox import ends_sql
 
 
 async def bulk_step(
@@ -36,7 +37,10 @@ async def bulk_step(
         await conn.execute("DELETE FROM jobs WHERE id = ANY($1)", ids)
     elif action == "cancel":
         await conn.execute(
-            "UPDATE jobs SET state = 'canceled', finished_at = $1, node = NULL WHERE id = ANY($2)",
+            "WITH ended AS (UPDATE jobs SET state = 'canceled', finished_at = $1, node = NULL "
+            "WHERE id = ANY($2) RETURNING id, analyzer, state, finished_at AS at), "
+            + ends_sql("ended")
+            + "SELECT 1",
             now,
             ids,
         )

@@ -34,6 +34,7 @@ from daemon.store.calls import (
     spend_rows,
 )
 from daemon.store.pg_nodes import CHANNEL
+from daemon.store.pg_outbox import ends_sql
 
 _INSERT_KEYED = (
     "INSERT INTO jobs (id, analyzer, input, priority, idempotency_key, state, max_attempts, "
@@ -176,7 +177,9 @@ async def record_ends(
         "cache_write_tokens = coalesce(j.cache_write_tokens, 0) + u.written, "
         "cost = CASE WHEN u.cost IS NULL THEN j.cost ELSE coalesce(j.cost, 0) + u.cost END "
         "FROM u WHERE j.id = u.id AND j.state = 'running' AND j.attempts = u.n "
-        "RETURNING j.id, u.n, u.to_state), "
+        "RETURNING j.id, u.n, u.to_state, j.analyzer, u.finished), "
+        "ended AS (SELECT id, analyzer, to_state AS state, finished AS at FROM m "
+        "WHERE to_state <> 'queued'), " + ends_sql("ended") + ", "
         "a AS (UPDATE attempts t SET finished_at = $25, outcome = u.outcome, "
         "http_status = u.http, error_type = u.etype, error_message = u.emsg, "
         "latency_ms = u.latency, prompt_tokens = u.aptok, completion_tokens = u.actok, "
@@ -242,7 +245,10 @@ async def cancel(conn: Any, job_id: str) -> Canceled:
             f"job {job_id} is {state}; only queued or running jobs can be canceled"
         )
     await conn.execute(
-        "UPDATE jobs SET state = 'canceled', finished_at = $1, node = NULL WHERE id = $2",
+        "WITH ended AS (UPDATE jobs SET state = 'canceled', finished_at = $1, node = NULL "
+        "WHERE id = $2 RETURNING id, analyzer, state, finished_at AS at), "
+        + ends_sql("ended")
+        + "SELECT 1",
         now,
         job_id,
     )

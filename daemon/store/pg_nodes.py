@@ -13,6 +13,7 @@ from typing import Any
 from daemon import __version__
 from daemon.jobs import STATES
 from daemon.store.base import PROCESS_DIED, ClusterCommand, Node, TableStats
+from daemon.store.pg_outbox import ends_sql
 
 CHANNEL = "vigil_jobs"  # NOTIFY'd in the transaction that makes jobs ready
 PRUNE_AFTER_S = 86_400.0  # a dead node's row stays this long (status shows it dead)
@@ -118,7 +119,9 @@ async def recover(conn: Any, nodes: list[str]) -> dict[str, int]:
         failed = await conn.fetchval(
             "WITH f AS (UPDATE jobs SET state = 'failed', finished_at = $1, error_type = $2, "
             "error_message = $3, node = NULL WHERE state = 'running' AND node = ANY($4) "
-            "AND attempts >= max_attempts RETURNING 1) SELECT count(*) FROM f",
+            "AND attempts >= max_attempts RETURNING id, analyzer, state, finished_at AS at), "
+            + ends_sql("f")
+            + "SELECT count(*) FROM f",
             now,
             PROCESS_DIED.type,
             PROCESS_DIED.message,

@@ -42,6 +42,23 @@ def _check_horizon(after: Cursor, xid: int | None, seq: int | None) -> None:
         raise CursorExpired(str(after), str(Cursor(xid, seq)))
 
 
+def ends_sql(ended: str) -> str:
+    """CTEs writing, for each row of the CTE `ended` (id, analyzer, state, at: jobs this
+    statement ends), its event and a delivery per webhook that wants it. Appended to
+    the statement that ends the jobs, so they commit together. (Data-modifying CTEs run
+    to completion whether the statement reads them or not.) A row trigger did this
+    first; it cost 4-7 % of a cluster's throughput, one PL/pgSQL call a job."""
+    return (
+        f"ev AS (INSERT INTO events (job_id, analyzer, state, at) "
+        f"SELECT id, analyzer, state, at FROM {ended} ORDER BY id "
+        "RETURNING seq, job_id, analyzer, state, at), "
+        "dl AS (INSERT INTO deliveries (webhook, seq, job_id, event, next_at, created_at) "
+        "SELECT w.name, ev.seq, ev.job_id, 'job.' || ev.state, ev.at, ev.at "
+        "FROM ev JOIN webhooks w ON ('job.' || ev.state) = ANY (w.events) "
+        "AND (cardinality(w.analyzers) = 0 OR ev.analyzer = ANY (w.analyzers)) RETURNING 1) "
+    )
+
+
 class PgOutbox(PgReads):
     _tx: Callable[..., AbstractAsyncContextManager[Any]]  # the store's write transaction
 

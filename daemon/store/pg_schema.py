@@ -213,6 +213,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX deliveries_open ON deliveries (state, webhook, created_at)
         WHERE state IN ('pending', 'dead');
     """,
+    # 8: each end's event and deliveries are written by the statement that ends the job
+    # (`pg_outbox.ends_sql`): the row trigger of 6 cost 4-7 % of a cluster's throughput.
+    """
+    DROP TRIGGER IF EXISTS job_ended ON jobs;
+    DROP FUNCTION IF EXISTS vigil_job_ended();
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
