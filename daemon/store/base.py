@@ -530,7 +530,7 @@ class JobStore(Protocol):
         ...
 
     async def sync_webhooks(self, routes: Sequence[WebhookRoute]) -> None:
-        """The configured webhooks, which the trigger that ends jobs matches."""
+        """The configured webhooks, which the store matches each job's end against."""
         ...
 
     async def claim_deliveries(self, webhook: str, limit: int, lease_s: float) -> list[Delivery]:

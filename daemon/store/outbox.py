@@ -1,7 +1,8 @@
 """What goes out of the store to other systems: job ends as events (read in order from
 a cursor: `GET /v1/events`, `vigil watch`) and webhook deliveries (an outbox the
-webhook sender claims from). Both are written by a trigger in the transaction that
-ends the job (schema 7 / PostgreSQL 6), so whatever ends a job writes them.
+webhook sender claims from). Both are written by the store in the transaction, and
+on PostgreSQL the very statement, that ends the job (`sqlite_outbox.write_ends`,
+`pg_outbox.ends_sql`): whatever ends a job writes them.
 
 A cursor is opaque to clients. SQLite's is the event's sequence number (commit
 order: one writer). PostgreSQL's is `<xid>-<seq>`: events are read in the order of
@@ -79,7 +80,7 @@ class EventPage(msgspec.Struct, frozen=True):
 
 
 class WebhookRoute(msgspec.Struct, frozen=True):
-    """A configured webhook as the store's trigger matches job ends against it."""
+    """A configured webhook, as the store matches job ends against it."""
 
     name: str
     events: tuple[str, ...]

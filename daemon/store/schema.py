@@ -122,7 +122,8 @@ MIGRATIONS: tuple[str, ...] = (
     # kept in step by the daemon at start and reload, and read at open, so the ends
     # that start-up recovery makes have theirs too. (PostgreSQL writes them from a
     # trigger; SQLite runs a trigger's program per row at several times these inserts'
-    # cost, so its store writes them itself, where it ends jobs.)
+    # cost, so its store writes them itself, where it ends jobs; PostgreSQL too since
+    # its migration 8.)
     """
     ALTER TABLE attempts ADD COLUMN phases TEXT;
     CREATE TABLE events (

@@ -43,7 +43,7 @@ def secret_values(config: Config) -> list[str]:
 
 
 def routes(config: Config) -> list[WebhookRoute]:
-    """The webhooks as the store's trigger matches job ends against them."""
+    """The webhooks, as the store matches job ends against them."""
     return [
         WebhookRoute(name, tuple(hook.events), tuple(hook.analyzers))
         for name, hook in sorted(config.webhooks.items())
